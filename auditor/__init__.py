@@ -1,0 +1,3 @@
+"""refine-audit: backdoor auditing of image classifiers with the REFINE defense."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""Domain errors with stable codes.
+
+Every failure a user can see carries a code from ``ErrorCode``; the CLI maps the
+code to an exit status and the web layer to an HTTP status, so the code is the
+contract and the message is for people.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class ErrorCode(str, Enum):
+    INVALID_CHECKPOINT = "invalid_checkpoint"
+    INVALID_DATASET = "invalid_dataset"
+    INVALID_SPEC = "invalid_spec"
+    DATASET_TOO_LARGE = "dataset_too_large"
+    UNSAFE_ARCHIVE = "unsafe_archive"
+    DATASET_NOT_FOUND = "dataset_not_found"
+    MODEL_DATA_MISMATCH = "model_data_mismatch"
+    API_UNREACHABLE = "api_unreachable"
+    API_BAD_RESPONSE = "api_bad_response"
+    API_AUTH_FAILED = "api_auth_failed"
+    API_TIMEOUT = "api_timeout"
+    QUERY_BUDGET_EXHAUSTED = "query_budget_exhausted"
+    URL_NOT_ALLOWED = "url_not_allowed"
+    CANCELLED = "cancelled"
+    INTERNAL_ERROR = "internal_error"
+
+
+#: Errors caused by what the user submitted (as opposed to a failure while running).
+INPUT_ERRORS = frozenset(
+    {
+        ErrorCode.INVALID_CHECKPOINT,
+        ErrorCode.INVALID_DATASET,
+        ErrorCode.INVALID_SPEC,
+        ErrorCode.DATASET_TOO_LARGE,
+        ErrorCode.UNSAFE_ARCHIVE,
+        ErrorCode.DATASET_NOT_FOUND,
+        ErrorCode.MODEL_DATA_MISMATCH,
+        ErrorCode.URL_NOT_ALLOWED,
+    }
+)
+
+
+class AuditError(Exception):
+    """An error with a stable code, a human message and optional structured detail."""
+
+    def __init__(self, code: ErrorCode, message: str, detail: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+        self.detail = detail or {}
+
+    @property
+    def is_input_error(self) -> bool:
+        return self.code in INPUT_ERRORS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code.value, "message": self.message, "detail": self.detail}
+
+    def __repr__(self) -> str:
+        return f"AuditError({self.code.value!r}, {self.message!r})"
+
+
+class AuditCancelled(AuditError):
+    """Raised between batches when the caller asked to stop; not a failure."""
+
+    def __init__(self, message: str = "The audit was cancelled."):
+        super().__init__(ErrorCode.CANCELLED, message)
