@@ -1,0 +1,27 @@
+"""Metrics (BA, ASR, RA, agreement, confusion), probes and the suspicion score."""
+
+from auditor.evaluation.metrics import (
+    AttackMetrics,
+    Predictor,
+    accuracy,
+    agreement,
+    asr_and_ra,
+    attack_metrics,
+    confusion,
+    model_predictor,
+    per_class_accuracy,
+    predict_labels,
+)
+
+__all__ = [
+    "AttackMetrics",
+    "Predictor",
+    "accuracy",
+    "agreement",
+    "asr_and_ra",
+    "attack_metrics",
+    "confusion",
+    "model_predictor",
+    "per_class_accuracy",
+    "predict_labels",
+]

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from auditor.attacks import ATTACKS, AttackConfig, build_attack, load_attack, train_backdoored_model
+from auditor.evaluation import attack_metrics, model_predictor
+from auditor.training import TrainConfig
+
+CPU = torch.device("cpu")
+SHAPE = (1, 16, 16)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_trigger_changes_images_and_is_reproducible_after_save(tmp_path, name, tiny_data, tiny_model):
+    attack = build_attack(AttackConfig(name, seed=5), SHAPE)
+    x = tiny_data[1].x[:8].float() / 255
+    triggered = attack.apply(x)
+    assert triggered.shape == x.shape
+    assert triggered.min() >= 0 and triggered.max() <= 1
+    assert (triggered - x).abs().sum() > 0
+    attack.save(tmp_path)
+    assert torch.equal(load_attack(tmp_path).apply(x), triggered)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_poisoning_recipe_respects_its_budget(name, tiny_data, tiny_model):
+    train = tiny_data[0]
+    attack = build_attack(AttackConfig(name, target=0, seed=1), SHAPE)
+    poisoned = attack.poison(train, tiny_model)
+    assert poisoned.x.shape == train.x.shape
+    changed_labels = (poisoned.y != train.y).sum().item()
+    if name == "lc":
+        assert changed_labels == 0  # label-consistent: labels stay correct
+        assert (train.y[poisoned.poisoned] == 0).all()
+    else:
+        assert changed_labels == round(attack.poison_rate * len(train))
+        assert (poisoned.y[poisoned.y != train.y] == 0).all()
+
+
+def test_wanet_warp_field_is_drawn_once_from_the_seed():
+    a = build_attack(AttackConfig("wanet", seed=3), SHAPE)
+    b = build_attack(AttackConfig("wanet", seed=3), SHAPE)
+    c = build_attack(AttackConfig("wanet", seed=4), SHAPE)
+    assert torch.equal(a.state["flow"], b.state["flow"])
+    assert not torch.equal(a.state["flow"], c.state["flow"])
+
+
+def test_badnets_model_learns_the_backdoor(tiny_data, tiny_arch):
+    train, test = tiny_data
+    bd = train_backdoored_model(
+        tiny_arch, train, test, AttackConfig("badnets", target=0, poison_rate=0.15, seed=0, params={"size": 4}),
+        TrainConfig(epochs=6, batch_size=32, lr=5e-3), device=CPU, seed=0,
+    )
+    metrics = attack_metrics(model_predictor(bd.model, CPU), test, bd.poisoned_test, 0)
+    assert metrics.ba > 0.9
+    assert metrics.asr > 0.8

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from auditor.data import ImageSet
+from auditor.errors import AuditCancelled
+from auditor.evaluation import accuracy, model_predictor, predict_labels
+from auditor.models import UNetConfig, load_checkpoint
+from auditor.refine import DefendedModel, RefineConfig, derangement, export_defended, remap_probabilities, train_refine
+
+CPU = torch.device("cpu")
+
+
+def _config(**overrides) -> RefineConfig:
+    base = dict(unet=UNetConfig(in_channels=1, width=4, depth=2), epochs=2, batch_size=32, pool_size=None, lr=3e-3)
+    base.update(overrides)
+    return RefineConfig(**base)
+
+
+def _pool(tiny_data) -> ImageSet:
+    return ImageSet(tiny_data[0].x[:192], None)
+
+
+def _run(tiny_model, tiny_data, config, **kwargs):
+    return train_refine(tiny_model, _pool(tiny_data), config, num_classes=4, device=CPU, seed=3, **kwargs)
+
+
+def test_derangement_has_no_fixed_point_and_is_seeded():
+    for seed in range(50):
+        perm = derangement(10, seed)
+        assert sorted(perm.tolist()) == list(range(10))
+        assert not (perm == torch.arange(10)).any()
+    assert torch.equal(derangement(10, 7), derangement(10, 7))
+
+
+def test_remapping_sends_class_j_to_pi_j():
+    mapping = torch.tensor([2, 0, 1])
+    probs = torch.tensor([[0.7, 0.2, 0.1]])
+    assert remap_probabilities(probs, mapping).argmax(1).item() == 2
+    assert remap_probabilities(probs, mapping).sum().item() == pytest.approx(1.0)
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(tiny_model, tiny_data):
+    first = _run(tiny_model, tiny_data, _config())
+    second = _run(tiny_model, tiny_data, _config())
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist]
+    assert strip(first.history) == strip(second.history)
+    test = tiny_data[1]
+    pred = [predict_labels(model_predictor(DefendedModel(r.transform, tiny_model, r.mapping), CPU), test) for r in (first, second)]
+    assert torch.equal(pred[0], pred[1])
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_model, tiny_data):
+    config = _config(epochs=3)
+    uninterrupted = _run(tiny_model, tiny_data, config)
+    _run(tiny_model, tiny_data, config, checkpoint_dir=tmp_path, stop_after_epochs=1)  # "crashes" after epoch 1
+    resumed = _run(tiny_model, tiny_data, config, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_epoch == 1
+    for a, b in zip(uninterrupted.transform.state_dict().values(), resumed.transform.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["loss"] for h in uninterrupted.history] == [h["loss"] for h in resumed.history]
+
+
+def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path, tiny_model, tiny_data):
+    _run(tiny_model, tiny_data, _config(epochs=2), checkpoint_dir=tmp_path, stop_after_epochs=1)
+    other = _run(tiny_model, tiny_data, _config(epochs=2, lr=1e-3), checkpoint_dir=tmp_path)
+    assert other.resumed_from_epoch == 0
+
+
+def test_cancellation_stops_within_one_batch(tiny_model, tiny_data):
+    polls = []
+
+    def should_cancel() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    batches = []
+    with pytest.raises(AuditCancelled):
+        _run(tiny_model, tiny_data, _config(), should_cancel=should_cancel, on_progress=lambda s, d, t: batches.append(d))
+    assert len(batches) == 3  # three batches ran, the fourth poll stopped the run before its batch
+
+
+def test_exported_defended_model_matches_in_memory_predictions(tmp_path, tiny_model, tiny_data):
+    result = _run(tiny_model, tiny_data, _config(epochs=1))
+    defended = DefendedModel(result.transform, tiny_model, result.mapping).eval()
+    x = tiny_data[1].x.float() / 255
+    path = export_defended(defended, x[:2], tmp_path / "defended.pt")
+    reloaded = load_checkpoint(path).module
+    with torch.no_grad():
+        expected, got = defended(x), reloaded(x)
+    assert torch.equal(expected.argmax(1), got.argmax(1))
+    assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_refine_keeps_the_models_behaviour_on_clean_data(tiny_model, tiny_data):
+    config = _config(epochs=6, unet=UNetConfig(in_channels=1, width=8, depth=2), pool_size=None)
+    result = train_refine(tiny_model, ImageSet(tiny_data[0].x, None), config, num_classes=4, device=CPU, seed=3)
+    defended = DefendedModel(result.transform, tiny_model, result.mapping)
+    test = tiny_data[1]
+    original = predict_labels(model_predictor(tiny_model, CPU), test)
+    after = predict_labels(model_predictor(defended, CPU), test)
+    assert accuracy(after, original) > 0.8
+    assert result.history[-1]["fidelity"] > 0.8
