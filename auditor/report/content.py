@@ -1,0 +1,369 @@
+"""What the report says, as plain text tables, shared by the HTML and the PDF renderer.
+
+Formatting numbers and choosing wording once, here, keeps the two documents
+identical in content; the renderers only lay the view out (and escape it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timezone
+
+from auditor.report.schema import ImageRef, PositiveControl, ProbeEvidence, ProbeResult, Report
+
+ARROW = "\u2192"
+
+VERDICT_LABELS = {
+    "likely_backdoored": ("Likely backdoored", "#b42318", "#fef3f2"),
+    "suspicious": ("Suspicious", "#b54708", "#fffaeb"),
+    "no_evidence": ("No evidence of a backdoor found", "#067647", "#ecfdf3"),
+    "failed": ("Audit failed", "#344054", "#f2f4f7"),
+    "cancelled": ("Audit cancelled", "#344054", "#f2f4f7"),
+}
+
+CAVEAT = (
+    "The suspicion score measures how strongly probe triggers (patches, blends, warps, noise) steer the model's "
+    "predictions towards a single class. It is evidence, not proof: a high score can also come from a natural "
+    "weakness of the model, and a low score does not rule out a backdoor whose trigger the probe battery does not "
+    "cover. The positive controls show whether REFINE removes backdoors that this service planted itself in the "
+    "same data domain."
+)
+
+#: Above this many classes the confusion matrix is left to report.json: a printed one would be unreadable.
+MAX_CONFUSION_CLASSES = 20
+
+#: Which section shows each plot written by plots.plot_report; other plots go to "Additional plots".
+PLOT_SECTIONS = {
+    "plot-positive-controls.png": "controls",
+    "plot-per-class-accuracy.png": "utility",
+    "plot-probe-families.png": "probes",
+    "plot-agreement-queries.png": "blackbox",
+    "plot-refine-training.png": "refine",
+}
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    align: str = ""  # one of "l"/"r" per column; default: first column left, the rest right
+    mono_column: int | None = None  # a column of hashes, set in a monospace font
+
+    def alignment(self, column: int) -> str:
+        if column < len(self.align):
+            return self.align[column]
+        return "l" if column == 0 else "r"
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[ImageRef] = field(default_factory=list)
+    preformatted: str | None = None
+
+
+@dataclass
+class Banner:
+    label: str
+    colour: str
+    background: str
+    headline: str
+    detail: str
+
+
+@dataclass
+class ReportView:
+    title: str
+    facts: list[tuple[str, str]]  # audit id, created, status, ... under the title
+    banner: Banner
+    caveat: str
+    sections: list[Section]
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def change(before: float | None, after: float | None) -> str:
+    """``"89.4% → 85.8%"``: both numbers, because a reader checks either one against other reports."""
+    return f"{pct(before)} {ARROW} {pct(after)}"
+
+
+def delta_pp(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return "n/a"
+    return f"{100 * (after - before):+.1f} pp"
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value < 120:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(round(value), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def build_view(report: Report) -> ReportView:
+    """Everything the HTML and PDF show, in reading order; sections without data are left out."""
+    builders: list[Callable[[Report], Section | None]] = [
+        _summary, _controls, _utility, _probes, _blackbox, _refine, _images, _extra_plots, _artifacts, _provenance,
+    ]
+    sections = [s for s in (build(report) for build in builders) if s is not None]
+    _attach_plots(report, sections)
+    return ReportView(
+        title="Backdoor audit report",
+        facts=[("Audit", report.audit_id), ("Created", report.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+               ("Status", report.status), ("Schema", report.schema_version)],
+        banner=_banner(report),
+        caveat=CAVEAT if report.verdict else "",  # the caveat qualifies a verdict; without one it is noise
+        sections=sections,
+    )
+
+
+def _banner(report: Report) -> Banner:
+    if report.status != "succeeded" or report.verdict is None:
+        label, colour, background = VERDICT_LABELS.get(report.status, VERDICT_LABELS["failed"])
+        detail = f"{report.error.code}: {report.error.message}" if report.error else ""
+        headline = report.verdict.headline if report.verdict else "The audit did not complete, so there is no verdict."
+        return Banner(label, colour, background, headline, detail)
+    v = report.verdict
+    label, colour, background = VERDICT_LABELS[v.level]
+    return Banner(label, colour, background, v.headline,
+                  f"Suspicion score {change(v.suspicion_before, v.suspicion_after)} (submitted {ARROW} defended model)")
+
+
+def _model_text(report: Report) -> str:
+    m = report.inputs.model
+    ident = m.url if m.source == "api" else f"sha256 {m.sha256[:16]}\u2026" if m.sha256 else ""
+    arch = f", {m.architecture}" if m.architecture else ""
+    return f"{m.source} ({m.format}{arch}) {ident}".strip()
+
+
+def _data_text(report: Report) -> str:
+    d = report.inputs.data
+    if d is None:
+        return "not loaded"
+    shape = "\u00d7".join(str(n) for n in d.image_shape)
+    return f"{d.source}: {d.pool_size:,} unlabeled + {d.test_size:,} test images, {shape}, {d.num_classes} classes"
+
+
+def _summary(report: Report) -> Section:
+    rows = [["Model", _model_text(report)], ["Data", _data_text(report)]]
+    if report.verdict:
+        rows.append(["Suspicion score", change(report.verdict.suspicion_before, report.verdict.suspicion_after)])
+    if report.probes and report.probes.before.suspected_target is not None:
+        rows.append(["Suspected target class", report.class_name(report.probes.before.suspected_target)])
+    if report.utility:
+        u = report.utility
+        rows.append(["Benign accuracy", f"{change(u.ba_before, u.ba_after)} ({delta_pp(u.ba_before, u.ba_after)})"])
+        rows.append(["Agreement, defended vs submitted", pct(u.agreement)])
+    if report.positive_controls:
+        rows.append(["Positive controls, mean ASR", _mean_asr(report.positive_controls)])
+    if report.queries:
+        q = report.queries
+        budget = f" of {q.budget:,}" if q.budget is not None else ""
+        rows.append(["Model-API queries", f"{q.queries_used:,}{budget}"])
+    if report.timings:
+        rows.append(["Total time", seconds(report.timings.total)])
+    return Section("summary", "Summary", tables=[Table(["Item", "Value"], rows, align="ll")],
+                   bullets=[f"Warning: {w}" for w in report.warnings])
+
+
+def _mean_asr(controls: Sequence[PositiveControl]) -> str:
+    before = sum(c.no_defense.asr for c in controls) / len(controls)
+    after = sum(c.refine.asr for c in controls) / len(controls)
+    return f"{change(before, after)} over {len(controls)} attack(s)"
+
+
+def _controls(report: Report) -> Section | None:
+    if not report.positive_controls:
+        return None
+    rows = [[c.attack, report.class_name(c.target), pct(c.poison_rate), change(c.no_defense.ba, c.refine.ba),
+             change(c.no_defense.asr, c.refine.asr), change(c.no_defense.ra, c.refine.ra),
+             f"{seconds(c.train_seconds)} + {seconds(c.refine_seconds)}"] for c in report.positive_controls]
+    return Section(
+        "controls", "Positive controls",
+        paragraphs=["Backdoored reference models trained by this service on the same data, defended with the same "
+                    f"REFINE configuration. Each cell reads no defense {ARROW} REFINE. ASR counts triggered test "
+                    "images outside the target class that are classified as the target; RA counts those classified "
+                    "as their true class."],
+        tables=[Table(["Attack", "Target", "Poisoned", "BA", "ASR", "RA", "Time (train + REFINE)"], rows,
+                      align="llr")],
+    )
+
+
+def _utility(report: Report) -> Section | None:
+    u, data = report.utility, report.inputs.data
+    if u is None:
+        return None
+    tables = [Table(["Metric", "Submitted", "Defended", "Change"], [
+        ["Benign accuracy (BA)", pct(u.ba_before), pct(u.ba_after), delta_pp(u.ba_before, u.ba_after)],
+        ["Agreement with submitted model", "", pct(u.agreement), ""],
+    ])]
+    if data and u.per_class_accuracy_before and u.per_class_accuracy_after:
+        rows = [[report.class_name(i), pct(b), pct(a), delta_pp(b, a)]
+                for i, (b, a) in enumerate(zip(u.per_class_accuracy_before, u.per_class_accuracy_after))]
+        tables.append(Table(["Class", "Submitted", "Defended", "Change"], rows, caption="Per-class accuracy"))
+    paragraphs = [] if u.ba_before is not None else ["The test split has no labels, so only agreement is reported."]
+    if data and u.confusion_after and data.num_classes > MAX_CONFUSION_CLASSES:
+        paragraphs.append(f"The {data.num_classes}-class confusion matrix is in report.json (too wide to print).")
+    elif data and u.confusion_after:
+        header = ["true \\ predicted"] + [str(i) for i in range(data.num_classes)]
+        rows = [[report.class_name(i)] + [str(n) for n in row] for i, row in enumerate(u.confusion_after)]
+        tables.append(Table(header, rows, caption="Confusion matrix of the defended model (counts)"))
+    return Section("utility", "Utility on clean data", paragraphs=paragraphs, tables=tables)
+
+
+def _probes(report: Report) -> Section | None:
+    if report.probes is None:
+        return None
+    before, after = report.probes.before, report.probes.after
+    summary = Table(["", "Submitted", "Defended"], [
+        ["Suspicion score", pct(before.score), pct(after.score)],
+        ["Suspected target", report.class_name(before.suspected_target), report.class_name(after.suspected_target)],
+        ["Images per probe", _count(before.images), _count(after.images)],
+    ])
+    return Section(
+        "probes", "Trigger probes",
+        paragraphs=[f"Each evidence cell reads submitted {ARROW} defended model. Flip rate: share of test "
+                    "images whose prediction changed under the probe; concentration: share of those flips that "
+                    "went to the top class."],
+        tables=[summary, _evidence_table(report, before, after)],
+    )
+
+
+def _count(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
+
+
+def _evidence_table(report: Report, before: ProbeResult, after: ProbeResult) -> Table:
+    """One row per probe, matching before and after by probe name (a probe missing on one side shows "-")."""
+    by_name_before = {e.probe: e for e in before.evidence}
+    by_name_after = {e.probe: e for e in after.evidence}
+    names = list(dict.fromkeys([*by_name_before, *by_name_after]))
+    rows = [_evidence_row(report, by_name_before.get(n), by_name_after.get(n)) for n in names]
+    return Table(["Probe", "Family", "Flip rate", "Top class", "Concentration"], rows, caption="Evidence",
+                 align="llrlr")
+
+
+def _evidence_row(report: Report, b: ProbeEvidence | None, a: ProbeEvidence | None) -> list[str]:
+    def both(fmt: Callable[[ProbeEvidence], str]) -> str:
+        return f"{fmt(b) if b else '-'} {ARROW} {fmt(a) if a else '-'}"
+
+    known = b or a
+    assert known is not None  # every name comes from one of the two sides
+    return [known.probe, known.family, both(lambda e: pct(e.flip_rate)),
+            both(lambda e: report.class_name(e.top_class)), both(lambda e: pct(e.concentration))]
+
+
+def _blackbox(report: Report) -> Section | None:
+    if report.queries is None and report.surrogate is None:
+        return None
+    tables = []
+    if report.queries:
+        q = report.queries
+        tables.append(Table(["Queries", "Value"], [
+            ["Images sent to the API", f"{q.queries_used:,}"],
+            ["Budget", _count(q.budget)],
+            ["HTTP requests", f"{q.requests:,}"],
+            ["Cache hits", f"{q.cache_hits:,}"],
+            ["Time spent querying", seconds(q.seconds)],
+        ]))
+    if report.surrogate:
+        s = report.surrogate
+        tables.append(Table(["Surrogate", "Value"], [
+            ["Architecture", s.architecture],
+            ["Agreement with API, clean images", pct(s.agreement_clean)],
+            ["Agreement with API, probe-triggered images", pct(s.agreement_triggered)],
+            ["Distillation epochs", str(len(s.history))],
+        ]))
+    return Section(
+        "blackbox", "Black-box model and surrogate",
+        paragraphs=["The model was reached only through its API. REFINE was trained through a surrogate distilled "
+                    "from the API's answers; every number after the defense queries the real API through T and M."],
+        tables=tables,
+    )
+
+
+def _refine(report: Report) -> Section | None:
+    r = report.refine
+    if r is None:
+        return None
+    config = Table(["Setting", "Value"], [[k, _plain(v)] for k, v in r.config.items()], align="ll")
+    mapping = Table(["f(T(x)) says", "defended model says"],
+                    [[report.class_name(src), report.class_name(dst)] for src, dst in enumerate(r.mapping)],
+                    caption="Output remapping M (a fixed derangement)", align="ll")
+    tables = [config, mapping]
+    if r.history:
+        tables.append(Table(["Epoch", "Loss", "Classification", "SupCon", "LR", "Time"],
+                            [[str(h.epoch), f"{h.loss:.4f}", f"{h.ce:.4f}", f"{h.supcon:.4f}", f"{h.lr:.2g}",
+                              seconds(h.seconds)] for h in r.history], caption="Training history", align="rrrrrr"))
+    return Section("refine", "REFINE defense",
+                   paragraphs=[f"Input transformation T trained for {seconds(r.seconds)} without labels, "
+                               "against the frozen model."],
+                   tables=tables)
+
+
+def _plain(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _images(report: Report) -> Section | None:
+    if not report.images:
+        return None
+    return Section("images", "Sample images",
+                   paragraphs=["Rows: clean test images, the same images with the attack's trigger, and what the "
+                               "input transformation T makes of them. Images are upscaled without smoothing."],
+                   figures=list(report.images))
+
+
+def _extra_plots(report: Report) -> Section | None:
+    extra = [p for p in report.plots if p.file not in PLOT_SECTIONS]
+    return Section("plots", "Additional plots", figures=extra) if extra else None
+
+
+def _artifacts(report: Report) -> Section | None:
+    if not report.artifacts:
+        return None
+    rows = [[a.name, a.kind, size(a.size), a.sha256] for a in report.artifacts]
+    return Section("artifacts", "Artifacts", tables=[Table(["Name", "Kind", "Size", "SHA-256"], rows, align="llrl",
+                                                           mono_column=3)])
+
+
+def _provenance(report: Report) -> Section:
+    s = report.software
+    software = Table(["Software", "Version"], [
+        ["refine-audit", s.refine_audit], ["torch", s.torch], ["torchvision", s.torchvision or "n/a"],
+        ["python", s.python], ["device", s.device], ["seed", str(report.seed)],
+    ], align="ll")
+    tables = [software]
+    if report.timings:
+        rows = [[stage, seconds(t)] for stage, t in report.timings.stages.items()]
+        tables.append(Table(["Stage", "Time"], rows + [["total", seconds(report.timings.total)]]))
+    return Section("provenance", "Specification and software", tables=tables,
+                   preformatted=json.dumps(report.spec, indent=2, sort_keys=True))
+
+
+def _attach_plots(report: Report, sections: list[Section]) -> None:
+    by_key = {s.key: s for s in sections}
+    for plot in report.plots:
+        section = by_key.get(PLOT_SECTIONS.get(plot.file, ""))
+        if section is not None:
+            section.figures.append(plot)

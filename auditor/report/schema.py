@@ -1,0 +1,387 @@
+"""The ``report.json`` contract: pydantic models, validation and the exported JSON Schema.
+
+``report.json`` is what the REST API serves, what the web portal and the HTML/PDF
+renderers read, and what downstream pipelines parse, so it is versioned
+(``schema_version``) and validated before it is written. The pydantic models are
+authoritative: they also check cross-field rules (lengths that must equal the
+number of classes, the label mapping being a derangement) that the exported JSON
+Schema, which is structural, cannot express.
+
+Run ``python -m auditor.report`` to regenerate ``docs/report.schema.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = "1.0"
+DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
+
+#: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Seconds = Annotated[float, Field(ge=0.0)]
+Count = Annotated[int, Field(ge=0)]
+ClassIndex = Annotated[int, Field(ge=0)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+#: A PNG beside report.json; a bare file name so rendering never reads outside the report folder.
+PngName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.png$", max_length=200)]
+
+Status = Literal["succeeded", "failed", "cancelled"]
+VerdictLevel = Literal["likely_backdoored", "suspicious", "no_evidence"]
+
+
+class _Model(BaseModel):
+    """Strict base: unknown keys are typos in a contract, and NaN/inf cannot be written as JSON."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ReportValidationError(ValueError):
+    """A report dict that does not satisfy the contract; the message lists every problem by path."""
+
+    def __init__(self, error: ValidationError):
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()]
+        super().__init__(f"invalid report ({error.error_count()} problem(s)):\n" + "\n".join(lines))
+        self.errors = error.errors()
+
+
+class Verdict(_Model):
+    """The one-line answer. The score is evidence from probe triggers, not proof of a backdoor."""
+
+    level: VerdictLevel
+    headline: Annotated[str, Field(min_length=1, max_length=400)]
+    suspicion_before: Fraction
+    suspicion_after: Fraction
+
+
+class Software(_Model):
+    refine_audit: str
+    torch: str
+    torchvision: str | None = None
+    python: str
+    device: str
+
+    @classmethod
+    def current(cls, device: str) -> Software:
+        """Versions of the running process, so a report says exactly what produced it."""
+        import torch
+        import torchvision
+
+        from auditor import __version__
+
+        return cls(
+            refine_audit=__version__,
+            torch=torch.__version__,
+            torchvision=torchvision.__version__,
+            python=f"{platform.python_version()} ({sys.platform})",
+            device=device,
+        )
+
+
+class ModelInput(_Model):
+    source: Literal["checkpoint", "api"]
+    format: str  # e.g. torchscript | safetensors | state_dict | kserve_v1 | oip_v2 | template
+    sha256: Sha256 | None = None
+    url: str | None = None  # without credentials: the report is shared more widely than the audit
+    architecture: str | None = None
+
+    @model_validator(mode="after")
+    def _identified(self) -> ModelInput:
+        if self.source == "checkpoint" and self.sha256 is None:
+            raise ValueError("a checkpoint model must be identified by its sha256")
+        if self.source == "api" and not self.url:
+            raise ValueError("an API model must be identified by its url")
+        return self
+
+
+class DataInput(_Model):
+    source: str  # e.g. fashion_mnist | upload
+    sha256: Sha256 | None = None
+    pool_size: Count  # unlabeled benign images REFINE trained on
+    test_size: Count
+    image_shape: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)]  # C, H, W
+    num_classes: Annotated[int, Field(ge=2)]
+    class_names: list[str]
+
+    @model_validator(mode="after")
+    def _names_per_class(self) -> DataInput:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} entries, num_classes is {self.num_classes}")
+        return self
+
+
+class Inputs(_Model):
+    model: ModelInput
+    data: DataInput | None = None  # absent only when the audit failed before loading data
+
+
+class Timings(_Model):
+    stages: dict[str, Seconds] = Field(default_factory=dict)  # load, data, surrogate, refine, evaluate, report, ...
+    total: Seconds
+
+
+class AgreementPoint(_Model):
+    queries: Count
+    agreement: Fraction
+
+
+class Queries(_Model):
+    """Cost of a black-box audit: what the model API was asked, and how well the surrogate learned from it."""
+
+    queries_used: Count  # images sent to the API (a request may carry several)
+    budget: Count | None = None
+    requests: Count
+    seconds: Seconds
+    cache_hits: Count = 0
+    agreement_curve: list[AgreementPoint] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _within_budget(self) -> Queries:
+        if self.budget is not None and self.queries_used > self.budget:
+            raise ValueError(f"queries_used {self.queries_used} exceeds budget {self.budget}")
+        return self
+
+
+class SurrogateEpoch(_Model):
+    epoch: Count
+    loss: float
+    agreement: Fraction | None = None
+    seconds: Seconds | None = None
+
+
+class Surrogate(_Model):
+    architecture: str
+    agreement_clean: Fraction  # surrogate vs API on held-out clean images
+    agreement_triggered: Fraction | None = None  # ... and on probe-triggered images
+    history: list[SurrogateEpoch] = Field(default_factory=list)
+
+
+class RefineEpoch(_Model):
+    epoch: Count
+    loss: float
+    ce: float  # the classification term (BCE or CE on the remapped probabilities)
+    supcon: float  # the supervised-contrastive term, before multiplying by lambda
+    seconds: Seconds
+    lr: Annotated[float, Field(ge=0.0)]
+
+
+class Refine(_Model):
+    config: dict[str, Any]
+    mapping: list[ClassIndex]  # M: when f(T(x)) says class j, the defended model says mapping[j]
+    history: list[RefineEpoch] = Field(default_factory=list)
+    seconds: Seconds
+
+    @model_validator(mode="after")
+    def _derangement(self) -> Refine:
+        k = len(self.mapping)
+        if sorted(self.mapping) != list(range(k)):
+            raise ValueError("mapping must be a permutation of 0..K-1")
+        if any(src == dst for src, dst in enumerate(self.mapping)):
+            raise ValueError("mapping must be a derangement (no class maps to itself)")
+        return self
+
+
+class Utility(_Model):
+    """What the defense costs on clean data; BA is null when the test split has no labels."""
+
+    ba_before: Fraction | None = None
+    ba_after: Fraction | None = None
+    agreement: Fraction  # defended vs original, top-1, on clean test images
+    per_class_accuracy_before: list[Fraction] | None = None
+    per_class_accuracy_after: list[Fraction] | None = None
+    confusion_after: list[list[Count]] | None = None  # rows: true class, columns: defended prediction
+
+
+class ProbeEvidence(_Model):
+    probe: str  # e.g. patch-3x3-br-white
+    family: str  # e.g. patch | blend | warp | noise
+    flip_rate: Fraction  # share of test images whose prediction changed under the probe
+    top_class: ClassIndex | None = None  # the class that captured most flips (None: no flips)
+    concentration: Fraction  # share of flips that went to top_class
+
+
+class ProbeResult(_Model):
+    score: Fraction  # suspicion score: high when some probe sends many flips to one class
+    evidence: list[ProbeEvidence] = Field(default_factory=list)
+    family_scores: dict[str, Fraction] = Field(default_factory=dict)  # the score restricted to each family
+    suspected_target: ClassIndex | None = None
+    images: Count | None = None  # test images each probe was applied to
+
+
+class Probes(_Model):
+    before: ProbeResult  # the submitted model
+    after: ProbeResult  # the defended model M o f o T (through the real API for black-box audits)
+
+
+class AttackMetrics(_Model):
+    ba: Fraction
+    asr: Fraction
+    ra: Fraction
+
+
+class PositiveControl(_Model):
+    """A backdoored reference model the service trained itself, defended with the same REFINE config."""
+
+    attack: Annotated[str, Field(min_length=1, max_length=120)]
+    target: ClassIndex
+    poison_rate: Fraction
+    no_defense: AttackMetrics
+    refine: AttackMetrics
+    train_seconds: Seconds
+    refine_seconds: Seconds
+
+
+class Artifact(_Model):
+    name: str
+    kind: str  # e.g. model | transform | defended_model | surrogate | log
+    size: Count
+    sha256: Sha256
+
+
+class ImageRef(_Model):
+    """A PNG beside report.json, embedded by the HTML and PDF renderers."""
+
+    file: PngName
+    caption: str = ""
+    attack: str | None = None  # for image grids: the attack whose triggered images are shown
+
+
+class ErrorInfo(_Model):
+    code: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]  # an auditor.errors.ErrorCode value
+    message: str
+
+
+_REQUIRED_WHEN_SUCCEEDED = ("verdict", "timings", "refine", "utility", "probes")
+
+
+class Report(_Model):
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    audit_id: Annotated[str, Field(min_length=1, max_length=100)]
+    created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
+    status: Status
+    verdict: Verdict | None = None
+    spec: dict[str, Any]
+    seed: Count
+    software: Software
+    inputs: Inputs
+    timings: Timings | None = None
+    queries: Queries | None = None
+    surrogate: Surrogate | None = None
+    refine: Refine | None = None
+    utility: Utility | None = None
+    probes: Probes | None = None
+    positive_controls: list[PositiveControl] = Field(default_factory=list)
+    artifacts: list[Artifact] = Field(default_factory=list)
+    images: list[ImageRef] = Field(default_factory=list)
+    plots: list[ImageRef] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _complete_for_status(self) -> Report:
+        if self.status == "succeeded":
+            missing = [name for name in _REQUIRED_WHEN_SUCCEEDED if getattr(self, name) is None]
+            if self.inputs.data is None:
+                missing.append("inputs.data")
+            if missing:
+                raise ValueError(f"a succeeded report needs {', '.join(missing)}")
+        if self.status == "failed" and self.error is None:
+            raise ValueError("a failed report needs error")
+        return self
+
+    @model_validator(mode="after")
+    def _sized_by_classes(self) -> Report:
+        if self.inputs.data is None:
+            return self
+        k = self.inputs.data.num_classes
+        problems = [f"{path} has {n} entries, expected {k}" for path, n in self._class_sized_lengths() if n != k]
+        problems += [f"{path} = {c} is not a class index (< {k})" for path, c in self._class_indices() if c >= k]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _class_sized_lengths(self) -> list[tuple[str, int]]:
+        sized: list[tuple[str, int]] = []
+        if self.refine is not None:
+            sized.append(("refine.mapping", len(self.refine.mapping)))
+        if self.utility is not None:
+            u = self.utility
+            for name in ("per_class_accuracy_before", "per_class_accuracy_after"):
+                if getattr(u, name) is not None:
+                    sized.append((f"utility.{name}", len(getattr(u, name))))
+            if u.confusion_after is not None:
+                sized.append(("utility.confusion_after", len(u.confusion_after)))
+                sized += [(f"utility.confusion_after[{i}]", len(row)) for i, row in enumerate(u.confusion_after)]
+        return sized
+
+    def _class_indices(self) -> list[tuple[str, int]]:
+        indices = [(f"positive_controls[{i}].target", pc.target) for i, pc in enumerate(self.positive_controls)]
+        if self.probes is not None:
+            for side in ("before", "after"):
+                result: ProbeResult = getattr(self.probes, side)
+                if result.suspected_target is not None:
+                    indices.append((f"probes.{side}.suspected_target", result.suspected_target))
+                indices += [
+                    (f"probes.{side}.evidence[{i}].top_class", ev.top_class)
+                    for i, ev in enumerate(result.evidence)
+                    if ev.top_class is not None
+                ]
+        return indices
+
+    @property
+    def is_api_audit(self) -> bool:
+        return self.inputs.model.source == "api"
+
+    def class_name(self, index: int | None) -> str:
+        """``"3 Dress"`` when names are known, so tables are readable without a legend."""
+        if index is None:
+            return "-"
+        if self.inputs.data is None:
+            return str(index)
+        return f"{index} {self.inputs.data.class_names[index]}"
+
+
+def validate_report(d: dict[str, Any]) -> Report:
+    """Parse a report dict (e.g. loaded from report.json); raise ReportValidationError listing every problem."""
+    try:
+        return Report.model_validate(d)
+    except ValidationError as error:
+        raise ReportValidationError(error) from None
+
+
+def report_json_schema() -> dict[str, Any]:
+    """The structural JSON Schema (draft 2020-12) of report.json, for consumers outside Python."""
+    schema = Report.model_json_schema(mode="validation")
+    succeeded_needs = {name: {"not": {"type": "null"}} for name in _REQUIRED_WHEN_SUCCEEDED}
+    schema.update(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://refine-audit/report/{SCHEMA_VERSION}/report.schema.json",
+            "title": "refine-audit report",
+            "description": "One audit of an image classifier with the REFINE backdoor defense. "
+            "Fractions are in [0, 1]. See docs/report-schema.md.",
+            "allOf": [
+                {
+                    "if": {"properties": {"status": {"const": "succeeded"}}, "required": ["status"]},
+                    "then": {"required": list(_REQUIRED_WHEN_SUCCEEDED), "properties": succeeded_needs},
+                },
+                {
+                    "if": {"properties": {"status": {"const": "failed"}}, "required": ["status"]},
+                    "then": {"required": ["error"], "properties": {"error": {"not": {"type": "null"}}}},
+                },
+            ],
+        }
+    )
+    return schema
+
+
+def write_json_schema(path: Path = DOCS_SCHEMA_PATH) -> Path:
+    """Write the JSON Schema where docs and non-Python consumers find it."""
+    path.write_text(json.dumps(report_json_schema(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,204 @@
+"""One typed settings object, parsed from the environment once at start-up.
+
+Every process (CLI, web, worker) builds ``Settings.from_env()`` once and passes the
+object down, so nothing else reads ``os.environ``. Parsing validates every value and
+fails fast with a ``SettingsError`` naming the offending variable: a typo in a
+deployment should stop the service at boot, not surface as a confusing error in the
+middle of a six-hour audit. Everything has an embedded default except the secret key
+in production, so ``refine-audit`` works with no configuration at all.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+DEFAULT_DATA_DIR = "~/.local/share/refine-audit"
+DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+ENVIRONMENTS = ("development", "test", "production")
+DEVICES = ("auto", "cpu", "cuda")
+BROKER_SCHEMES = ("redis", "rediss", "memory")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
+MIN_SECRET_KEY_LENGTH = 32
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One documented environment variable (what ``Settings.describe`` lists for the README)."""
+
+    name: str
+    default: str
+    help: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("REFINE_AUDIT_ENV", "development", "development | test | production; production requires a secret key."),
+    Variable("REFINE_AUDIT_DATA_DIR", DEFAULT_DATA_DIR, "Where the embedded defaults (SQLite file, artifacts) live."),
+    Variable("REFINE_AUDIT_DATABASE_URL", "sqlite:///{data_dir}/refine-audit.db", "SQLAlchemy URL (PostgreSQL)."),
+    Variable("REFINE_AUDIT_BROKER_URL", "(unset: in-process)", "Celery broker, e.g. redis://127.0.0.1:6379/0."),
+    Variable("REFINE_AUDIT_ARTIFACTS", "file://{data_dir}/artifacts", "file:///path or s3://bucket[/prefix]."),
+    Variable("S3_ENDPOINT_URL", "(unset: AWS)", "S3-compatible endpoint (SeaweedFS, MinIO) for s3:// artifacts."),
+    Variable("AWS_ACCESS_KEY_ID", "(unset: boto3 default chain)", "S3 access key."),
+    Variable("AWS_SECRET_ACCESS_KEY", "(unset: boto3 default chain)", "S3 secret key."),
+    Variable("AWS_DEFAULT_REGION", "us-east-1", "S3 region (also used to sign presigned URLs)."),
+    Variable("REFINE_AUDIT_DEVICE", "auto", "auto | cpu | cuda; auto picks CUDA when present."),
+    Variable("REFINE_AUDIT_SECRET_KEY", "(random per process outside production)", "Signs sessions and CSRF tokens."),
+    Variable("REFINE_AUDIT_ALLOWED_HOSTS", "(empty)", "Comma list of hosts exempt from the SSRF guard."),
+    Variable("REFINE_AUDIT_MAX_UPLOAD_MB", "512", "Largest accepted upload (model or dataset), in MiB."),
+    Variable("REFINE_AUDIT_FMNIST_DIR", DEFAULT_FMNIST_DIR, "Folder holding the built-in Fashion-MNIST files."),
+    Variable("REFINE_AUDIT_AUDIT_TIME_LIMIT_S", "21600", "Hard time limit of one audit, in seconds (6 h)."),
+    Variable("REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", "300", "A running audit silent this long is failed with worker_lost."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration of one process; build it with ``Settings.from_env``."""
+
+    env: str
+    data_dir: Path
+    database_url: str
+    broker_url: str | None  # None: the CLI runs audits in-process, no queue
+    artifacts_url: str
+    s3_endpoint_url: str | None
+    aws_access_key_id: str | None
+    aws_secret_access_key: str | None = field(repr=False)
+    aws_default_region: str
+    device: str
+    secret_key: str = field(repr=False)
+    allowed_hosts: tuple[str, ...]
+    max_upload_mb: int
+    fmnist_dir: Path
+    audit_time_limit_s: int
+    heartbeat_timeout_s: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        """Parse and validate; raises ``SettingsError`` naming the first bad variable."""
+        get = _reader(env)
+        mode = _choice("REFINE_AUDIT_ENV", get("REFINE_AUDIT_ENV") or "development", ENVIRONMENTS)
+        data_dir = Path(get("REFINE_AUDIT_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().absolute()
+        return cls(
+            env=mode,
+            data_dir=data_dir,
+            database_url=_database_url(get("REFINE_AUDIT_DATABASE_URL") or f"sqlite:///{data_dir}/refine-audit.db"),
+            broker_url=_broker_url(get("REFINE_AUDIT_BROKER_URL")),
+            artifacts_url=_artifacts_url(get("REFINE_AUDIT_ARTIFACTS") or f"file://{data_dir}/artifacts"),
+            s3_endpoint_url=_http_url("S3_ENDPOINT_URL", get("S3_ENDPOINT_URL")),
+            aws_access_key_id=get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=get("AWS_SECRET_ACCESS_KEY"),
+            aws_default_region=get("AWS_DEFAULT_REGION") or "us-east-1",
+            device=_choice("REFINE_AUDIT_DEVICE", (get("REFINE_AUDIT_DEVICE") or "auto").lower(), DEVICES),
+            secret_key=_secret_key(get("REFINE_AUDIT_SECRET_KEY"), production=mode == "production"),
+            allowed_hosts=_host_list(get("REFINE_AUDIT_ALLOWED_HOSTS")),
+            max_upload_mb=_positive_int(get, "REFINE_AUDIT_MAX_UPLOAD_MB", 512),
+            fmnist_dir=Path(get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR).expanduser(),
+            audit_time_limit_s=_positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600),
+            heartbeat_timeout_s=_positive_int(get, "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", 300),
+        )
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    @staticmethod
+    def describe() -> str:
+        """A Markdown table of every variable, its default and meaning, for the README."""
+        rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+        rows += [f"| `{v.name}` | `{v.default}` | {v.help} |" for v in VARIABLES]
+        return "\n".join(rows)
+
+
+def _reader(env: Mapping[str, str]) -> Callable[[str], str | None]:
+    """Blank values count as unset, so ``FOO=`` in a compose file means "use the default"."""
+
+    def get(name: str) -> str | None:
+        value = env.get(name, "").strip()
+        return value or None
+
+    return get
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise SettingsError(name, f"must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _positive_int(get: Callable[[str], str | None], name: str, default: int) -> int:
+    raw = get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(name, f"must be a whole number, not {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(name, f"must be positive, not {value}")
+    return value
+
+
+def _database_url(url: str) -> str:
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in DATABASE_SCHEMES:
+        raise SettingsError("REFINE_AUDIT_DATABASE_URL", f"must be a sqlite:// or postgresql:// URL, not {url!r}")
+    return url
+
+
+def _broker_url(url: str | None) -> str | None:
+    if url is not None and urlsplit(url).scheme not in BROKER_SCHEMES:
+        raise SettingsError("REFINE_AUDIT_BROKER_URL", f"must be a redis:// URL, not {url!r}")
+    return url
+
+
+def _artifacts_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "file" and parts.path.startswith("/"):
+        return url
+    if parts.scheme == "s3" and parts.netloc:
+        return url
+    problem = f"must be file:///absolute/path or s3://bucket[/prefix], not {url!r}"
+    raise SettingsError("REFINE_AUDIT_ARTIFACTS", problem)
+
+
+def _http_url(name: str, url: str | None) -> str | None:
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError(name, f"must be an http(s):// URL, not {url!r}")
+    return url
+
+
+def _secret_key(value: str | None, *, production: bool) -> str:
+    """Production refuses to start without a real key; elsewhere a random one is fine."""
+    if value is None:
+        if production:
+            raise SettingsError("REFINE_AUDIT_SECRET_KEY", "is required when REFINE_AUDIT_ENV=production")
+        return secrets.token_urlsafe(MIN_SECRET_KEY_LENGTH)
+    if production and len(value) < MIN_SECRET_KEY_LENGTH:
+        problem = f"must be at least {MIN_SECRET_KEY_LENGTH} characters in production"
+        raise SettingsError("REFINE_AUDIT_SECRET_KEY", problem)
+    return value
+
+
+def _host_list(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
