@@ -27,6 +27,21 @@ class ErrorCode(str, Enum):
     URL_NOT_ALLOWED = "url_not_allowed"
     CANCELLED = "cancelled"
     INTERNAL_ERROR = "internal_error"
+    # Service-level codes (the REST API and the worker); web/errors.py maps each to an HTTP status.
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    REPORT_NOT_READY = "report_not_ready"
+    WORKER_LOST = "worker_lost"
+    INVALID_REQUEST = "invalid_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    # Worker-level codes: infrastructure that stayed down through every retry, or the hard clock.
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    TIME_LIMIT = "time_limit"
 
 
 #: Errors caused by what the user submitted (as opposed to a failure while running).

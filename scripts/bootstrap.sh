@@ -9,7 +9,9 @@ VENV=${VENV:-.venv}
 
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
-if [ "${WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null; then need_apt+=(chromium); fi
+# The browser tests (tests/e2e/test_portal_*.py) drive Debian's headless Chromium, never a
+# downloaded browser: install it whenever we can (root), or when asked (WITH_BROWSER=1).
+if [ ! -x /usr/bin/chromium ] && { [ "$(id -u)" = 0 ] || [ "${WITH_BROWSER:-0}" = 1 ]; }; then need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "bootstrap: installing Debian packages: ${need_apt[*]}"

@@ -12,13 +12,21 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+# Tests run tiny tensors, where a second OpenMP thread costs more than it gives, and they
+# start worker processes beside pytest: two multi-threaded torch processes on two cores make
+# every small op wait a scheduler tick (measured: 13 ms per ReLU). One thread each avoids it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import requests
+import torch
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from auditor.store.artifacts import S3Credentials, S3Store
+
+torch.set_num_threads(1)
 from auditor.store.db import make_engine, upgrade_database
 
 PG_ADMIN_URL = os.environ.get("REFINE_AUDIT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

@@ -25,3 +25,23 @@ __all__ = [
     "per_class_accuracy",
     "predict_labels",
 ]
+
+from auditor.evaluation.probes import (  # noqa: E402  (appended: the probe battery and suspicion score)
+    Probe,
+    ProbeConfig,
+    ProbeResult,
+    SuspicionReport,
+    build_battery,
+    run_battery,
+    suspicion_score,
+)
+
+__all__ += [
+    "Probe",
+    "ProbeConfig",
+    "ProbeResult",
+    "SuspicionReport",
+    "build_battery",
+    "run_battery",
+    "suspicion_score",
+]

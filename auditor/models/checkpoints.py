@@ -71,8 +71,14 @@ def detect_format(path: Path) -> str:
     )
 
 
-def load_checkpoint(path: str | Path, arch: ArchConfig | None = None, device: str = "cpu") -> LoadedModel:
-    """Load a user checkpoint; ``arch`` is required for bare weights (safetensors, state dicts)."""
+def load_checkpoint(
+    path: str | Path, arch: ArchConfig | None = None, device: str = "cpu", default_arch: ArchConfig | None = None
+) -> LoadedModel:
+    """Load a user checkpoint.
+
+    Bare weights need an architecture: ``arch`` (the user's explicit choice) wins,
+    then the one a safetensors file records in its metadata, then ``default_arch``.
+    """
     path = Path(path)
     if not path.is_file():
         raise _invalid(f"Checkpoint file {path.name!r} does not exist.")
@@ -86,7 +92,7 @@ def load_checkpoint(path: str | Path, arch: ArchConfig | None = None, device: st
         elif kind == "export":
             module = torch.export.load(str(path)).module()
         else:
-            module = _load_weights(path, kind, arch)
+            module, arch = _load_weights(path, kind, arch, default_arch)
     except AuditError:
         raise
     except Exception as exc:  # any parser failure is the upload's fault, not ours
@@ -96,7 +102,9 @@ def load_checkpoint(path: str | Path, arch: ArchConfig | None = None, device: st
     return LoadedModel(module=module.to(device), format=kind, sha256=digest, arch=arch)
 
 
-def _load_weights(path: Path, kind: str, arch: ArchConfig | None) -> Classifier:
+def _load_weights(
+    path: Path, kind: str, arch: ArchConfig | None, default_arch: ArchConfig | None
+) -> tuple[Classifier, ArchConfig]:
     if kind == "safetensors":
         state = load_safetensors(str(path))
         if arch is None:
@@ -111,21 +119,26 @@ def _load_weights(path: Path, kind: str, arch: ArchConfig | None) -> Classifier:
             ) from exc
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
+    arch = arch or default_arch
     if arch is None:
         raise _invalid("Bare weights need an architecture name and config (for example small_cnn).")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _invalid("The file is not a flat mapping of parameter names to tensors.")
     model = build_classifier(arch)
     target = model if any(k.startswith("backbone.") for k in state) else model.backbone
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in {"mean", "std"}]
-    if missing or unexpected:
+    expected = target.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+    missing = [k for k in expected if k not in state and k not in {"mean", "std"}]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected or wrong_shape:
         raise _invalid(
-            f"The weights do not fit architecture {arch.name!r}.",
+            f"The weights do not fit architecture {arch.name!r} (width {arch.width}, {arch.num_classes} classes).",
             missing=missing[:10],
-            unexpected=list(unexpected)[:10],
+            unexpected=unexpected[:10],
+            wrong_shape=wrong_shape[:10],
         )
-    return model.eval()
+    target.load_state_dict(state, strict=False)
+    return model.eval(), arch
 
 
 def _arch_from_safetensors_metadata(path: Path) -> ArchConfig | None:

@@ -109,12 +109,13 @@ def plot_agreement_curve(curve: Sequence[AgreementPoint], path: Path, budget: in
     return _save(fig, path)
 
 
-def plot_per_class_accuracy(before: Sequence[float], after: Sequence[float], class_names: Sequence[str],
+def plot_per_class_accuracy(before: Sequence[float | None], after: Sequence[float | None], class_names: Sequence[str],
                             path: Path) -> Path:
     """Per-class accuracy, because an average BA can hide one class the defense broke."""
     fig = _new_figure(9.0, 3.2)
     ax = fig.subplots()
-    _before_after_bars(ax, list(class_names), before, after, ("submitted model", "defended model"))
+    absent_as_nan = lambda values: [float("nan") if v is None else v for v in values]  # noqa: E731 - no bar drawn
+    _before_after_bars(ax, list(class_names), absent_as_nan(before), absent_as_nan(after), ("submitted model", "defended model"))
     _legend_on_top(fig, ax)
     _style(ax, "Per-class accuracy on the clean test set")
     return _save(fig, path)

@@ -193,8 +193,8 @@ class Utility(_Model):
     ba_before: Fraction | None = None
     ba_after: Fraction | None = None
     agreement: Fraction  # defended vs original, top-1, on clean test images
-    per_class_accuracy_before: list[Fraction] | None = None
-    per_class_accuracy_after: list[Fraction] | None = None
+    per_class_accuracy_before: list[Fraction | None] | None = None  # None: the class is absent from the test split
+    per_class_accuracy_after: list[Fraction | None] | None = None
     confusion_after: list[list[Count]] | None = None  # rows: true class, columns: defended prediction
 
 

@@ -48,7 +48,7 @@ class IllegalTransition(AuditError):
 
     def __init__(self, current: AuditStatus, requested: AuditStatus):
         super().__init__(
-            ErrorCode.INTERNAL_ERROR,
+            ErrorCode.CONFLICT,
             f"An audit that is {current.value} cannot become {requested.value}.",
             {"status": current.value, "requested": requested.value},
         )

@@ -1,0 +1,128 @@
+"""White-box REFINE benchmark on Fashion-MNIST: every generated attack, before and after.
+
+    python -m bench.refine_fmnist            # the committed configuration, all attacks
+    python -m bench.refine_fmnist --attacks badnets --refine-epochs 2 --out /tmp/x.json
+
+For each attack: train a backdoored small CNN on the 60k training images, score
+it (BA on the 10k test images, ASR/RA on their triggered copies), train REFINE
+on an unlabeled subset of the training images, score the defended model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from auditor.attacks import AttackConfig, attack_names, train_backdoored_model, train_clean_model
+from auditor.data import ImageSet, load_fashion_mnist
+from auditor.evaluation import agreement, attack_metrics, model_predictor, predict_labels
+from auditor.models import ArchConfig, UNetConfig
+from auditor.refine import DefendedModel, RefineConfig, train_refine
+from auditor.runtime import resolve_device, seed_everything
+from auditor.training import TrainConfig
+from bench.common import RESULTS, pct, provenance, write_json
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attacks", default=",".join(attack_names()))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-epochs", type=int, default=6)
+    p.add_argument("--refine-epochs", type=int, default=RefineConfig.epochs)
+    p.add_argument("--pool-size", type=int, default=RefineConfig.pool_size)
+    p.add_argument("--unet-width", type=int, default=UNetConfig.width)
+    p.add_argument("--unet-depth", type=int, default=UNetConfig.depth)
+    p.add_argument("--loss", default=RefineConfig.loss)
+    p.add_argument("--lr", type=float, default=RefineConfig.lr)
+    p.add_argument("--supcon-weight", type=float, default=RefineConfig.supcon_weight)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=RESULTS / "refine_fmnist.json")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    train, test = load_fashion_mnist()
+    arch = ArchConfig("small_cnn")
+    train_config = TrainConfig(epochs=args.train_epochs, bf16=args.bf16)
+    refine_config = RefineConfig(
+        unet=UNetConfig(in_channels=1, width=args.unet_width, depth=args.unet_depth),
+        epochs=args.refine_epochs, pool_size=args.pool_size, loss=args.loss, lr=args.lr,
+        supcon_weight=args.supcon_weight, bf16=args.bf16,
+    )
+    payload = {
+        "benchmark": "refine_fmnist",
+        "dataset": "fashion-mnist (60k train / 10k test)",
+        "architecture": arch.to_dict(),
+        "config": {"train": train_config.__dict__, "refine": refine_config.to_dict()},
+        "seed": args.seed,
+        **provenance(device, "bench.refine_fmnist"),
+        "attacks": [],
+    }
+    clean_model = None
+    for name in args.attacks.split(","):
+        if name == "lc" and clean_model is None:
+            clean_model, _ = train_clean_model(arch, train, train_config, device=device, seed=args.seed + 1)
+        entry = run_attack(name, arch, train, test, train_config, refine_config, device, args.seed, clean_model)
+        payload["attacks"].append(entry)
+        payload["total_seconds"] = round(time.perf_counter() - started, 1)
+        write_json(args.out, payload)
+        print(row(entry), flush=True)
+    return payload
+
+
+def run_attack(name, arch, train, test, train_config, refine_config, device, seed, clean_model) -> dict:
+    bd = train_backdoored_model(
+        arch, train, test, AttackConfig(name, target=0, seed=seed), train_config,
+        device=device, seed=seed, clean_model=clean_model,
+    )
+    before = attack_metrics(model_predictor(bd.model, device), test, bd.poisoned_test, bd.attack.target)
+    result = train_refine(bd.model, ImageSet(train.x, None), refine_config, num_classes=10, device=device, seed=seed)
+    defended = DefendedModel(result.transform, bd.model, result.mapping)
+    after = attack_metrics(model_predictor(defended, device), test, bd.poisoned_test, bd.attack.target)
+    fidelity = agreement(
+        predict_labels(model_predictor(defended, device), test), predict_labels(model_predictor(bd.model, device), test)
+    )
+    return {
+        "attack": name,
+        "target": bd.attack.target,
+        "poison_rate": bd.attack.poison_rate,
+        "poisoned_images": bd.poisoned_count,
+        "no_defense": before.to_dict(),
+        "refine": after.to_dict(),
+        "agreement_clean": fidelity,
+        "attack_train_seconds": round(bd.train_seconds, 1),
+        "refine_seconds": round(result.seconds, 1),
+        "refine_history": result.history,
+    }
+
+
+def row(entry: dict) -> str:
+    b, a = entry["no_defense"], entry["refine"]
+    return (
+        f"| {entry['attack']} | {pct(b['ba'])} | {pct(b['asr'])} | {pct(a['ba'])} | {pct(a['asr'])} | "
+        f"{pct(a['ra'])} | {entry['attack_train_seconds']:.0f} | {entry['refine_seconds']:.0f} |"
+    )
+
+
+HEADER = (
+    "| attack | BA no defense | ASR no defense | BA REFINE | ASR REFINE | RA REFINE | attack train s | REFINE s |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(HEADER)
+    payload = run(args)
+    print(f"total {payload['total_seconds']:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""A real Celery worker process on the real PostgreSQL, Redis and SeaweedFS.
+
+Audits are sent the way the web app sends them (``web.jobs.CeleryQueue``: by task name,
+after the row is committed). The worker runs as a deployment runs it -- prefork pool,
+late acks -- and is killed with SIGKILL, process group and all, the way a lost machine
+disappears: the audit must then be redelivered and finish, or be failed by the reaper,
+and never stay ``running``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from e2e.processes import ServiceProcess, service_env, start_celery_worker, wait_for
+from sqlalchemy.orm import Session, sessionmaker
+from worker_support import MINI_SPEC, load, new_owner, service_missing, sessions, submit, tiny_checkpoint  # noqa: F401
+
+from auditor.store.artifacts import S3Credentials, S3Store
+from auditor.store.lifecycle import WORKER_LOST, AuditStatus, is_terminal
+from web.jobs import CeleryQueue
+from worker.executor import artifact_key
+
+REDIS_DBS = range(5, 16)  # test sessions may run side by side: each claims a free database
+LOCK_KEY = "refine-audit:test-lock"
+STARTUP_S = 120  # importing torch on two busy shared cores is slow
+AUDIT_S = 420
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    """A Redis database of our own: claimed with a lock key, flushed before and after."""
+    token = uuid.uuid4().hex
+    for db in REDIS_DBS:
+        client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+        try:
+            claimed = client.set(LOCK_KEY, token, nx=True, ex=3600)
+        except redis.RedisError as error:
+            service_missing(f"Redis is not reachable at 127.0.0.1:6379: {error}")
+        if claimed:
+            break
+        client.close()
+    else:
+        pytest.fail(f"every Redis database in {list(REDIS_DBS)} is claimed by another test session")
+    client.flushdb()
+    client.set(LOCK_KEY, token, ex=3600)
+    try:
+        yield f"redis://127.0.0.1:6379/{db}"
+    finally:
+        client.flushdb()  # drops the lock too
+        client.close()
+
+
+@pytest.fixture
+def worker_env(
+    tmp_path: Path, pg_url: str, pg_engine: object, broker_url: str, s3_store: S3Store, s3_endpoint: str,
+    s3_credentials: S3Credentials,
+) -> dict[str, str]:
+    """What a worker of this deployment sees; tests override the timing variables."""
+    return service_env({
+        "REFINE_AUDIT_ENV": "test",
+        "REFINE_AUDIT_DATA_DIR": str(tmp_path / "worker-data"),
+        "REFINE_AUDIT_DATABASE_URL": pg_url,
+        "REFINE_AUDIT_BROKER_URL": broker_url,
+        "REFINE_AUDIT_ARTIFACTS": f"s3://{s3_store.bucket}",
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": s3_credentials.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": s3_credentials.secret_access_key,
+        "REFINE_AUDIT_DEVICE": "cpu",
+        "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
+        "REFINE_AUDIT_REAP_INTERVAL_S": "2",
+    })
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    """Every worker a test starts, stopped at the end whatever happened."""
+    started: list[ServiceProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def queue(broker_url: str) -> CeleryQueue:
+    return CeleryQueue(broker_url)
+
+
+def start_worker(workers: list[ServiceProcess], env: dict[str, str], tmp_path: Path, **kwargs: object) -> ServiceProcess:
+    process = start_celery_worker(env, tmp_path / f"worker-{len(workers)}.log", **kwargs)
+    workers.append(process)
+    wait_for(lambda: "ready." in process.log_path.read_text(errors="replace"), STARTUP_S,
+             message="the worker to be ready", process=process)
+    return process
+
+
+def submit_mini(sessions: sessionmaker[Session], s3_store: S3Store, tmp_path: Path) -> str:
+    return submit(sessions, s3_store, new_owner(sessions), MINI_SPEC, tiny_checkpoint(tmp_path / "model.safetensors"))
+
+
+def wait_until_training(sessions: sessionmaker[Session], audit_id: str, process: ServiceProcess) -> None:
+    def training() -> bool:
+        audit = load(sessions, audit_id)
+        return audit.status == AuditStatus.RUNNING and audit.stage in ("refine", "evaluate")
+
+    wait_for(training, AUDIT_S, message="the audit to be training", process=process)
+
+
+def wait_until_final(sessions: sessionmaker[Session], audit_id: str, timeout: float, process: ServiceProcess):
+    return wait_for(lambda: (a := load(sessions, audit_id)) and is_terminal(AuditStatus(a.status)) and a, timeout,
+                    message="a final status", process=process)
+
+
+def test_worker_process_runs_an_audit_sent_by_the_web_queue(
+    tmp_path: Path, worker_env: dict[str, str], workers: list[ServiceProcess], queue: CeleryQueue,
+    sessions: sessionmaker[Session], s3_store: S3Store,
+) -> None:
+    worker = start_worker(workers, worker_env, tmp_path)
+    audit_id = submit_mini(sessions, s3_store, tmp_path)
+
+    started = time.monotonic()
+    queue.enqueue(audit_id, "cpu")
+    audit = wait_until_final(sessions, audit_id, AUDIT_S, worker)
+    print(f"audit in the worker took {time.monotonic() - started:.1f} s")
+
+    assert audit.status == AuditStatus.SUCCEEDED, (audit.error_code, audit.error_message, worker.log_tail())
+    assert audit.attempts == 1 and audit.progress == 1.0
+    assert s3_store.exists(artifact_key(audit_id, "report.json"))
+    assert redis.Redis.from_url(queue.broker_url).llen("cpu") == 0  # consumed
+
+
+def test_killed_worker_audit_is_redelivered_and_finishes_on_restart(
+    tmp_path: Path, worker_env: dict[str, str], workers: list[ServiceProcess], queue: CeleryQueue,
+    sessions: sessionmaker[Session], s3_store: S3Store,
+) -> None:
+    # Redis gives the unacknowledged message back after 8 s; the reaper would wait 10 min.
+    env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "8", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "600"}
+    first = start_worker(workers, env, tmp_path)
+    audit_id = submit_mini(sessions, s3_store, tmp_path)
+    queue.enqueue(audit_id, "cpu")
+    wait_until_training(sessions, audit_id, first)
+
+    first.kill()  # SIGKILL to the main process and its pool child: no ack, no cleanup
+    assert load(sessions, audit_id).status == AuditStatus.RUNNING
+    second = start_worker(workers, env, tmp_path)
+    audit = wait_until_final(sessions, audit_id, AUDIT_S, second)
+
+    assert audit.status == AuditStatus.SUCCEEDED, (audit.error_code, audit.error_message, second.log_tail())
+    assert audit.attempts == 2
+    assert s3_store.exists(artifact_key(audit_id, "report.json"))
+
+
+def test_killed_worker_audit_is_failed_by_the_reaper_when_not_redelivered(
+    tmp_path: Path, worker_env: dict[str, str], workers: list[ServiceProcess], queue: CeleryQueue,
+    sessions: sessionmaker[Session], s3_store: S3Store,
+) -> None:
+    # The opposite timing: Redis would wait an hour, the heartbeat timeout is 6 s.
+    env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "3600", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "6"}
+    first = start_worker(workers, env, tmp_path)
+    audit_id = submit_mini(sessions, s3_store, tmp_path)
+    queue.enqueue(audit_id, "cpu")
+    wait_until_training(sessions, audit_id, first)
+
+    first.kill()
+    killed_at = time.monotonic()
+    second = start_worker(workers, env, tmp_path, beat=True)  # reaps at start, then every 2 s
+    audit = wait_until_final(sessions, audit_id, 6 + STARTUP_S, second)
+
+    assert (audit.status, audit.error_code, audit.attempts) == (AuditStatus.FAILED, WORKER_LOST, 1)
+    print(f"reaped {time.monotonic() - killed_at:.1f} s after the kill")
+
+
+def pool_children(process: ServiceProcess) -> list[int]:
+    """The prefork pool's processes (Linux: /proc/<pid>/task/<tid>/children)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{process.pid}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
+
+
+def test_killed_pool_process_audit_is_requeued_at_once_and_finishes(
+    tmp_path: Path, worker_env: dict[str, str], workers: list[ServiceProcess], queue: CeleryQueue,
+    sessions: sessionmaker[Session], s3_store: S3Store,
+) -> None:
+    # The OOM killer's way: only the process running the audit dies; the worker survives
+    # and, with reject_on_worker_lost, puts the message straight back (no visibility wait).
+    env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "3600", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "600"}
+    worker = start_worker(workers, env, tmp_path)
+    audit_id = submit_mini(sessions, s3_store, tmp_path)
+    queue.enqueue(audit_id, "cpu")
+    wait_until_training(sessions, audit_id, worker)
+
+    (child,) = pool_children(worker)
+    os.kill(child, signal.SIGKILL)
+    audit = wait_until_final(sessions, audit_id, AUDIT_S, worker)
+
+    assert (audit.status, audit.attempts) == (AuditStatus.SUCCEEDED, 2), (audit.error_code, worker.log_tail())
+
+
+def test_audit_over_its_time_limit_fails_with_time_limit(
+    tmp_path: Path, worker_env: dict[str, str], workers: list[ServiceProcess], queue: CeleryQueue,
+    sessions: sessionmaker[Session], s3_store: S3Store,
+) -> None:
+    worker = start_worker(workers, {**worker_env, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S": "2"}, tmp_path)
+    audit_id = submit_mini(sessions, s3_store, tmp_path)
+    queue.enqueue(audit_id, "cpu")
+
+    audit = wait_until_final(sessions, audit_id, AUDIT_S, worker)
+
+    assert (audit.status, audit.error_code) == (AuditStatus.FAILED, "time_limit"), worker.log_tail()
+    assert "time limit of 2 s" in audit.error_message

@@ -1,0 +1,165 @@
+"""Helpers shared by the test_worker_* modules: settings on the real services, submitted
+audits (committed row + uploaded checkpoint, as the web app leaves them), a tiny model,
+and a loopback webhook receiver.
+
+Executor tests commit for real (the executor opens its own sessions, like a worker),
+so they isolate by owner: every test creates its own user and audits on the session's
+PostgreSQL database, which is dropped at the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from auditor.models import ArchConfig, build_classifier, save_classifier
+from auditor.settings import Settings
+from auditor.store import audits, users
+from auditor.store.artifacts import ArtifactStore, S3Credentials, S3Store
+from auditor.store.db import make_session_factory, session_scope
+from auditor.store.models import Audit, AuditEvent
+from worker.executor import ExecutorOptions, input_key
+
+#: The brief's tiny audit: real stages, one positive control.
+TINY_SPEC: dict[str, Any] = {"effort": "tiny", "data": {"train_size": 600, "test_size": 200}, "controls": {"attacks": ["badnets"]}}
+#: Smaller still, for runs inside a Celery worker on two shared cores (no positive control).
+MINI_SPEC: dict[str, Any] = {
+    "effort": "tiny",
+    "data": {"train_size": 200, "test_size": 100},
+    "controls": {"attacks": []},
+    "probes": {"images": 20},
+}
+FAST_OPTIONS = ExecutorOptions(progress_interval_s=0.2, keepalive_interval_s=0.5, upload_attempts=2, upload_backoff_s=0.1,
+                               webhook_attempts=3, webhook_backoff_s=(0.1,))
+
+
+def service_missing(message: str) -> None:
+    """As tests/conftest.py: fail under CI, skip elsewhere."""
+    hint = f"{message} (run scripts/services.sh start)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(hint, pytrace=False)
+    pytest.skip(hint)
+
+
+def settings_for(tmp_path: Path, database_url: str, store: S3Store, endpoint: str, credentials: S3Credentials,
+                 **extra: str) -> Settings:
+    env = {
+        "REFINE_AUDIT_ENV": "test",
+        "REFINE_AUDIT_DATA_DIR": str(tmp_path / "data"),
+        "REFINE_AUDIT_DATABASE_URL": database_url,
+        "REFINE_AUDIT_ARTIFACTS": f"s3://{store.bucket}",
+        "S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": credentials.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": credentials.secret_access_key,
+        "REFINE_AUDIT_DEVICE": "cpu",
+        "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
+        **extra,
+    }
+    return Settings.from_env(env)
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    arch = ArchConfig("small_cnn", width=4)
+    return save_classifier(build_classifier(arch), arch, path)
+
+
+@dataclass
+class Owner:
+    user_id: int
+    webhook_secret: str
+
+
+def new_owner(sessions: sessionmaker[Session]) -> Owner:
+    with session_scope(sessions) as session:
+        user = users.create_user(session, f"{uuid.uuid4().hex[:10]}@example.com", "password-123")
+        token, _ = users.create_token(session, user.id, "ci")
+        return Owner(user.id, token.webhook_secret)
+
+
+def submit(sessions: sessionmaker[Session], store: ArtifactStore, owner: Owner, spec: dict[str, Any],
+           model: Path | bytes | None) -> str:
+    """What the web app does: commit the queued row, then upload its inputs."""
+    with session_scope(sessions) as session:
+        audit, _ = audits.create_audit(session, owner_id=owner.user_id, spec=spec, seed=spec.get("seed", 0))
+        audit_id = audit.id
+    if model is not None:
+        store.put(input_key(audit_id, "model"), model)
+    return audit_id
+
+
+def load(sessions: sessionmaker[Session], audit_id: str) -> Audit:
+    with session_scope(sessions) as session:
+        return audits.get_audit(session, audit_id)
+
+
+def events(sessions: sessionmaker[Session], audit_id: str) -> list[AuditEvent]:
+    with session_scope(sessions) as session:
+        return audits.list_events(session, audit_id)
+
+
+@pytest.fixture
+def sessions(pg_engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(pg_engine)
+
+
+# --- a loopback webhook receiver ----------------------------------------------------------
+
+
+@dataclass
+class Received:
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """Answers with the next status of ``statuses`` (the last one repeats)."""
+
+    url: str
+    statuses: list[int]
+    requests: list[Received] = field(default_factory=list)
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            receiver.requests.append(Received(body, {k: v for k, v in self.headers.items()}))
+            index = min(len(receiver.requests), len(receiver.statuses)) - 1
+            self.send_response(receiver.statuses[index])
+            for name, value in receiver.extra_headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    box = Receiver(url="", statuses=[200])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(box))
+    box.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/audit"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield box
+    server.shutdown()
+    server.server_close()

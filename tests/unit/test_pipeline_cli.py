@@ -1,0 +1,159 @@
+"""The audit end to end through the CLI, on tiny Fashion-MNIST subsets so each run takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from click.testing import CliRunner
+
+from auditor.blackbox import ModelServer
+from auditor.cli import EXIT_FAILED, EXIT_INVALID_INPUT, main
+from auditor.data import load_fashion_mnist, take
+from auditor.models import ArchConfig, build_classifier, export_torchscript, save_classifier
+from auditor.pipeline import AuditInputs, run_audit
+from auditor.report import report_json_schema
+from auditor.spec import parse_spec
+from auditor.training import TrainConfig, train_classifier
+
+TINY = ["--effort", "tiny", "--train-size", "600", "--test-size", "200", "--attacks", "badnets", "--quiet"]
+ARCH = ArchConfig("small_cnn", width=8)
+
+
+@pytest.fixture(scope="module")
+def fmnist_model(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A small CNN trained for one epoch on 3,000 Fashion-MNIST images (about 75% accurate)."""
+    train, _ = load_fashion_mnist(cache_dir=tmp_path_factory.mktemp("cache"))
+    subset = take(train, 3000, seed=0)
+    torch.manual_seed(0)
+    model = build_classifier(ARCH)
+    train_classifier(model, subset.x, subset.y, TrainConfig(epochs=1, batch_size=64), device=torch.device("cpu"), seed=0)
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_classifier(model, ARCH, path)
+    return model, path
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _check_report(out: Path) -> dict:
+    report = json.loads((out / "out" / "report.json").read_text())
+    jsonschema.validate(report, report_json_schema())
+    for name in ("report.html", "report.pdf"):
+        assert (out / "out" / name).stat().st_size > 1000
+    return report
+
+
+def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist_model):
+    _, model_path = fmnist_model
+    result = _invoke(["audit", str(model_path), "--out", str(tmp_path), *TINY])
+    assert result.exit_code == 0, result.output
+    assert "verdict:" in result.output
+    report = _check_report(tmp_path)
+    assert report["status"] == "succeeded"
+    assert report["inputs"]["model"]["format"] == "safetensors"
+    assert report["positive_controls"][0]["attack"] == "badnets"
+    assert 0.0 <= report["utility"]["ba_after"] <= 1.0
+    assert (tmp_path / "out" / "defended_model.pt").exists()
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_api_audit_through_the_cli_stays_within_budget(tmp_path, fmnist_model, protocol):
+    model, _ = fmnist_model
+    budget = 3000
+    with ModelServer(model, protocol=protocol, labels_only=True) as server:
+        url = server.url + ("/v1/models/model:predict" if protocol == "v1" else "")
+        result = _invoke([
+            "audit", "--api", url, "--protocol", protocol, "--output", "labels", "--query-budget", str(budget),
+            "--allow-host", "127.0.0.1", "--out", str(tmp_path), *TINY,
+        ])
+        served = server.stats()["queries"]
+    assert result.exit_code == 0, result.output
+    report = _check_report(tmp_path)
+    assert report["inputs"]["model"]["source"] == "api"
+    assert report["queries"]["queries_used"] == served <= budget
+    assert report["surrogate"]["agreement_clean"] > 0.5
+
+
+def test_cancel_during_refine_stops_within_one_batch(tmp_path, fmnist_model):
+    _, model_path = fmnist_model
+    spec = parse_spec({"effort": "tiny", "data": {"train_size": 600, "test_size": 200}, "controls": {"attacks": []},
+                       "refine": {"pool_size": 512, "epochs": 2}})
+    refine_steps: list[int] = []
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage == "refine" and total > 1 and done > 0:
+            refine_steps.append(done)
+
+    result = run_audit(spec, AuditInputs(tmp_path, model_path=model_path), on_progress, should_cancel=lambda: len(refine_steps) >= 2)
+    assert result.status == "cancelled"
+    assert result.error["code"] == "cancelled"
+    assert refine_steps == [1, 2]  # the poll before the third batch stopped it
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["status"] == "cancelled"
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_checkpoint_exits_with_invalid_input(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pt"
+    torch.save({"w": _Payload(str(marker))}, bad)
+    result = _invoke(["audit", str(bad), "--out", str(tmp_path / "a"), *TINY])
+    assert result.exit_code == EXIT_INVALID_INPUT
+    assert "invalid_checkpoint" in result.output
+    assert not marker.exists()
+
+
+def test_bad_dataset_exits_with_invalid_input(tmp_path, fmnist_model):
+    _, model_path = fmnist_model
+    data = tmp_path / "d.npz"
+    import numpy as np
+
+    np.savez(data, x=np.zeros((50, 28, 28), dtype=np.float32))
+    result = _invoke(["audit", str(model_path), "--data", str(data), "--out", str(tmp_path / "a"), *TINY])
+    assert result.exit_code == EXIT_INVALID_INPUT
+    assert "invalid_dataset" in result.output
+
+
+def test_unreachable_api_exits_with_failure_code(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    result = _invoke(["audit", "--api", f"http://127.0.0.1:{port}/v1/models/m:predict", "--allow-host", "127.0.0.1",
+                      "--out", str(tmp_path), *TINY])
+    assert result.exit_code == EXIT_FAILED
+    assert "api_unreachable" in result.output
+
+
+def test_private_api_address_is_refused_as_invalid_input(tmp_path):
+    result = _invoke(["audit", "--api", "http://10.0.0.1/v1/models/m:predict", "--out", str(tmp_path), *TINY])
+    assert result.exit_code == EXIT_INVALID_INPUT
+    assert "url_not_allowed" in result.output
+
+
+def test_invalid_spec_names_the_field(tmp_path, fmnist_model):
+    _, model_path = fmnist_model
+    result = _invoke(["audit", str(model_path), "--attacks", "nosuchattack", "--out", str(tmp_path)])
+    assert result.exit_code == EXIT_INVALID_INPUT
+    assert "controls.attacks" in result.output
+
+
+def test_report_command_rerenders_html_and_pdf(tmp_path, fmnist_model):
+    _, model_path = fmnist_model
+    assert _invoke(["audit", str(model_path), "--out", str(tmp_path), *TINY, "--attacks", ""]).exit_code == 0
+    result = _invoke(["report", str(tmp_path / "out" / "report.json"), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again" / "report.pdf").stat().st_size > 1000

@@ -1,0 +1,1 @@
+"""Audits: submit, follow, cancel, delete, and download reports and artifacts."""

@@ -1,0 +1,207 @@
+"""HTTP routes of the audits resource: parse the request, call ``service``, serialize.
+
+Every route is owner-scoped: another user's audit answers 404 exactly like a missing
+one, so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+from typing import Any
+
+from flask import Blueprint, Response, redirect, request
+from werkzeug.datastructures import FileStorage
+
+from auditor.errors import AuditError, ErrorCode
+from auditor.spec import AuditSpec
+from auditor.store.models import Artifact
+from web.api.audits import service
+from web.api.audits.schemas import (
+    REPORT_FORMATS,
+    REPORT_MEDIA_TYPES,
+    ArtifactList,
+    ArtifactOut,
+    AuditCreated,
+    AuditDetail,
+    AuditItem,
+    AuditPage,
+    DownloadQuery,
+    EventList,
+    EventOut,
+    ListQuery,
+)
+from web.api.common import parse_query, reply
+from web.api.registry import Body, Reply, operation
+from web.auth import current_user_id
+
+bp = Blueprint("audits", __name__)
+
+UPLOAD_FIELDS = ("model", "dataset")
+MULTIPART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string", "contentMediaType": "application/octet-stream",
+                  "description": "The checkpoint: TorchScript, torch.export .pt2, safetensors or a zip state dict."},
+        "dataset": {"type": "string", "contentMediaType": "application/zip",
+                    "description": "Optional .npz (x, y) or zip of class folders; needs data.source 'upload'."},
+        "spec": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"$ref": "#/components/schemas/AuditSpec"},
+                 "description": "The AuditSpec as a JSON string (a form field or a file part)."},
+    },
+}
+AUDIT_LINK = {"Location": "URL of the audit."}
+
+
+@operation(
+    bp, "POST", "/audits",
+    summary="Submit an audit",
+    body=Body(
+        {"multipart/form-data": MULTIPART_SCHEMA, "application/json": AuditSpec},
+        "A checkpoint upload (multipart) or, for a model behind an API, the AuditSpec as JSON.",
+    ),
+    replies={
+        202: Reply("Accepted and queued.", AuditCreated, headers=AUDIT_LINK),
+        200: Reply("The Idempotency-Key was used before: the earlier audit, not queued again.", AuditCreated),
+    },
+    errors=(400, 413, 415, 422, 503),
+    headers={"Idempotency-Key": "Optional; a retry with the same key returns the first audit (200) instead of a new one."},
+)
+def create_audit() -> Response:
+    """Validates the spec, the uploads and every outbound URL before anything is stored,
+    so a bad submission is refused at once; send an ``Idempotency-Key`` header to make
+    retries safe."""
+    audit, created = service.submit_audit(current_user_id(), _read_submission())
+    body = AuditCreated.from_row(audit)
+    return reply(body, 202 if created else 200, {"Location": body.links.self})
+
+
+@operation(bp, "GET", "/audits", summary="List your audits", query=ListQuery,
+           replies={200: Reply("Newest first.", AuditPage)}, errors=(400,))
+def list_audits() -> Response:
+    query = parse_query(ListQuery)
+    page = service.list_owned(current_user_id(), query.status, query.limit, query.offset)
+    items = [AuditItem.from_row(audit) for audit in page.items]
+    return reply(AuditPage(items=items, total=page.total, limit=page.limit, offset=page.offset))
+
+
+@operation(bp, "GET", "/audits/<audit_id>", summary="Get an audit",
+           replies={200: Reply("Status, stage, progress, summary and links.", AuditDetail)}, errors=(404,))
+def get_audit(audit_id: str) -> Response:
+    return reply(AuditDetail.from_row(service.get_owned(current_user_id(), audit_id)))
+
+
+@operation(bp, "GET", "/audits/<audit_id>/events", summary="The audit's stage log",
+           replies={200: Reply("Oldest first.", EventList)}, errors=(404,))
+def list_events(audit_id: str) -> Response:
+    events = service.events_of(current_user_id(), audit_id)
+    return reply(EventList(items=[EventOut.from_row(event) for event in events]))
+
+
+@operation(bp, "POST", "/audits/<audit_id>/cancel", summary="Cancel an audit",
+           replies={202: Reply("Cancelled (queued) or asked to stop (running).", AuditDetail)}, errors=(404, 409))
+def cancel_audit(audit_id: str) -> Response:
+    """A queued audit is cancelled at once; a running one stops at its next batch."""
+    return reply(AuditDetail.from_row(service.cancel(current_user_id(), audit_id)), 202)
+
+
+@operation(bp, "DELETE", "/audits/<audit_id>", summary="Delete an ended audit and its files",
+           replies={204: Reply("Deleted.")}, errors=(404, 409))
+def delete_audit(audit_id: str) -> Response:
+    """Only ended audits can be deleted (409 ``conflict`` otherwise: cancel first), so a
+    worker never writes files for a row that is gone."""
+    service.delete(current_user_id(), audit_id)
+    return Response(status=204)
+
+
+@operation(bp, "GET", "/audits/<audit_id>/artifacts", summary="List the audit's files",
+           replies={200: Reply("Inputs, reports, models, plots and logs.", ArtifactList)}, errors=(404,))
+def list_artifacts(audit_id: str) -> Response:
+    artifacts = service.artifacts_of(current_user_id(), audit_id)
+    return reply(ArtifactList(items=[ArtifactOut.from_row(a) for a in artifacts]))
+
+
+@operation(bp, "GET", "/audits/<audit_id>/artifacts/<path:name>", summary="Download one file",
+           query=DownloadQuery,
+           replies={200: Reply("The file.", media_type="application/octet-stream"),
+                    302: Reply("With ?redirect=1 on S3 stores: a presigned URL valid for 15 minutes.")},
+           errors=(400, 404))
+def download_artifact(audit_id: str, name: str) -> Response:
+    query = parse_query(DownloadQuery)
+    artifact = service.artifact_of(current_user_id(), audit_id, name)
+    url = service.presigned_url(artifact) if query.redirect else None
+    return redirect(url, 302) if url else _stream(artifact, attachment=True)
+
+
+def _report_view(fmt: str):
+    def view(audit_id: str) -> Response:
+        return _stream(service.report_of(current_user_id(), audit_id, fmt), attachment=fmt == "pdf")
+
+    view.__name__ = f"report_{fmt}"
+    view.__doc__ = "Streamed from the artifact store; 409 ``report_not_ready`` until the audit has ended."
+    return view
+
+
+for _fmt in REPORT_FORMATS:
+    operation(bp, "GET", f"/audits/<audit_id>/report.{_fmt}", summary=f"The report as {_fmt.upper()}",
+              replies={200: Reply("The report.", media_type=REPORT_MEDIA_TYPES[_fmt])}, errors=(404, 409))(
+        _report_view(_fmt)
+    )
+
+
+# --- parsing and streaming helpers -----------------------------------------------------------
+
+
+def _read_submission() -> service.Submission:
+    """Multipart (files + a ``spec`` JSON string) or a JSON AuditSpec; nothing else."""
+    key = request.headers.get("Idempotency-Key")
+    if request.mimetype == "multipart/form-data":
+        files = {name: f for name in UPLOAD_FIELDS if (f := request.files.get(name)) is not None and f.filename}
+        return service.Submission(_spec_from_form(), files, key)
+    if request.is_json:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise _bad_spec("(root)", "The body must be a JSON object (an AuditSpec).")
+        return service.Submission(body, {}, key)
+    raise AuditError(
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        "Send multipart/form-data (with a model file) or application/json (an AuditSpec for a model API).",
+        {"content_type": request.mimetype},
+    )
+
+
+def _spec_from_form() -> dict[str, Any] | None:
+    """The ``spec`` part, as a form field or a file (``curl -F spec=@spec.json``); absent = defaults."""
+    upload: FileStorage | None = request.files.get("spec")
+    raw = upload.read().decode("utf-8", "replace") if upload is not None else request.form.get("spec")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _bad_spec("spec", f"not valid JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise _bad_spec("spec", "must be a JSON object")
+    return spec
+
+
+def _bad_spec(field: str, message: str) -> AuditError:
+    return AuditError(ErrorCode.INVALID_SPEC, f"{field}: {message}", {"fields": [{"field": field, "message": message}]})
+
+
+def _stream(artifact: Artifact, *, attachment: bool) -> Response:
+    """Stream from the store in chunks, so large models never sit in the web process's memory.
+
+    HTML is served sandboxed (no scripts, no same-origin access), because it comes from
+    our store but is rendered on our origin.
+    """
+    response = Response(service.open_artifact(artifact), mimetype=artifact.content_type)
+    response.content_length = artifact.size
+    response.set_etag(artifact.sha256)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if artifact.content_type.startswith("text/html"):
+        response.headers["Content-Security-Policy"] = "sandbox"
+    if attachment:
+        filename = PurePosixPath(artifact.name).name
+        response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response

@@ -1,0 +1,1 @@
+"""Health: can this web process reach its database, broker and artifact store?"""

@@ -1,0 +1,1 @@
+"""API tokens: a signed-in client can mint, list and revoke its own tokens."""

@@ -1,0 +1,113 @@
+"""One error envelope for the whole API: ``{"error": {"code", "message", "detail"}}``.
+
+Services raise ``AuditError`` with a stable ``ErrorCode``; this module is the single
+place that turns a code into an HTTP status, so a client can rely on the code and the
+status never disagrees with it. Framework errors (unknown route, body too large) and
+store lookups that miss are folded into the same envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, current_app, jsonify
+from werkzeug.exceptions import HTTPException
+
+from auditor.errors import AuditError, ErrorCode
+from auditor.store.artifacts import ArtifactNotFound
+from auditor.store.audits import AuditNotFound
+
+log = logging.getLogger(__name__)
+
+#: Every code's HTTP status. Input errors are 422 (the request was well-formed JSON or
+#: multipart, but its content is refused); codes a running audit records (API_*,
+#: WORKER_LOST, CANCELLED) are listed so a new code cannot be forgotten.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_CHECKPOINT: 422,
+    ErrorCode.INVALID_DATASET: 422,
+    ErrorCode.INVALID_SPEC: 422,
+    ErrorCode.DATASET_TOO_LARGE: 422,
+    ErrorCode.UNSAFE_ARCHIVE: 422,
+    ErrorCode.DATASET_NOT_FOUND: 422,
+    ErrorCode.MODEL_DATA_MISMATCH: 422,
+    ErrorCode.URL_NOT_ALLOWED: 422,
+    ErrorCode.QUERY_BUDGET_EXHAUSTED: 422,
+    ErrorCode.API_UNREACHABLE: 502,
+    ErrorCode.API_BAD_RESPONSE: 502,
+    ErrorCode.API_AUTH_FAILED: 502,
+    ErrorCode.API_TIMEOUT: 504,
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.REPORT_NOT_READY: 409,
+    ErrorCode.WORKER_LOST: 500,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.SERVICE_UNAVAILABLE: 503,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
+    ErrorCode.DATABASE_UNAVAILABLE: 503,
+    ErrorCode.TIME_LIMIT: 500,
+}
+
+#: Framework statuses without a domain error behind them.
+_HTTP_EXCEPTION_CODES: dict[int, ErrorCode] = {
+    400: ErrorCode.INVALID_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
+
+
+def http_status(code: ErrorCode) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+def not_found(what: str = "resource") -> AuditError:
+    """The one answer for "missing" and "someone else's": both must look the same."""
+    return AuditError(ErrorCode.NOT_FOUND, f"No such {what}.")
+
+
+def error_response(code: ErrorCode, message: str, detail: dict[str, Any] | None = None) -> Response:
+    response = jsonify({"error": {"code": code.value, "message": message, "detail": detail or {}}})
+    response.status_code = http_status(code)
+    if code == ErrorCode.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="refine-audit"'
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the envelope for domain errors, framework errors and crashes."""
+    app.register_error_handler(AuditError, _audit_error)
+    app.register_error_handler(AuditNotFound, lambda _exc: error_response(ErrorCode.NOT_FOUND, "No such audit."))
+    app.register_error_handler(ArtifactNotFound, lambda _exc: error_response(ErrorCode.NOT_FOUND, "No such artifact."))
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+
+
+def _audit_error(exc: AuditError) -> Response:
+    return error_response(exc.code, exc.message, exc.detail)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    code = _HTTP_EXCEPTION_CODES.get(status, ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST)
+    message, detail = exc.description or exc.name, {}
+    if status == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        message, detail = f"The request body is larger than the upload limit of {limit} bytes.", {"max_bytes": limit}
+    response = error_response(code, message, detail)
+    response.status_code = status  # keep the framework's exact status (e.g. 406) even when it shares a code
+    return response
+
+
+def _unexpected_error(exc: Exception) -> Response:
+    """Log the traceback for operators; tell the client nothing about internals."""
+    log.exception("unhandled error in request", exc_info=exc)
+    return error_response(ErrorCode.INTERNAL_ERROR, "An unexpected error occurred; it has been logged.")

@@ -1,0 +1,79 @@
+"""Which failures are the infrastructure's fault, and therefore worth retrying.
+
+STYLE.md's rule: retry transient infrastructure errors (an S3 endpoint or the database
+briefly unreachable), never a training failure. This module draws that line in one
+place: ``transient_error(exc)`` turns a boto/botocore or SQLAlchemy connection-level
+exception into a ``TransientInfraError`` carrying the error code to store if retries
+run out, and returns None for everything else.
+"""
+
+from __future__ import annotations
+
+from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+from boto3.exceptions import S3UploadFailedError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+from auditor.errors import ErrorCode
+
+#: S3 error codes that mean "the server is unwell right now", not "your request is wrong".
+TRANSIENT_S3_CODES = frozenset(
+    {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+)
+
+
+class TransientInfraError(Exception):
+    """A dependency was unreachable; the task retries, and the last retry records ``code``."""
+
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class StorageUnavailable(TransientInfraError):
+    code = ErrorCode.STORAGE_UNAVAILABLE
+
+
+class DatabaseUnavailable(TransientInfraError):
+    code = ErrorCode.DATABASE_UNAVAILABLE
+
+
+def transient_error(exc: BaseException) -> TransientInfraError | None:
+    """The retryable wrapper for ``exc`` (or a cause in its chain), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        wrapped = _classify(current)
+        if wrapped is not None:
+            return wrapped
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _classify(exc: BaseException) -> TransientInfraError | None:
+    if isinstance(exc, TransientInfraError):
+        return exc
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return StorageUnavailable(f"The artifact store is unreachable: {exc}")
+    if isinstance(exc, ClientError) and _s3_code(exc) in TRANSIENT_S3_CODES:
+        return StorageUnavailable(f"The artifact store failed: {exc}")
+    if isinstance(exc, S3UploadFailedError) and _looks_transient(str(exc)):
+        return StorageUnavailable(f"An upload to the artifact store failed: {exc}")
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError)):
+        return DatabaseUnavailable(f"The database is unreachable: {_first_line(exc)}")
+    return None
+
+
+def _s3_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _looks_transient(message: str) -> bool:
+    """boto3's transfer manager flattens the cause into the message; read the code back."""
+    return any(code in message for code in TRANSIENT_S3_CODES) or "Could not connect" in message
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

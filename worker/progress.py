@@ -1,0 +1,180 @@
+"""The running audit's line to its database row: progress, heartbeats, cancellation.
+
+The pipeline calls ``on_progress`` per batch and ``should_cancel`` between batches --
+far too often for a database round trip each -- so both are throttled: progress is
+written at most once per ``interval_s`` (and on every stage change, so the stage log is
+complete), and the cancel flag is re-read with each heartbeat. Every write uses a fresh
+short session; no connection is held while the model trains.
+
+A small keep-alive thread heart-beats even while the pipeline is inside one long step
+that reports nothing (rendering a PDF, tracing a model), so only a dead or wedged
+process goes silent long enough for the reaper to fail the audit with ``worker_lost``.
+
+A database hiccup during a write is logged and skipped: progress is cosmetic, and a
+six-hour training run must not die because one UPDATE failed. A row that is no longer
+ours -- reaped, cancelled, or restarted by a redelivered task (``attempts`` moved on) --
+makes ``should_cancel`` answer True, so the pipeline stops at the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from auditor.store.audits import get_audit, heartbeat, update_progress
+from auditor.store.db import session_scope
+from auditor.store.lifecycle import IllegalTransition
+
+log = logging.getLogger(__name__)
+
+#: Share of the overall progress bar per stage, roughly their share of the run time.
+STAGE_WEIGHTS: dict[str, float] = {
+    "data": 0.03,
+    "load": 0.02,
+    "surrogate": 0.15,
+    "refine": 0.45,
+    "evaluate": 0.30,
+    "report": 0.05,
+}
+
+
+class StageProgress:
+    """Maps ``(stage, done, total)`` to overall progress in [0, 1] over the audit's stages."""
+
+    def __init__(self, stages: Sequence[str]):
+        total = sum(STAGE_WEIGHTS.get(s, 0.0) for s in stages) or 1.0
+        self._start: dict[str, float] = {}
+        self._weight: dict[str, float] = {}
+        acc = 0.0
+        for stage in stages:
+            weight = STAGE_WEIGHTS.get(stage, 0.0) / total
+            self._start[stage], self._weight[stage] = acc, weight
+            acc += weight
+        self._last = 0.0
+
+    def overall(self, stage: str, done: int, total: int) -> float:
+        """Never moves backwards: stages restart their own counters (e.g. per attack)."""
+        if stage in self._start:
+            fraction = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+            self._last = max(self._last, self._start[stage] + self._weight[stage] * fraction)
+        return min(self._last, 1.0)
+
+
+def stages_for(model_source: str) -> list[str]:
+    """The stages ``run_audit`` goes through for this kind of model."""
+    middle = ["surrogate"] if model_source == "api" else []
+    return ["data", "load", *middle, "refine", "evaluate", "report"]
+
+
+class RowLink:
+    """Throttled, failure-tolerant callbacks that tie a pipeline run to its audit row."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        audit_id: str,
+        attempt: int,
+        stages: Sequence[str],
+        *,
+        interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._sessions = sessions
+        self._audit_id = audit_id
+        self._attempt = attempt
+        self._progress = StageProgress(stages)
+        self._interval = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()  # the keep-alive thread and the pipeline share the state below
+        self._stage: str | None = None
+        self._last_write = float("-inf")
+        self._last_beat = float("-inf")
+        self._metrics: dict[str, Any] = {}
+        self.cancel_requested = False
+        self.lost_reason: str | None = None
+
+    # -- the pipeline's callbacks --------------------------------------------------------------
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        with self._lock:
+            value = self._progress.overall(stage, done, total)
+            now = self._clock()
+            changed = stage != self._stage
+            if not changed and now - self._last_write < self._interval:
+                return
+            self._stage, self._last_write = stage, now
+            detail = {"stage": stage, "done": done, "total": total, **({"metrics": self._metrics} if self._metrics else {})}
+        self._write(lambda s: update_progress(s, self._audit_id, stage, value, detail))
+
+    def on_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
+        """Kept and shown with the next progress write (per-epoch numbers such as the loss)."""
+        with self._lock:
+            self._metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+            self._last_write = float("-inf")  # show new epoch numbers promptly
+
+    def should_cancel(self) -> bool:
+        if self.lost_reason is None and not self.cancel_requested:
+            self.beat(force=False)
+        return self.cancel_requested or self.lost_reason is not None
+
+    # -- heartbeats --------------------------------------------------------------------------
+
+    def beat(self, *, force: bool = True) -> None:
+        """Refresh ``heartbeat_at`` and pick up the cancel flag (one short transaction)."""
+        with self._lock:
+            now = self._clock()
+            if not force and now - self._last_beat < self._interval:
+                return
+            self._last_beat = now
+        self._write(self._heartbeat)
+
+    def _heartbeat(self, session: Session) -> None:
+        cancel = heartbeat(session, self._audit_id)
+        attempts = get_audit(session, self._audit_id).attempts
+        if attempts != self._attempt:
+            self._lose(f"attempt {attempts} of this audit started elsewhere (this is attempt {self._attempt})")
+        elif cancel and not self.cancel_requested:
+            log.info("audit %s: cancellation requested", self._audit_id)
+            self.cancel_requested = True
+
+    def _write(self, work: Callable[[Session], Any]) -> None:
+        try:
+            with session_scope(self._sessions) as session:
+                work(session)
+        except IllegalTransition as exc:
+            self._lose(exc.message)
+        except SQLAlchemyError as exc:
+            log.warning("audit %s: progress/heartbeat write skipped: %s", self._audit_id, exc)
+
+    def _lose(self, reason: str) -> None:
+        if self.lost_reason is None:
+            log.warning("audit %s: no longer ours (%s); stopping", self._audit_id, reason)
+            self.lost_reason = reason
+
+
+class KeepAlive:
+    """A daemon thread that calls ``link.beat()`` every ``interval_s`` until stopped."""
+
+    def __init__(self, link: RowLink, interval_s: float):
+        self._link = link
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-heartbeat", daemon=True)
+
+    def __enter__(self) -> KeepAlive:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._link.beat()
