@@ -3,6 +3,14 @@
     python -m bench.refine_fmnist            # the committed configuration, all attacks
     python -m bench.refine_fmnist --attacks badnets --refine-epochs 2 --out /tmp/x.json
 
+On a 2-core machine two processes with one thread each finish sooner than one
+with two threads; every finished attack is saved beside the output, and each
+run rewrites the combined file from all attacks finished with the same
+configuration:
+
+    python -m bench.refine_fmnist --threads 1 --attacks badnets,blended,wanet,physicalba &
+    python -m bench.refine_fmnist --threads 1 --attacks batt,lc,adaptive_patch &
+
 For each attack: train a backdoored small CNN on the 60k training images, score
 it (BA on the 10k test images, ASR/RA on their triggered copies), train REFINE
 on an unlabeled subset of the training images, score the defended model.
@@ -30,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attacks", default=",".join(attack_names()))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-epochs", type=int, default=6)
+    p.add_argument("--train-epochs", type=int, default=4)
     p.add_argument("--refine-epochs", type=int, default=RefineConfig.epochs)
     p.add_argument("--pool-size", type=int, default=RefineConfig.pool_size)
     p.add_argument("--unet-width", type=int, default=UNetConfig.width)
@@ -40,12 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--supcon-weight", type=float, default=RefineConfig.supcon_weight)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=RefineConfig.augment)
     p.add_argument("--out", type=Path, default=RESULTS / "refine_fmnist.json")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     train, test = load_fashion_mnist()
@@ -54,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     refine_config = RefineConfig(
         unet=UNetConfig(in_channels=1, width=args.unet_width, depth=args.unet_depth),
         epochs=args.refine_epochs, pool_size=args.pool_size, loss=args.loss, lr=args.lr,
-        supcon_weight=args.supcon_weight, bf16=args.bf16,
+        supcon_weight=args.supcon_weight, bf16=args.bf16, augment=args.augment,
     )
     payload = {
         "benchmark": "refine_fmnist",
@@ -65,16 +77,37 @@ def run(args: argparse.Namespace) -> dict:
         **provenance(device, "bench.refine_fmnist"),
         "attacks": [],
     }
+    parts = args.out.with_suffix("")  # one file per finished attack, combined below
     clean_model = None
     for name in args.attacks.split(","):
+        clean_seconds = 0.0
         if name == "lc" and clean_model is None:
+            clean_started = time.perf_counter()
             clean_model, _ = train_clean_model(arch, train, train_config, device=device, seed=args.seed + 1)
+            clean_seconds = time.perf_counter() - clean_started
         entry = run_attack(name, arch, train, test, train_config, refine_config, device, args.seed, clean_model)
-        payload["attacks"].append(entry)
-        payload["total_seconds"] = round(time.perf_counter() - started, 1)
-        write_json(args.out, payload)
+        entry["clean_model_seconds"] = round(clean_seconds, 1)
+        write_json(parts / f"{name}.json", {"config": payload["config"], "entry": entry})
         print(row(entry), flush=True)
+    payload["attacks"] = _finished_attacks(parts, payload["config"])
+    payload["benchmark_cpu_seconds"] = round(sum(
+        e["attack_train_seconds"] + e["refine_seconds"] + e.get("clean_model_seconds", 0) for e in payload["attacks"]
+    ), 1)
+    payload["this_process_wall_seconds"] = round(time.perf_counter() - started, 1)
+    write_json(args.out, payload)
     return payload
+
+
+def _finished_attacks(parts: Path, config: dict) -> list[dict]:
+    """Entries of every attack finished with this exact configuration, in the catalog's order."""
+    import json
+
+    entries = {}
+    for path in parts.glob("*.json"):
+        saved = json.loads(path.read_text())
+        if saved["config"] == json.loads(json.dumps(config)):
+            entries[saved["entry"]["attack"]] = saved["entry"]
+    return [entries[name] for name in attack_names() if name in entries]
 
 
 def run_attack(name, arch, train, test, train_config, refine_config, device, seed, clean_model) -> dict:
@@ -121,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(HEADER)
     payload = run(args)
-    print(f"total {payload['total_seconds']:.0f} s -> {args.out}")
+    print(f"{len(payload['attacks'])} attacks in {args.out} ({payload['this_process_wall_seconds']:.0f} s in this process)")
 
 
 if __name__ == "__main__":
