@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 from tqdm import tqdm
 
 from auditor.errors import INPUT_ERRORS, AuditError, ErrorCode

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from auditor.attacks import AttackConfig, train_backdoored_model
 from auditor.data import load_fashion_mnist

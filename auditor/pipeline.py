@@ -21,11 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from torch import nn
 
+from safetensors.torch import save_file
+
 from auditor.attacks import AttackConfig, train_backdoored_model
+from auditor.blackbox import ApiConfig, DistillConfig, HttpModelAPI, api_predictor, defended_api_predictor, distill_surrogate
 from auditor.data import ImageSet, Limits, load_dataset, load_fashion_mnist, take
 from auditor.errors import AuditCancelled, AuditError, ErrorCode
 from auditor.evaluation import (
@@ -38,9 +42,11 @@ from auditor.evaluation import (
     per_class_accuracy,
     predict_labels,
 )
-from auditor.evaluation.probes import ProbeConfig, SuspicionReport, suspicion_score
+from auditor.evaluation.probes import ProbeConfig, SuspicionReport, build_battery, suspicion_score
 from auditor.models import ArchConfig, LoadedModel, UNetConfig, load_checkpoint, save_classifier
 from auditor.refine import DefendedModel, RefineConfig, RefineResult, export_defended, train_refine
+from auditor.report import write_report
+from auditor.report.schema import Software
 from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress, resolve_device, seed_everything
 from auditor.spec import AuditSpec
 from auditor.training import TrainConfig
@@ -237,8 +243,6 @@ def _num_classes(state: _State, pool: ImageSet, test: ImageSet) -> int:
     arch = state.spec.model.architecture
     if arch is not None and arch.num_classes:
         return arch.num_classes
-    if state.spec.model.api is not None:
-        pass
     known = [n for n in (test.num_classes, pool.num_classes) if n]
     if known:
         return max(known)
@@ -331,8 +335,6 @@ def _pseudo_label(state: _State) -> None:
 
 
 def _connect_api(state: _State) -> None:
-    from auditor.blackbox import ApiConfig, HttpModelAPI
-
     api = state.spec.model.api
     config = ApiConfig(
         url=str(api.url), num_classes=state.data_info["num_classes"], protocol=api.protocol,
@@ -352,8 +354,6 @@ def _connect_api(state: _State) -> None:
 
 
 def _url_without_credentials(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     host = parts.hostname or ""
     netloc = host + (f":{parts.port}" if parts.port else "")
@@ -372,8 +372,6 @@ def _query_budget_split(state: _State) -> dict[str, int]:
 
 
 def _stage_surrogate(state: _State, on_progress: ProgressFn, should_cancel: CancelFn, on_metrics) -> None:
-    from auditor.blackbox import DistillConfig, distill_surrogate
-
     split = _query_budget_split(state)
     config = DistillConfig(query_budget=split["distill"], train=TrainConfig(epochs=state.effort.distill_epochs, bf16=_bf16(state)))
     result = distill_surrogate(
@@ -440,8 +438,6 @@ def _stage_refine(state: _State, on_progress: ProgressFn, should_cancel: CancelF
 
 def _save_defense(state: _State) -> None:
     """Checkpoint audits get one TorchScript file; API audits get T and M to wrap around the API."""
-    from safetensors.torch import save_file
-
     result = state.refine
     meta = {"mapping": result.mapping.tolist(), "refine_config": result.config.to_dict(), "seed": result.seed}
     transform_path = state.out / "transform.safetensors"
@@ -464,8 +460,6 @@ def _save_defense(state: _State) -> None:
 def _reference_predictor(state: _State) -> Predictor:
     """The submitted model: the local module, or the real API."""
     if state.api is not None:
-        from auditor.blackbox import api_predictor
-
         return api_predictor(state.api)
     return model_predictor(state.model, state.device)
 
@@ -473,8 +467,6 @@ def _reference_predictor(state: _State) -> Predictor:
 def _defended_predictor(state: _State) -> Predictor:
     """M o model o T; for API models every answer comes from the real API."""
     if state.api is not None:
-        from auditor.blackbox import defended_api_predictor
-
         return defended_api_predictor(state.api, state.refine.transform, state.refine.mapping, device=state.device)
     return model_predictor(DefendedModel(state.refine.transform, state.model, state.refine.mapping), state.device)
 
@@ -518,8 +510,6 @@ def _probe_config(state: _State) -> ProbeConfig:
     if state.api is None:
         return ProbeConfig(num_images=min(images, len(state.test)), seed=state.spec.seed)
     lean = ProbeConfig(num_images=1, random_patches=1, blend_patterns=2, warp_fields=1, noise_draws=1, seed=state.spec.seed)
-    from auditor.evaluation.probes import build_battery
-
     per_image = len(build_battery(lean, tuple(state.test.shape))) + 1
     remaining = state.api.remaining_budget if state.api.remaining_budget is not None else 10**9
     affordable = max(0, (remaining - 2 * len(state.test)) // (2 * per_image))
@@ -617,8 +607,6 @@ def verdict(score_before: float, score_after: float, suspect: int | None, class_
 
 
 def _report_dict(state: _State, status: str, error: AuditError | None) -> dict[str, Any]:
-    from auditor.report.schema import Software
-
     report: dict[str, Any] = {
         "audit_id": state.inputs.audit_id,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -671,8 +659,6 @@ def _fallback_model_info(state: _State) -> dict[str, Any]:
 
 
 def _write_outputs(state: _State, status: str, error: AuditError | None) -> dict[str, Any]:
-    from auditor.report import write_report
-
     with _timed(state, "report"):
         report = _report_dict(state, status, error)
         report["artifacts"] = [

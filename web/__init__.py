@@ -1,4 +1,4 @@
-"""The refine-audit web app: the REST API (and, later, the portal).
+"""The refine-audit web app: the REST API and the web portal.
 
 ``create_app`` is the one composition point of the web process. The ports (artifact
 store, job queue) and the engine can be injected, which is how ``refine-audit serve``
@@ -39,6 +39,7 @@ def create_app(
     from web.api import api_blueprint
     from web.context import Services, install
     from web.errors import register_error_handlers
+    from web.portal import configure_sessions, portal_blueprint
 
     app = Flask(__name__)
     app.config.update(
@@ -47,6 +48,7 @@ def create_app(
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False
+    configure_sessions(app, settings)
     engine = engine or make_engine(settings.database_url)
     install(
         app,
@@ -60,6 +62,7 @@ def create_app(
     )
     register_error_handlers(app)
     app.register_blueprint(api_blueprint())
+    app.register_blueprint(portal_blueprint())
     return app
 
 

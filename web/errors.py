@@ -4,6 +4,10 @@ Services raise ``AuditError`` with a stable ``ErrorCode``; this module is the si
 place that turns a code into an HTTP status, so a client can rely on the code and the
 status never disagrees with it. Framework errors (unknown route, body too large) and
 store lookups that miss are folded into the same envelope.
+
+The portal shares these handlers: the same code and status, but a person browsing gets
+a readable page instead of JSON. Anything under ``/api/`` and any request that asks for
+JSON (the portal's own script) keeps the envelope.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify
+from flask import Flask, Response, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from auditor.errors import AuditError, ErrorCode
@@ -82,17 +86,55 @@ def error_response(code: ErrorCode, message: str, detail: dict[str, Any] | None 
     return response
 
 
+#: Page titles for the statuses a person can meet in the portal.
+PAGE_TITLES: dict[int, str] = {
+    400: "That request could not be accepted",
+    401: "Please sign in",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Not allowed",
+    409: "Not possible right now",
+    413: "The upload is too large",
+    422: "That input could not be accepted",
+    503: "The service is busy or unavailable",
+}
+
+
+def wants_page() -> bool:
+    """A browser page request, not the API and not the portal's own fetch calls."""
+    if request.path.startswith("/api/") or request.path.endswith(".json"):
+        return False
+    return request.accept_mimetypes.best != "application/json"
+
+
+def error_page(status: int, message: str, code: ErrorCode) -> Response:
+    """A friendly page with the same status; internals never appear in it."""
+    title = PAGE_TITLES.get(status, "Something went wrong" if status >= 500 else "That did not work")
+    html = render_template("portal/error.html", status=status, title=title, message=message, code=code.value)
+    return Response(html, status=status, mimetype="text/html")
+
+
+def respond(code: ErrorCode, message: str, detail: dict[str, Any] | None = None, status: int | None = None) -> Response:
+    """The envelope, or the error page for browser pages, with one status either way."""
+    if wants_page():
+        return error_page(status or http_status(code), message, code)
+    response = error_response(code, message, detail)
+    if status is not None:
+        response.status_code = status
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     """Install the envelope for domain errors, framework errors and crashes."""
     app.register_error_handler(AuditError, _audit_error)
-    app.register_error_handler(AuditNotFound, lambda _exc: error_response(ErrorCode.NOT_FOUND, "No such audit."))
-    app.register_error_handler(ArtifactNotFound, lambda _exc: error_response(ErrorCode.NOT_FOUND, "No such artifact."))
+    app.register_error_handler(AuditNotFound, lambda _exc: respond(ErrorCode.NOT_FOUND, "No such audit."))
+    app.register_error_handler(ArtifactNotFound, lambda _exc: respond(ErrorCode.NOT_FOUND, "No such artifact."))
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
 
 
 def _audit_error(exc: AuditError) -> Response:
-    return error_response(exc.code, exc.message, exc.detail)
+    return respond(exc.code, exc.message, exc.detail)
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -102,12 +144,10 @@ def _http_error(exc: HTTPException) -> Response:
     if status == 413:
         limit = current_app.config.get("MAX_CONTENT_LENGTH")
         message, detail = f"The request body is larger than the upload limit of {limit} bytes.", {"max_bytes": limit}
-    response = error_response(code, message, detail)
-    response.status_code = status  # keep the framework's exact status (e.g. 406) even when it shares a code
-    return response
+    return respond(code, message, detail, status)  # keep the framework's exact status (e.g. 406)
 
 
 def _unexpected_error(exc: Exception) -> Response:
     """Log the traceback for operators; tell the client nothing about internals."""
     log.exception("unhandled error in request", exc_info=exc)
-    return error_response(ErrorCode.INTERNAL_ERROR, "An unexpected error occurred; it has been logged.")
+    return respond(ErrorCode.INTERNAL_ERROR, "An unexpected error occurred; it has been logged.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import socket
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from click.testing import CliRunner
 from auditor.blackbox import ModelServer
 from auditor.cli import EXIT_FAILED, EXIT_INVALID_INPUT, main
 from auditor.data import load_fashion_mnist, take
-from auditor.models import ArchConfig, build_classifier, export_torchscript, save_classifier
+from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.pipeline import AuditInputs, run_audit
 from auditor.report import report_json_schema
 from auditor.spec import parse_spec

@@ -9,7 +9,8 @@ JSON endpoints answer 401 instead, since a redirect means nothing to a script.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from flask import g, redirect, request, session, url_for
@@ -74,7 +75,8 @@ def login_required(view: View) -> View:
 
 
 def safe_next(target: str | None) -> str:
-    """Only same-site paths after sign-in (``//evil.example`` and full URLs are ignored)."""
-    if target and target.startswith("/") and not target.startswith("//") and not urlsplit(target).netloc:
+    """Only same-site paths after sign-in (``//evil.example``, ``/\\evil.example`` -- which
+    browsers read as ``//`` -- and full URLs are ignored)."""
+    if target and target.startswith("/") and not target.startswith(("//", "/\\")) and not urlsplit(target).netloc:
         return target
     return url_for("portal.audits")

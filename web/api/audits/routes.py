@@ -130,12 +130,12 @@ def download_artifact(audit_id: str, name: str) -> Response:
     query = parse_query(DownloadQuery)
     artifact = service.artifact_of(current_user_id(), audit_id, name)
     url = service.presigned_url(artifact) if query.redirect else None
-    return redirect(url, 302) if url else _stream(artifact, attachment=True)
+    return redirect(url, 302) if url else stream_artifact(artifact, attachment=True)
 
 
 def _report_view(fmt: str):
     def view(audit_id: str) -> Response:
-        return _stream(service.report_of(current_user_id(), audit_id, fmt), attachment=fmt == "pdf")
+        return stream_artifact(service.report_of(current_user_id(), audit_id, fmt), attachment=fmt == "pdf")
 
     view.__name__ = f"report_{fmt}"
     view.__doc__ = "Streamed from the artifact store; 409 ``report_not_ready`` until the audit has ended."
@@ -189,7 +189,7 @@ def _bad_spec(field: str, message: str) -> AuditError:
     return AuditError(ErrorCode.INVALID_SPEC, f"{field}: {message}", {"fields": [{"field": field, "message": message}]})
 
 
-def _stream(artifact: Artifact, *, attachment: bool) -> Response:
+def stream_artifact(artifact: Artifact, *, attachment: bool) -> Response:
     """Stream from the store in chunks, so large models never sit in the web process's memory.
 
     HTML is served sandboxed (no scripts, no same-origin access), because it comes from
