@@ -13,7 +13,6 @@ the CLI, the Celery worker and the in-process server all call it the same way.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import time
@@ -44,6 +43,7 @@ from auditor.evaluation import (
 )
 from auditor.evaluation.probes import ProbeConfig, SuspicionReport, build_battery, suspicion_score
 from auditor.models import ArchConfig, LoadedModel, UNetConfig, load_checkpoint, save_classifier
+from auditor.models.checkpoints import sha256_file
 from auditor.refine import DefendedModel, RefineConfig, RefineResult, export_defended, train_refine
 from auditor.report import write_report
 from auditor.report.schema import Software
@@ -215,7 +215,7 @@ def _stage_data(state: _State, on_progress: ProgressFn, should_cancel: CancelFn,
             raise AuditError(ErrorCode.INVALID_DATASET, "data.source is 'upload' but no dataset file was given.")
         data = load_dataset(state.inputs.dataset_path, Limits())
         pool, test = _split_upload(data, spec.test_fraction, state.spec.seed)
-        source, digest = "upload", _sha256(state.inputs.dataset_path)
+        source, digest = "upload", sha256_file(state.inputs.dataset_path)
     train_cap = spec.train_size or _largest(state.effort.refine_pool, state.effort.control_train_images)
     pool = take(pool, train_cap, state.spec.seed)
     test = take(test, spec.test_size or state.effort.test_images, state.spec.seed + 1)
@@ -251,14 +251,6 @@ def _num_classes(state: _State, pool: ImageSet, test: ImageSet) -> int:
         "The dataset has no labels, so the number of classes is unknown: set model.architecture.num_classes.",
         {"fields": [{"field": "model.architecture.num_classes", "message": "required for unlabelled data"}]},
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _arch_for(state: _State) -> ArchConfig:
@@ -654,7 +646,7 @@ def _fallback_model_info(state: _State) -> dict[str, Any]:
     if state.spec.model.source == "api":
         return {"source": "api", "format": state.spec.model.api.protocol, "url": _url_without_credentials(str(state.spec.model.api.url))}
     path = state.inputs.model_path
-    digest = _sha256(path) if path is not None and Path(path).is_file() else "0" * 64
+    digest = sha256_file(path) if path is not None and Path(path).is_file() else "0" * 64
     return {"source": "checkpoint", "format": "unknown", "sha256": digest}
 
 
@@ -662,7 +654,7 @@ def _write_outputs(state: _State, status: str, error: AuditError | None) -> dict
     with _timed(state, "report"):
         report = _report_dict(state, status, error)
         report["artifacts"] = [
-            {"name": a.name, "kind": a.kind, "size": a.path.stat().st_size, "sha256": _sha256(a.path)} for a in state.artifacts
+            {"name": a.name, "kind": a.kind, "size": a.path.stat().st_size, "sha256": sha256_file(a.path)} for a in state.artifacts
         ]
         written = write_report(report, state.out, images=state.grids or None)
     for name, path in written.items():

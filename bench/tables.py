@@ -1,0 +1,51 @@
+"""Markdown tables of the committed benchmark results, for README.
+
+    python -m bench.tables
+"""
+
+from __future__ import annotations
+
+import json
+
+from bench.common import RESULTS, pct
+
+
+def refine_table() -> str:
+    data = json.loads((RESULTS / "refine_fmnist.json").read_text())
+    rows = [
+        "| attack | BA no defense | ASR no defense | BA REFINE | ASR REFINE | RA REFINE | agreement | attack train s | REFINE s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in data["attacks"]:
+        b, a = e["no_defense"], e["refine"]
+        rows.append(
+            f"| {e['attack']} | {pct(b['ba'])} | {pct(b['asr'])} | {pct(a['ba'])} | {pct(a['asr'])} | {pct(a['ra'])} | "
+            f"{pct(e['agreement_clean'])} | {e['attack_train_seconds']:.0f} | {e['refine_seconds']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def suspicion_table() -> str:
+    data = json.loads((RESULTS / "suspicion_fmnist.json").read_text())
+    rows = ["| model | backdoored | attack | score |", "|---|---|---|---|"]
+    for m in data["models"]:
+        rows.append(f"| {m['name']} | {'yes' if m['backdoored'] else 'no'} | {m.get('attack') or '—'} | {m['score']:.3f} |")
+    rows.append(f"\nROC-AUC of the suspicion score: **{data['roc_auc']:.3f}**")
+    return "\n".join(rows)
+
+
+def api_load_line() -> str:
+    d = json.loads((RESULTS / "api_load.json").read_text())
+    return (
+        f"{d['submissions']} concurrent submissions: {d['accepted']} accepted, {d['in_db']} in the database, "
+        f"{d['enqueued']} enqueued, {d['lost']} lost, {d['duplicated']} duplicated; {d['polls']} polls; "
+        f"submit p50/p99 {d['submit_p50_ms']:.0f}/{d['submit_p99_ms']:.0f} ms, poll p50/p99 "
+        f"{d['poll_p50_ms']:.0f}/{d['poll_p99_ms']:.0f} ms, {d['throughput_rps']:.0f} requests/s "
+        f"(gunicorn, {d['workers']} workers, load average {d.get('load_average_1m', 0):.1f} during the run)."
+    )
+
+
+if __name__ == "__main__":
+    print(refine_table(), "\n")
+    print(suspicion_table(), "\n")
+    print(api_load_line())
