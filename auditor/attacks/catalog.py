@@ -187,8 +187,8 @@ class AdaptivePatch(Attack):
     """
 
     name = "adaptive_patch"
-    default_poison_rate = 0.01
-    defaults = {"size": 3, "corners": "br,bl,tr,tl", "train_opacity": [0.5, 0.6, 0.7, 0.8], "cover_rate": 0.02}
+    default_poison_rate = 0.02  # the paper's 1% (+2% cover) implanted 89.4% ASR here (bench/), just short of a working backdoor
+    defaults = {"size": 3, "corners": "br,bl,tr,tl", "train_opacity": [0.5, 0.6, 0.7, 0.8], "cover_rate": 0.04}
 
     def _init_state(self, gen: torch.Generator) -> None:
         count = len(self.params["corners"].split(","))
