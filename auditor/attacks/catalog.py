@@ -135,13 +135,14 @@ class LabelConsistent(Attack):
     A PGD perturbation against a clean model makes their natural features hard
     to learn before the patch is stamped in the four corners, so the model
     leans on the patch. The paper's eps = 8/255 and 25% of the target class
-    are for CIFAR-10; on Fashion-MNIST they implant a weak backdoor (measured
-    in bench/: eps 32/255 on 25% gave 51% ASR, eps 48/255 on 50% gave 59%), so
-    the defaults poison the whole target class with eps 64/255 and 4x4 patches.
+    are for CIFAR-10; on Fashion-MNIST with 4 training epochs they implant a
+    weak backdoor. Measured in bench/: eps 32/255 on 25% of the class gave
+    51% ASR; eps 64/255 on the whole class with 4x4 patches broke the class
+    itself (BA 83.8%, ASR 14.5%); eps 48/255 on half of it (the default) 59%.
     """
 
     name = "lc"
-    defaults = {"size": 4, "corners": "br,bl,tr,tl", "eps": 64 / 255, "steps": 40, "target_share": 1.0}
+    defaults = {"size": 3, "corners": "br,bl,tr,tl", "eps": 48 / 255, "steps": 60, "target_share": 0.5}
 
     def _init_state(self, gen: torch.Generator) -> None:
         self.state["patch"] = _random_patch(gen, self.image_shape[0], self.params["size"])
