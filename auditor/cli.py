@@ -35,8 +35,7 @@ class StageBars:
                 other.close()
             bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<14}", unit="step", leave=True, dynamic_ncols=True)
         bar.total = total
-        bar.n = done
-        bar.refresh()
+        bar.update(done - bar.n)  # update() honours tqdm's mininterval; a redraw per batch is wasted work
 
     def close(self) -> None:
         for bar in self.bars.values():
