@@ -6,6 +6,7 @@ import importlib
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ class StageBars:
             for other in self.bars.values():
                 other.close()
             bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<14}", unit="step", leave=True, dynamic_ncols=True)
+        if done >= total and bar.total and bar.total > total:  # a stage's closing (1, 1) after finer steps
+            done = total = bar.total
         bar.total = total
         bar.update(done - bar.n)  # update() honours tqdm's mininterval; a redraw per batch is wasted work
 
@@ -81,6 +84,8 @@ def main() -> None:
 
     Every command has its own --help.
     """
+    # TorchScript is deprecated upstream but is still the portable format users load.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\..*deprecated", category=FutureWarning)
 
 
 @main.command()
