@@ -29,23 +29,20 @@ from typing import Any
 import boto3
 import psycopg
 import pytest
-import redis
 import requests
 import torch
 from safetensors.torch import load as load_safetensors
 from sqlalchemy import make_url, text
 
+from shared_fixtures import claimed_redis_db, train_tiny_fmnist_model
+
 from auditor.blackbox import ModelServer
-from auditor.data import load_fashion_mnist, take
-from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.store.artifacts import S3Credentials, S3Store
 from auditor.store.db import make_engine
-from auditor.training import TrainConfig, train_classifier
 from e2e.processes import BIN, ServiceProcess, service_env, start_gunicorn, start_process, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-ARCH = ArchConfig("small_cnn", width=8)
 SPEC: dict[str, Any] = {"effort": "tiny", "data": {"train_size": 600, "test_size": 200}, "controls": {"attacks": ["badnets"]}}
 QUERY_BUDGET = 3000
 EMAIL = "e2e@example.com"
@@ -54,8 +51,6 @@ STARTUP_S = 120  # importing torch on two busy shared cores is slow
 AUDITS_S = 360  # both audits, one after the other on a single worker slot
 CLI_S = 120
 REDIS_URL = os.environ.get("REFINE_AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")  # server only; the db is claimed
-REDIS_DBS = range(5, 15)  # shared claim protocol with tests/integration/test_worker_celery.py (15 is test_api_jobs')
-REDIS_LOCK_KEY = "refine-audit:test-lock"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -88,27 +83,8 @@ def database_url(pg_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def broker_url() -> Iterator[str]:
-    """A Redis database of our own: claimed with a lock key, flushed before and after."""
-    token = uuid.uuid4().hex
-    for db in REDIS_DBS:
-        client = redis.Redis.from_url(REDIS_URL, db=db, socket_connect_timeout=3)
-        try:
-            claimed = client.set(REDIS_LOCK_KEY, token, nx=True, ex=3600)
-        except redis.RedisError as error:
-            client.close()
-            service_missing(f"Redis is not reachable at {REDIS_URL}: {error}")
-        if claimed:
-            break
-        client.close()
-    else:
-        pytest.fail(f"every Redis database in {list(REDIS_DBS)} is claimed by another test session")
-    client.flushdb()
-    client.set(REDIS_LOCK_KEY, token, ex=3600)
-    try:
-        yield f"{REDIS_URL.rstrip('/')}/{db}"
-    finally:
-        client.flushdb()  # drops the lock too
-        client.close()
+    with claimed_redis_db(REDIS_URL, service_missing) as url:
+        yield url
 
 
 # --- the model under audit -------------------------------------------------------------------
@@ -116,15 +92,7 @@ def broker_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def fmnist_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    """A small CNN trained for one epoch on 3,000 Fashion-MNIST images (as tests/unit/test_pipeline_cli.py)."""
-    train, _ = load_fashion_mnist(cache_dir=tmp_path_factory.mktemp("cache"))
-    subset = take(train, 3000, seed=0)
-    torch.manual_seed(0)
-    model = build_classifier(ARCH)
-    train_classifier(model, subset.x, subset.y, TrainConfig(epochs=1, batch_size=64), device=torch.device("cpu"), seed=0)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    save_classifier(model, ARCH, path)
-    return model.eval(), path
+    return train_tiny_fmnist_model(tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("model"))
 
 
 # --- the processes ---------------------------------------------------------------------------

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from e2e.processes import ServiceProcess, service_env, start_celery_worker, wait_for
+from shared_fixtures import claimed_redis_db
 from sqlalchemy.orm import Session, sessionmaker
 from worker_support import MINI_SPEC, load, new_owner, service_missing, sessions, submit, tiny_checkpoint  # noqa: F401
 
@@ -27,34 +27,14 @@ from auditor.store.lifecycle import WORKER_LOST, AuditStatus, is_terminal
 from web.jobs import CeleryQueue
 from worker.executor import artifact_key
 
-REDIS_DBS = range(5, 16)  # test sessions may run side by side: each claims a free database
-LOCK_KEY = "refine-audit:test-lock"
 STARTUP_S = 120  # importing torch on two busy shared cores is slow
 AUDIT_S = 420
 
 
 @pytest.fixture
 def broker_url() -> Iterator[str]:
-    """A Redis database of our own: claimed with a lock key, flushed before and after."""
-    token = uuid.uuid4().hex
-    for db in REDIS_DBS:
-        client = redis.Redis(host="127.0.0.1", port=6379, db=db)
-        try:
-            claimed = client.set(LOCK_KEY, token, nx=True, ex=3600)
-        except redis.RedisError as error:
-            service_missing(f"Redis is not reachable at 127.0.0.1:6379: {error}")
-        if claimed:
-            break
-        client.close()
-    else:
-        pytest.fail(f"every Redis database in {list(REDIS_DBS)} is claimed by another test session")
-    client.flushdb()
-    client.set(LOCK_KEY, token, ex=3600)
-    try:
-        yield f"redis://127.0.0.1:6379/{db}"
-    finally:
-        client.flushdb()  # drops the lock too
-        client.close()
+    with claimed_redis_db("redis://127.0.0.1:6379", service_missing) as url:
+        yield url
 
 
 @pytest.fixture

@@ -12,30 +12,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from shared_fixtures import train_tiny_fmnist_model
+
 from auditor.blackbox import ModelServer
 from auditor.cli import EXIT_FAILED, EXIT_INVALID_INPUT, main
-from auditor.data import load_fashion_mnist, take
-from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.pipeline import AuditInputs, run_audit
 from auditor.report import report_json_schema
 from auditor.spec import parse_spec
-from auditor.training import TrainConfig, train_classifier
 
 TINY = ["--effort", "tiny", "--train-size", "600", "--test-size", "200", "--attacks", "badnets", "--quiet"]
-ARCH = ArchConfig("small_cnn", width=8)
 
 
 @pytest.fixture(scope="module")
 def fmnist_model(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    """A small CNN trained for one epoch on 3,000 Fashion-MNIST images (about 75% accurate)."""
-    train, _ = load_fashion_mnist(cache_dir=tmp_path_factory.mktemp("cache"))
-    subset = take(train, 3000, seed=0)
-    torch.manual_seed(0)
-    model = build_classifier(ARCH)
-    train_classifier(model, subset.x, subset.y, TrainConfig(epochs=1, batch_size=64), device=torch.device("cpu"), seed=0)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    save_classifier(model, ARCH, path)
-    return model, path
+    return train_tiny_fmnist_model(tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("model"))
 
 
 def _invoke(args: list[str]):
