@@ -25,6 +25,29 @@ def refine_table() -> str:
     return "\n".join(rows)
 
 
+def blackbox_table() -> str:
+    data = json.loads((RESULTS / "blackbox_fmnist.json").read_text())
+    rows = [
+        "| attack | API output | queries used (distil + evaluate) | agreement, clean test | API BA | API ASR | "
+        "M∘API∘T BA | M∘API∘T ASR | white-box REFINE BA / ASR |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in data["runs"]:
+        a, d, w = e["api"], e["defended"], e.get("whitebox_refine")
+        white = f"{pct(w['refine']['ba'])} / {pct(w['refine']['asr'])}" if w else "—"
+        rows.append(
+            f"| {e['attack']} | {e['output']} | {e['queries_used']:,} ({e['queries_distill']:,} + {e['queries_evaluation']:,}) | "
+            f"{pct(e['agreement_clean_test'])} | {pct(a['ba'])} | {pct(a['asr'])} | {pct(d['ba'])} | {pct(d['asr'])} | {white} |"
+        )
+    if data.get("budget_curve"):
+        rows.append("\nSurrogate agreement on clean test images against distillation queries (first attack's model):\n")
+        rows.append("| API output | queries | agreement |")
+        rows.append("|---|---|---|")
+        for p in data["budget_curve"]:
+            rows.append(f"| {p['output']} | {p['distill_queries']:,} | {pct(p['agreement_clean_test'])} |")
+    return "\n".join(rows)
+
+
 def suspicion_table() -> str:
     data = json.loads((RESULTS / "suspicion_fmnist.json").read_text())
     rows = ["| model | backdoored | attack | score |", "|---|---|---|---|"]
@@ -47,5 +70,6 @@ def api_load_line() -> str:
 
 if __name__ == "__main__":
     print(refine_table(), "\n")
+    print(blackbox_table(), "\n")
     print(suspicion_table(), "\n")
     print(api_load_line())

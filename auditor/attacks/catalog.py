@@ -30,6 +30,12 @@ def _random_patch(gen: torch.Generator, channels: int, size: int) -> torch.Tenso
     return torch.rand(channels, size, size, generator=gen)
 
 
+def _checkerboard(channels: int, size: int) -> torch.Tensor:
+    """Alternating black and white pixels: the highest-contrast patch on any background (Turner et al.'s trigger)."""
+    rows = torch.arange(size).view(-1, 1)
+    return ((rows + torch.arange(size)) % 2 == 0).float().expand(channels, size, size).clone()
+
+
 class BadNets(Attack):
     """A small patch of fixed random gray levels near the bottom-right corner."""
 
@@ -139,13 +145,20 @@ class LabelConsistent(Attack):
     weak backdoor. Measured in bench/: eps 32/255 on 25% of the class gave
     51% ASR; eps 64/255 on the whole class with 4x4 patches broke the class
     itself (BA 83.8%, ASR 14.5%); eps 48/255 on half of it (the default) 59%.
+    A checkerboard patch (``pattern="checkerboard"``, Turner et al.'s choice)
+    is stronger: 83.4% ASR on half the class, 85.7% on three quarters (BA 90.0%).
     """
 
     name = "lc"
-    defaults = {"size": 3, "corners": "br,bl,tr,tl", "eps": 48 / 255, "steps": 60, "target_share": 0.5}
+    defaults = {"size": 3, "corners": "br,bl,tr,tl", "eps": 48 / 255, "steps": 60, "target_share": 0.5,
+                "pattern": "random"}
 
     def _init_state(self, gen: torch.Generator) -> None:
-        self.state["patch"] = _random_patch(gen, self.image_shape[0], self.params["size"])
+        size, channels = self.params["size"], self.image_shape[0]
+        if self.params["pattern"] == "checkerboard":
+            self.state["patch"] = _checkerboard(channels, size)
+        else:
+            self.state["patch"] = _random_patch(gen, channels, size)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return _stamp(x, self.state["patch"], self.params["corners"], opacity=1.0)

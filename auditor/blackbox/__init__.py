@@ -8,6 +8,7 @@ from auditor.blackbox.defended import (
     defended_api_probabilities,
     evaluate_defended_api,
 )
+from auditor.blackbox.refit import RefitConfig, SurrogateRefitter, refit_epochs
 from auditor.blackbox.server import Fault, ModelServer, run_server
 from auditor.blackbox.ssrf import ALLOWED_HOSTS_ENV, CheckedURL, check_url, resolve_and_check
 from auditor.blackbox.surrogate import DistillConfig, SurrogateResult, agreement, distill_surrogate
@@ -21,6 +22,8 @@ __all__ = [
     "HttpModelAPI",
     "ModelAPI",
     "ModelServer",
+    "RefitConfig",
+    "SurrogateRefitter",
     "SurrogateResult",
     "agreement",
     "api_predictor",
@@ -31,6 +34,7 @@ __all__ = [
     "detect_output_kind",
     "distill_surrogate",
     "evaluate_defended_api",
+    "refit_epochs",
     "resolve_and_check",
     "run_server",
 ]

@@ -30,6 +30,8 @@ from auditor.transforms import random_grayscale, random_hflip, random_resized_cr
 
 CHECKPOINT_NAME = "refine_checkpoint.pt"
 EpochFn = Callable[[dict[str, float]], None]
+#: (epochs finished, T) -> None; may update the frozen model in place (black-box audits refit their surrogate)
+AdaptFn = Callable[[int, nn.Module], None]
 
 
 @dataclass
@@ -96,11 +98,15 @@ def train_refine(
     on_epoch: EpochFn | None = None,
     should_cancel: CancelFn = never_cancel,
     stop_after_epochs: int | None = None,
+    adapt_model: AdaptFn | None = None,
 ) -> RefineResult:
     """Train T so that M(f(T(x))) reproduces f(x) on unlabeled images.
 
     ``stop_after_epochs`` ends the run early (as a crash would) and exists for
-    resume tests and time-boxed runs.
+    resume tests and time-boxed runs. ``adapt_model`` runs after every epoch,
+    before its checkpoint: a black-box audit uses it to refit its surrogate on the
+    API's answers to the current T(x), so T keeps training against a model that
+    is accurate where T actually takes the images.
     """
     started = time.perf_counter()
     model = freeze(model.to(device))
@@ -123,6 +129,9 @@ def train_refine(
             should_cancel,
         )
         stats["epoch"] = epoch + 1
+        if adapt_model is not None:
+            adapt_model(epoch + 1, transform)
+            freeze(model)
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)

@@ -23,7 +23,7 @@ def open_client(server: ModelServer, protocol: str, query_budget: int | None = 1
 def test_distillation_over_http_stays_in_budget_and_imitates_the_api(tiny_data, tiny_arch, tiny_model, protocol,
                                                                      labels_only):
     pool, test = tiny_data
-    config = DistillConfig(query_budget=240, holdout_fraction=0.25, train=FAST_TRAIN)
+    config = DistillConfig(query_budget=240, holdout_fraction=0.25, selection="random", train=FAST_TRAIN)
     with ModelServer(tiny_model, protocol=protocol, labels_only=labels_only) as server:
         with open_client(server, protocol, query_budget=300) as api:
             result = distill_surrogate(api, pool, tiny_arch, config, device=CPU, seed=0)
