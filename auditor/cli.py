@@ -129,7 +129,7 @@ def attack(name: str, out: Path, epochs: int, seed: int, target: int) -> None:
     from auditor.data import load_fashion_mnist
     from auditor.evaluation import attack_metrics, model_predictor
     from auditor.models import ArchConfig, export_torchscript
-    from auditor.runtime import resolve_device
+    from auditor.runtime import cpu_bf16_pays, resolve_device
     from auditor.training import TrainConfig
 
     device = resolve_device()
@@ -140,7 +140,7 @@ def attack(name: str, out: Path, epochs: int, seed: int, target: int) -> None:
         fail(exc)
     bd = train_backdoored_model(
         ArchConfig("small_cnn"), train, test, AttackConfig(name, target=target, seed=seed),
-        TrainConfig(epochs=epochs, bf16=device.type == "cpu"), device=device, seed=seed, on_progress=bars,
+        TrainConfig(epochs=epochs, bf16=cpu_bf16_pays(device)), device=device, seed=seed, on_progress=bars,
     )
     bars.close()
     bd.save(out)

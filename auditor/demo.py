@@ -18,7 +18,7 @@ from auditor.data import load_fashion_mnist
 from auditor.evaluation import attack_metrics, model_predictor
 from auditor.models import ArchConfig, export_torchscript, load_checkpoint
 from auditor.pipeline import AuditInputs, AuditResult, run_audit
-from auditor.runtime import CancelFn, ProgressFn, never_cancel, no_progress, resolve_device
+from auditor.runtime import CancelFn, cpu_bf16_pays, ProgressFn, never_cancel, no_progress, resolve_device
 from auditor.spec import parse_spec
 from auditor.training import TrainConfig
 
@@ -33,7 +33,7 @@ def run_demo(
     train, test = load_fashion_mnist()
     planted = train_backdoored_model(
         ArchConfig("small_cnn"), train, test, AttackConfig("badnets", target=0, seed=seed + 1000),
-        TrainConfig(epochs=4, bf16=device.type == "cpu"), device=device, seed=seed + 1000,
+        TrainConfig(epochs=4, bf16=cpu_bf16_pays(device)), device=device, seed=seed + 1000,
         on_progress=on_progress, should_cancel=should_cancel,
     )
     model_dir = out / "submitted"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -39,6 +41,25 @@ def resolve_device(preference: str | None = None) -> torch.device:
     if choice not in {"cpu", "cuda"}:
         raise ValueError(f"REFINE_AUDIT_DEVICE must be auto, cpu or cuda, not {choice!r}")
     return torch.device(choice)
+
+
+def cpu_bf16_pays(device: torch.device) -> bool:
+    """Whether to autocast to bf16 by default: only on CPUs that compute it natively.
+
+    With avx512_bf16 (or AMX) it roughly doubles the U-Net's training speed; without
+    it PyTorch emulates bf16, and on an AMD EPYC without the flag one small-CNN
+    training step took 1.35 s against 0.19 s in fp32 (7x slower).
+    """
+    return device.type == "cpu" and _cpu_has_native_bf16()
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seed_everything(seed: int) -> torch.Generator:

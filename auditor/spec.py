@@ -85,7 +85,7 @@ class RefineSpec(_Strict):
     pool_size: int | None = Field(None, ge=64)
     unet_width: int | None = Field(None, ge=2, le=128)
     loss: Literal["kd", "bce", "ce"] = "kd"
-    bf16: bool | None = Field(None, description="bf16 autocast; default on for CPUs, where it is measured to help.")
+    bf16: bool | None = Field(None, description="bf16 autocast; default on for CPUs with native bf16 (avx512_bf16 or AMX), where it is measured to help.")
 
 
 class ControlsSpec(_Strict):

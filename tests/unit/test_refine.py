@@ -100,3 +100,12 @@ def test_refine_keeps_the_models_behaviour_on_clean_data(tiny_model, tiny_data):
     after = predict_labels(model_predictor(defended, CPU), test)
     assert accuracy(after, original) > 0.8
     assert result.history[-1]["fidelity"] > 0.8
+
+
+def test_bf16_autocast_is_a_default_only_where_the_cpu_computes_it_natively():
+    from auditor.runtime import _cpu_has_native_bf16, cpu_bf16_pays
+
+    assert cpu_bf16_pays(torch.device("cuda")) is False  # GPU audits keep fp32 unless the spec asks
+    assert cpu_bf16_pays(torch.device("cpu")) is _cpu_has_native_bf16()
+    flags = open("/proc/cpuinfo").read().split()
+    assert _cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
