@@ -37,7 +37,7 @@ from auditor.data import ImageSet, load_fashion_mnist, take
 from auditor.evaluation import attack_metrics
 from auditor.models import ArchConfig
 from auditor.refine import RefineConfig, RefineResult, train_refine
-from auditor.runtime import resolve_device, seed_everything
+from auditor.runtime import cpu_bf16_pays, resolve_device, seed_everything
 from auditor.training import TrainConfig, predict_logits
 from bench.common import RESULTS, pct, provenance, write_json
 
@@ -60,12 +60,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refine-epochs", type=int, default=RefineConfig.epochs)
     p.add_argument("--pool-size", type=int, default=RefineConfig.pool_size, help="unlabeled images REFINE trains on")
     p.add_argument("--selection", default=DistillConfig.selection, choices=("random", "balanced", "uncertainty"))
-    p.add_argument("--refit-budget", type=int, default=0,
-                   help="queries on transformed images for surrogate refits during REFINE (0: distil once; "
-                        "not yet measured at full scale, see auditor/blackbox/refit.py)")
+    p.add_argument("--refit-budget", type=int, default=RefitConfig.query_budget,
+                   help="queries on transformed images for surrogate refits during REFINE (0: distil once); "
+                        "see auditor/blackbox/refit.py")
     p.add_argument("--refit-rounds", type=int, default=RefitConfig.rounds)
-    p.add_argument("--test-size", type=int, default=2000,
+    p.add_argument("--test-size", type=int, default=1500,
                    help="clean test images scored through the API; they and their triggered copies cost 2 queries each")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: only where the CPU computes it natively)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "blackbox_fmnist.json")
     return p.parse_args(argv)
@@ -76,6 +78,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device()
+    if args.bf16 is None:
+        args.bf16 = cpu_bf16_pays(device)
     seed_everything(args.seed)
     train, test_full = load_fashion_mnist()
     test = take(test_full, args.test_size, args.seed)
@@ -97,10 +101,10 @@ def run(args: argparse.Namespace) -> dict:
     attacks = args.attacks.split(",")
     for name in attacks:
         bd = train_backdoored_model(ArchConfig("small_cnn"), train, test_full, AttackConfig(name, target=0, seed=args.seed),
-                                    TrainConfig(epochs=args.train_epochs, bf16=True), device=device, seed=args.seed)
+                                    TrainConfig(epochs=args.train_epochs, bf16=args.bf16), device=device, seed=args.seed)
         for output in [] if args.curve_only else args.outputs.split(","):
             entry = blackbox_audit(bd, train, test, output, args, device)
-            entry["whitebox_refine"] = _whitebox_reference(name, args)
+            entry.update(_whitebox_reference(name, args))
             write_json(parts / f"{name}-{output}.json", {"config": config, "entry": entry})
             print(row(entry), flush=True)
         if name == attacks[0] and args.curve:
@@ -123,7 +127,7 @@ def blackbox_audit(bd: BackdooredModel, train: ImageSet, test: ImageSet, output:
     with ModelServer(bd.model, protocol="v1", labels_only=output == "labels") as server, \
             _client(server, args.budget, output) as api:
         distill = DistillConfig(query_budget=args.budget - evaluation_queries - refit.query_budget,
-                                selection=args.selection, train=TrainConfig(epochs=args.distill_epochs, bf16=True))
+                                selection=args.selection, train=TrainConfig(epochs=args.distill_epochs, bf16=args.bf16))
         surrogate = distill_surrogate(api, pool, ArchConfig("small_cnn"), distill, device=device, seed=args.seed)
         distill_queries = api.queries_used
         # Scored on the distilled surrogate (the issue's number); these images are paid for by the evaluation.
@@ -143,7 +147,7 @@ def blackbox_audit(bd: BackdooredModel, train: ImageSet, test: ImageSet, output:
         "attack": bd.attack.name, "output": output, "query_budget": args.budget, "queries_used": used,
         "queries_served": served, "queries_distill": distill_queries, "queries_refit": refitter.queries_used,
         "queries_evaluation": used - distill_queries - refitter.queries_used,
-        "agreement_clean_test": agreement_test, "agreement_holdout": surrogate.agreement["holdout"],
+        "agreement_clean": agreement_test, "agreement_holdout": surrogate.agreement["holdout"],
         "agreement_triggered": agreement_triggered,
         # The surrogate REFINE ended with against the API, on the transformed images the evaluation sent.
         "agreement_transformed": float(torch.cat(transfer).float().mean()),
@@ -169,14 +173,14 @@ def budget_curve(bd: BackdooredModel, train: ImageSet, test: ImageSet, args: arg
             with ModelServer(bd.model, protocol="v1", labels_only=output == "labels") as server, \
                     _client(server, budget + len(test), output) as api:
                 config = DistillConfig(query_budget=budget, selection=args.selection,
-                                       train=TrainConfig(epochs=args.distill_epochs, bf16=True))
+                                       train=TrainConfig(epochs=args.distill_epochs, bf16=args.bf16))
                 result = distill_surrogate(api, ImageSet(train.x, None), ArchConfig("small_cnn"), config,
                                            device=device, seed=args.seed)
                 distilled = api.queries_used
-                points.append({"output": output, "distill_queries": distilled,
-                               "agreement_clean_test": agreement(api, result.model, test.x, device=device),
+                points.append({"output": output, "queries": distilled,
+                               "agreement_clean": agreement(api, result.model, test.x, device=device),
                                "agreement_holdout": result.agreement["holdout"]})
-            print(f"curve {output} {distilled}: {pct(points[-1]['agreement_clean_test'])}", flush=True)
+            print(f"curve {output} {distilled}: {pct(points[-1]['agreement_clean'])}", flush=True)
     return points
 
 
@@ -192,11 +196,11 @@ def _recording_defended_predictor(api: HttpModelAPI, surrogate: torch.nn.Module,
 
 
 def _refit_config(args: argparse.Namespace) -> RefitConfig:
-    return RefitConfig(query_budget=args.refit_budget, rounds=args.refit_rounds, bf16=True)
+    return RefitConfig(query_budget=args.refit_budget, rounds=args.refit_rounds, bf16=args.bf16)
 
 
 def _refine_config(args: argparse.Namespace) -> RefineConfig:
-    return RefineConfig(epochs=args.refine_epochs, pool_size=args.pool_size, bf16=True)
+    return RefineConfig(epochs=args.refine_epochs, pool_size=args.pool_size, bf16=args.bf16)
 
 
 def _client(server: ModelServer, budget: int, output: str) -> HttpModelAPI:
@@ -213,16 +217,14 @@ def _triggered_non_target(bd: BackdooredModel, test: ImageSet) -> ImageSet:
     return ImageSet(triggered.x[keep], triggered.y[keep])
 
 
-def _whitebox_reference(attack: str, args: argparse.Namespace) -> dict[str, float] | None:
-    """The white-box REFINE result on the same backdoored model, from bench.refine_fmnist's saved part."""
+def _whitebox_reference(attack: str, args: argparse.Namespace) -> dict[str, dict[str, float] | None]:
+    """The white-box result on the same backdoored model, from bench.refine_fmnist's saved part (None if absent)."""
     part = RESULTS / "refine_fmnist" / f"{attack}.json"
-    if not part.exists():
-        return None
-    saved = json.loads(part.read_text())
-    same_model = saved["config"]["train"]["epochs"] == args.train_epochs and args.seed == 0
+    saved = json.loads(part.read_text()) if part.exists() else None
+    same_model = saved is not None and saved["config"]["train"]["epochs"] == args.train_epochs and args.seed == 0
     if not same_model or saved["config"]["refine"] != _refine_config(args).to_dict():
-        return None
-    return {"no_defense": saved["entry"]["no_defense"], "refine": saved["entry"]["refine"]}
+        return {"whitebox_refine": None, "whitebox_no_defense": None}
+    return {"whitebox_refine": saved["entry"]["refine"], "whitebox_no_defense": saved["entry"]["no_defense"]}
 
 
 def _combined(parts: Path, config: dict) -> dict[str, Any]:
@@ -245,7 +247,7 @@ def _combined(parts: Path, config: dict) -> dict[str, Any]:
 
 def row(entry: dict[str, Any]) -> str:
     a, d = entry["api"], entry["defended"]
-    return (f"| {entry['attack']} | {entry['output']} | {entry['queries_used']} | {pct(entry['agreement_clean_test'])} | "
+    return (f"| {entry['attack']} | {entry['output']} | {entry['queries_used']} | {pct(entry['agreement_clean'])} | "
             f"{pct(a['ba'])} | {pct(a['asr'])} | {pct(d['ba'])} | {pct(d['asr'])} |")
 
 

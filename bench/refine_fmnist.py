@@ -29,7 +29,7 @@ from auditor.data import ImageSet, load_fashion_mnist
 from auditor.evaluation import agreement, attack_metrics, model_predictor, predict_labels
 from auditor.models import ArchConfig, UNetConfig
 from auditor.refine import DefendedModel, RefineConfig, train_refine
-from auditor.runtime import resolve_device, seed_everything
+from auditor.runtime import cpu_bf16_pays, resolve_device, seed_everything
 from auditor.training import TrainConfig
 from bench.common import RESULTS, pct, provenance, write_json
 
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", default=RefineConfig.loss)
     p.add_argument("--lr", type=float, default=RefineConfig.lr)
     p.add_argument("--supcon-weight", type=float, default=RefineConfig.supcon_weight)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: only where the CPU computes it natively)")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=RefineConfig.augment)
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.bf16 is None:
+        args.bf16 = cpu_bf16_pays(device)
     seed_everything(args.seed)
     train, test = load_fashion_mnist()
     arch = ArchConfig("small_cnn")

@@ -42,8 +42,8 @@ STATE_NAME = "surrogate_refit.pt"
 class RefitConfig:
     """How many queries to keep for transformed images, and when to spend them."""
 
-    query_budget: int = 4000  # API queries on T(x) over the whole REFINE run
-    rounds: int = 4  # refits, after evenly spaced REFINE epochs (never after the last one)
+    query_budget: int = 6000  # API queries on T(x) over the whole REFINE run
+    rounds: int = 5  # refits, after evenly spaced REFINE epochs (never after the last one)
     epochs: int = 2  # fine-tuning epochs per refit, over the original and transformed images
     lr: float = 1e-3  # lower than distillation: adjust the surrogate, do not retrain it
     candidates_per_query: int = 4  # uncertainty sampling: look at this many transformed images per query

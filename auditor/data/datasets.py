@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -88,10 +89,16 @@ def _read_idx(path: Path, cache: Path) -> torch.Tensor:
         plain = cache / path.stem
         if not plain.exists():
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = plain.with_suffix(".part")
-            with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, plain)
+            # A private temporary name: workers starting together each unpack
+            # their own copy, and the atomic rename lets any of them win.
+            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f"{plain.name}.", suffix=".part")
+            try:
+                with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(tmp, plain)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         path = plain
     return read_sn3_pascalvincent_tensor(str(path), strict=False)
 

@@ -294,10 +294,17 @@ def _blackbox(report: Report) -> Section | None:
             ["Agreement with API, probe-triggered images", pct(s.agreement_triggered)],
             ["Distillation epochs", str(len(s.history))],
         ]))
+        if s.refits:
+            tables.append(Table(["Refit after REFINE epoch", "Queries on T(x)", "Agreement before", "Agreement after"],
+                                [[str(r.epoch), f"{r.queries:,}", pct(r.agreement_before), pct(r.agreement_after)]
+                                 for r in s.refits]))
     return Section(
         "blackbox", "Black-box model and surrogate",
         paragraphs=["The model was reached only through its API. REFINE was trained through a surrogate distilled "
-                    "from the API's answers; every number after the defense queries the real API through T and M."],
+                    "from the API's answers; every number after the defense queries the real API through T and M."
+                    + (" During REFINE the surrogate was refitted on the API's answers to transformed images, "
+                       "where a surrogate distilled on natural images alone disagrees with the API."
+                       if report.surrogate and report.surrogate.refits else "")],
         tables=tables,
     )
 

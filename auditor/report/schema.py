@@ -155,11 +155,21 @@ class SurrogateEpoch(_Model):
     seconds: Seconds | None = None
 
 
+class SurrogateRefit(_Model):
+    """One refit of the surrogate on the API's answers to transformed images, during REFINE."""
+
+    epoch: Count  # the REFINE epoch it followed
+    queries: Count
+    agreement_before: Fraction  # surrogate vs API on those transformed images, before fine-tuning
+    agreement_after: Fraction
+
+
 class Surrogate(_Model):
     architecture: str
     agreement_clean: Fraction  # surrogate vs API on held-out clean images
     agreement_triggered: Fraction | None = None  # ... and on probe-triggered images
     history: list[SurrogateEpoch] = Field(default_factory=list)
+    refits: list[SurrogateRefit] = Field(default_factory=list)
 
 
 class RefineEpoch(_Model):

@@ -1,4 +1,5 @@
 import io
+import multiprocessing
 import zipfile
 
 import numpy as np
@@ -25,6 +26,22 @@ def test_fashion_mnist_is_read_from_the_debian_package(tmp_path):
     assert train.x.shape == (60000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     assert train.y.bincount().tolist() == [6000] * 10
     assert train.class_names[0] == "T-shirt/top"
+
+
+def test_workers_starting_together_unpack_the_dataset_without_tripping_on_each_other(tmp_path):
+    # Two benchmark processes launched at once used to share one ".part" file,
+    # and the slower one's rename failed with FileNotFoundError.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(3) as pool:
+        sizes = pool.map(_train_size, [tmp_path] * 3)
+    assert sizes == [60000] * 3
+    assert sorted(p.name for p in (tmp_path / "fmnist").iterdir()) == [
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    ]
+
+
+def _train_size(cache_dir) -> int:
+    return len(load_fashion_mnist(cache_dir=cache_dir)[0])
 
 
 def test_npz_with_labels_loads_as_nchw(tmp_path):

@@ -53,15 +53,15 @@ def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist
     assert (tmp_path / "out" / "defended_model.pt").exists()
 
 
-@pytest.mark.parametrize("protocol", ["v1", "v2"])
-def test_api_audit_through_the_cli_stays_within_budget(tmp_path, fmnist_model, protocol):
+@pytest.mark.parametrize(("protocol", "refine_epochs"), [("v1", "1"), ("v2", "2")])
+def test_api_audit_through_the_cli_stays_within_budget(tmp_path, fmnist_model, protocol, refine_epochs):
     model, _ = fmnist_model
     budget = 3000
     with ModelServer(model, protocol=protocol, labels_only=True) as server:
         url = server.url + ("/v1/models/model:predict" if protocol == "v1" else "")
         result = _invoke([
             "audit", "--api", url, "--protocol", protocol, "--output", "labels", "--query-budget", str(budget),
-            "--allow-host", "127.0.0.1", "--out", str(tmp_path), *TINY,
+            "--allow-host", "127.0.0.1", "--out", str(tmp_path), *TINY, "--refine-epochs", refine_epochs,
         ])
         served = server.stats()["queries"]
     assert result.exit_code == 0, result.output
@@ -69,6 +69,9 @@ def test_api_audit_through_the_cli_stays_within_budget(tmp_path, fmnist_model, p
     assert report["inputs"]["model"]["source"] == "api"
     assert report["queries"]["queries_used"] == served <= budget
     assert report["surrogate"]["agreement_clean"] > 0.5
+    # a one-epoch REFINE has no epoch after which a refit could still help T
+    assert [r["epoch"] for r in report["surrogate"]["refits"]] == ([] if refine_epochs == "1" else [1])
+    assert all(r["queries"] > 0 for r in report["surrogate"]["refits"])
 
 
 def test_cancel_during_refine_stops_within_one_batch(tmp_path, fmnist_model):
