@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> dict:
             clean_started = time.perf_counter()
             clean_model, _ = train_clean_model(arch, train, train_config, device=device, seed=args.seed + 1)
             clean_seconds = time.perf_counter() - clean_started
-        entry = run_attack(name, arch, train, test, train_config, refine_config, device, args.seed, clean_model)
+        attack_train = replace(train_config, epochs=TRAIN_EPOCHS_BY_ATTACK.get(name, train_config.epochs))
+        entry = run_attack(name, arch, train, test, attack_train, refine_config, device, args.seed, clean_model)
         entry["clean_model_seconds"] = round(clean_seconds, 1)
         write_json(parts / f"{name}.json", {"config": payload["config"], "entry": entry})
         print(row(entry), flush=True)
@@ -113,6 +115,12 @@ def _finished_attacks(parts: Path, config: dict) -> list[dict]:
     return [entries[name] for name in attack_names() if name in entries]
 
 
+# The label-consistent attack keeps every label right: the model leans on the patch only once it
+# has to fit the PGD-hardened target images, which takes longer than learning a relabelled patch.
+# Measured with the catalog's defaults: 85.7% ASR after 4 epochs, 94.0% after 8 (BA 91.4%).
+TRAIN_EPOCHS_BY_ATTACK = {"lc": 8}
+
+
 def run_attack(name, arch, train, test, train_config, refine_config, device, seed, clean_model) -> dict:
     bd = train_backdoored_model(
         arch, train, test, AttackConfig(name, target=0, seed=seed), train_config,
@@ -127,6 +135,7 @@ def run_attack(name, arch, train, test, train_config, refine_config, device, see
     )
     return {
         "attack": name,
+        "train_epochs": train_config.epochs,
         "target": bd.attack.target,
         "poison_rate": bd.attack.poison_rate,
         "poisoned_images": bd.poisoned_count,

@@ -12,13 +12,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shared_fixtures import train_tiny_fmnist_model
+from shared_fixtures import TINY_FMNIST_ARCH, train_tiny_fmnist_model
 
+from auditor.attacks import AttackConfig, train_backdoored_model
 from auditor.blackbox import ModelServer
 from auditor.cli import EXIT_FAILED, EXIT_INVALID_INPUT, main
+from auditor.data import load_fashion_mnist, take
+from auditor.evaluation import attack_metrics, model_predictor
 from auditor.pipeline import AuditInputs, run_audit
 from auditor.report import report_json_schema
 from auditor.spec import parse_spec
+from auditor.training import TrainConfig
 
 TINY = ["--effort", "tiny", "--train-size", "600", "--test-size", "200", "--attacks", "badnets", "--quiet"]
 
@@ -26,6 +30,19 @@ TINY = ["--effort", "tiny", "--train-size", "600", "--test-size", "200", "--atta
 @pytest.fixture(scope="module")
 def fmnist_model(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     return train_tiny_fmnist_model(tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def backdoored_fmnist_model(tmp_path_factory) -> torch.nn.Module:
+    """The black-box target: a tiny BadNets model whose backdoor demonstrably fires."""
+    train, test = load_fashion_mnist(cache_dir=tmp_path_factory.mktemp("cache"))
+    bd = train_backdoored_model(TINY_FMNIST_ARCH, take(train, 4000, seed=0), take(test, 300, seed=0),
+                                AttackConfig("badnets", target=0, seed=0, poison_rate=0.1),
+                                TrainConfig(epochs=4, batch_size=32), device=torch.device("cpu"), seed=0)
+    metrics = attack_metrics(model_predictor(bd.model, torch.device("cpu")), take(test, 300, seed=0),
+                             bd.poisoned_test, bd.attack.target)
+    assert metrics.asr > 0.8, metrics
+    return bd.model.eval()
 
 
 def _invoke(args: list[str]):
@@ -54,8 +71,9 @@ def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist
 
 
 @pytest.mark.parametrize(("protocol", "refine_epochs"), [("v1", "1"), ("v2", "2")])
-def test_api_audit_through_the_cli_stays_within_budget(tmp_path, fmnist_model, protocol, refine_epochs):
-    model, _ = fmnist_model
+def test_api_audit_of_a_backdoored_model_through_the_cli_stays_within_budget(tmp_path, backdoored_fmnist_model,
+                                                                            protocol, refine_epochs):
+    model = backdoored_fmnist_model
     budget = 3000
     with ModelServer(model, protocol=protocol, labels_only=True) as server:
         url = server.url + ("/v1/models/model:predict" if protocol == "v1" else "")
