@@ -177,7 +177,7 @@ def budget_curve(bd: BackdooredModel, train: ImageSet, test: ImageSet, args: arg
                 result = distill_surrogate(api, ImageSet(train.x, None), ArchConfig("small_cnn"), config,
                                            device=device, seed=args.seed)
                 distilled = api.queries_used
-                points.append({"output": output, "queries": distilled,
+                points.append({"attack": bd.attack.name, "output": output, "queries": distilled,
                                "agreement_clean": agreement(api, result.model, test.x, device=device),
                                "agreement_holdout": result.agreement["holdout"]})
             print(f"curve {output} {distilled}: {pct(points[-1]['agreement_clean'])}", flush=True)

@@ -16,10 +16,13 @@ def refine_table() -> str:
         "| attack | BA no defense | ASR no defense | BA REFINE | ASR REFINE | RA REFINE | agreement | attack train s | REFINE s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    default_epochs = data["config"]["train"]["epochs"]
     for e in data["attacks"]:
         b, a = e["no_defense"], e["refine"]
+        epochs = e.get("train_epochs", default_epochs)
+        name = e["attack"] if epochs == default_epochs else f"{e['attack']} ({epochs} training epochs)"
         rows.append(
-            f"| {e['attack']} | {pct(b['ba'])} | {pct(b['asr'])} | {pct(a['ba'])} | {pct(a['asr'])} | {pct(a['ra'])} | "
+            f"| {name} | {pct(b['ba'])} | {pct(b['asr'])} | {pct(a['ba'])} | {pct(a['asr'])} | {pct(a['ra'])} | "
             f"{pct(e['agreement_clean'])} | {e['attack_train_seconds']:.0f} | {e['refine_seconds']:.0f} |"
         )
     return "\n".join(rows)
@@ -40,7 +43,8 @@ def blackbox_table() -> str:
             f"{e['queries_evaluation']:,}) | {pct(e['agreement_clean'])} | {pct(a['ba'])} | {pct(a['asr'])} | {pct(d['ba'])} | {pct(d['asr'])} | {white} |"
         )
     if data.get("budget_curve"):
-        rows.append("\nSurrogate agreement on clean test images against distillation queries (first attack's model):\n")
+        model = data["budget_curve"][0].get("attack", "the first attack")
+        rows.append(f"\nSurrogate agreement on clean test images against distillation queries ({model} model):\n")
         rows.append("| API output | queries | agreement |")
         rows.append("|---|---|---|")
         for p in data["budget_curve"]:

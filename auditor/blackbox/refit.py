@@ -13,8 +13,10 @@ are sent to the API, and the surrogate is fine-tuned on its original training
 set plus every transformed image answered so far. T's later epochs train
 against that refitted surrogate. The refit state (weights and the transformed
 images with their answers) is saved after every round, so a resumed audit does
-not pay for the same queries again. Whether refits close the gap at full scale
-is not measured yet: ``python -m bench.blackbox_fmnist --refit-budget 4000``.
+not pay for the same queries again. With 6,000 of the 20,000 queries spent this
+way in 5 rounds, WaNet through a label-only API keeps BA at 87.8% (90.3%
+undefended) instead of 54.9%; the surrogate agrees with the API on 51% of T's
+images before the first refit and on 95% at the end (bench/results/).
 """
 
 from __future__ import annotations

@@ -138,6 +138,8 @@ def _make_api(report: dict[str, Any]) -> None:
         "agreement_clean": 0.93,
         "agreement_triggered": 0.81,
         "history": [{"epoch": e, "loss": 1.2 / e, "agreement": 0.7 + 0.04 * e, "seconds": 12.0} for e in range(1, 6)],
+        "refits": [{"epoch": 1, "queries": 1200, "agreement_before": 0.509, "agreement_after": 0.813},
+                   {"epoch": 2, "queries": 1200, "agreement_before": 0.709, "agreement_after": 0.852}],
     }
 
 

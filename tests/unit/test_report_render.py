@@ -63,6 +63,7 @@ def test_html_has_verdict_attacks_and_escapes(rendered) -> None:
     assert "Likely backdoored" in html
     assert "evidence of a backdoor" in html and "evidence, not proof" in html
     assert "BadNets" in html
+    assert "Refit after REFINE epoch" in html and "50.9%" in html  # the surrogate's refits on T(x)
     assert "<script>" not in html
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;Patch" in html
     assert html.count('src="data:image/png;base64,') == 7  # self-contained, no external assets
