@@ -414,8 +414,10 @@ def _save_surrogate(state: _State) -> None:
 
 def _surrogate_refitter(state: _State, config: RefineConfig, checkpoint_dir: Path,
                         should_cancel: CancelFn) -> SurrogateRefitter | None:
+    if state.distilled is None:
+        return None  # a checkpoint audit: REFINE trains against the model itself
     budget = _query_budget_split(state)["refit"]
-    if state.distilled is None or budget == 0:
+    if budget == 0:
         return None
     refit = RefitConfig(query_budget=budget, bf16=_bf16(state))
     return SurrogateRefitter(state.api, state.distilled, state.pool, config.epochs, refit, device=state.device,
