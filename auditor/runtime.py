@@ -62,6 +62,13 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def save_atomically(payload: object, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a crash mid-write never leaves a torn file to resume from."""
+    tmp = path.with_name(path.name + ".part")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; returns a CPU generator for explicit sampling."""
     random.seed(seed)

@@ -22,7 +22,6 @@ images before the first refit and on 95% at the end (bench/results/).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +29,10 @@ import torch
 from torch import nn
 
 from auditor.blackbox.client import ModelAPI
+from auditor.blackbox.defended import transform_images
 from auditor.blackbox.surrogate import SurrogateResult, api_targets
 from auditor.data import ImageSet, to_uint8
-from auditor.runtime import CancelFn, check_cancel, never_cancel
+from auditor.runtime import CancelFn, check_cancel, never_cancel, save_atomically
 from auditor.training import TrainConfig, predict_logits, train_classifier
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,7 @@ class SurrogateRefitter:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": self.surrogate.model.state_dict(), "images": self.images, "targets": self.targets,
                    "done": self.done, "rounds": self.rounds, "schedule": self.schedule}
-        tmp = self.state_path.with_suffix(".part")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.state_path)
+        save_atomically(payload, self.state_path)
 
     def _load(self) -> None:
         if self.state_path is None or not self.state_path.exists():
@@ -164,11 +162,7 @@ class SurrogateRefitter:
 @torch.no_grad()
 def _transform_uint8(transform: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """T(x) quantised to uint8: what the API is sent, and exactly what the surrogate then trains on."""
-    transform.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(device).float().div(255)
-        out.append(to_uint8(transform(xb).float().clamp(0, 1).cpu()))
+    out = [to_uint8(transform_images(transform, xb.float().div(255), device)) for xb in x.split(batch_size)]
     return torch.cat(out) if out else x[:0]
 
 

@@ -10,7 +10,6 @@ generator seeded by (seed, epoch) rather than from global RNG state.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from auditor.models import UNet
 from auditor.refine.config import RefineConfig
 from auditor.refine.losses import fit_loss, supcon_loss
 from auditor.refine.remap import derangement, inverse
-from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
+from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress, save_atomically
 from auditor.training import autocast, warmup_cosine
 from auditor.transforms import random_grayscale, random_hflip, random_resized_crop
 
@@ -200,9 +199,7 @@ def _save_checkpoint(directory: Path, epoch: int, config: RefineConfig, transfor
         "history": history,
         "mapping": mapping,
     }
-    tmp = directory / (CHECKPOINT_NAME + ".part")
-    torch.save(payload, tmp)
-    os.replace(tmp, directory / CHECKPOINT_NAME)  # a crash mid-write never leaves a torn checkpoint
+    save_atomically(payload, directory / CHECKPOINT_NAME)
 
 
 def _resume(directory, config, transform, optimizer, scheduler, history, mapping) -> int:
