@@ -57,7 +57,16 @@ from auditor.models.checkpoints import sha256_file
 from auditor.refine import DefendedModel, RefineConfig, RefineResult, export_defended, train_refine
 from auditor.report import write_report
 from auditor.report.schema import Software
-from auditor.runtime import CancelFn, cpu_bf16_pays, ProgressFn, check_cancel, never_cancel, no_progress, resolve_device, seed_everything
+from auditor.runtime import (
+    CancelFn,
+    ProgressFn,
+    check_cancel,
+    cpu_bf16_pays,
+    never_cancel,
+    no_progress,
+    resolve_device,
+    seed_everything,
+)
 from auditor.spec import AuditSpec
 from auditor.training import TrainConfig
 

@@ -39,7 +39,7 @@ from auditor.models import ArchConfig
 from auditor.refine import RefineConfig, RefineResult, train_refine
 from auditor.runtime import cpu_bf16_pays, resolve_device, seed_everything
 from auditor.training import TrainConfig, predict_logits
-from bench.common import RESULTS, pct, provenance, write_json
+from bench.common import RESULTS, finished_parts, pct, provenance, write_json
 
 BA_DROP_LIMIT = 0.03  # the issue's bar: defended BA at most 3 points below the undefended API
 ASR_LIMIT = 0.05
@@ -229,16 +229,9 @@ def _whitebox_reference(attack: str, args: argparse.Namespace) -> dict[str, dict
 
 def _combined(parts: Path, config: dict) -> dict[str, Any]:
     """Every (attack, output) pair and the curve finished with this exact configuration."""
-    same = json.loads(json.dumps(config))
-    runs, curve = [], []
-    for path in sorted(parts.glob("*.json")):
-        saved = json.loads(path.read_text())
-        if saved["config"] != same:
-            continue
-        if path.stem == "curve":
-            curve = saved["entry"]
-        else:
-            runs.append(saved["entry"])
+    entries = finished_parts(parts, config)
+    curve = entries.pop("curve", [])
+    runs = list(entries.values())
     order = {"badnets": 0, "blended": 1, "wanet": 2}
     runs.sort(key=lambda e: (order.get(e["attack"], 9), e["attack"], e["output"]))
     return {"runs": runs, "budget_curve": curve,

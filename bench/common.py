@@ -48,3 +48,18 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
+
+
+def finished_parts(parts: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Entries saved beside a benchmark's output by runs with this exact configuration, by file stem.
+
+    Benchmarks run as parallel processes each save their finished pieces there;
+    whichever process ends last combines them, skipping pieces of other configurations.
+    """
+    same = json.loads(json.dumps(config))
+    entries = {}
+    for path in sorted(parts.glob("*.json")):
+        saved = json.loads(path.read_text())
+        if saved["config"] == same:
+            entries[path.stem] = saved["entry"]
+    return entries

@@ -32,7 +32,7 @@ from auditor.models import ArchConfig, UNetConfig
 from auditor.refine import DefendedModel, RefineConfig, train_refine
 from auditor.runtime import cpu_bf16_pays, resolve_device, seed_everything
 from auditor.training import TrainConfig
-from bench.common import RESULTS, pct, provenance, write_json
+from bench.common import RESULTS, finished_parts, pct, provenance, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,13 +105,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _finished_attacks(parts: Path, config: dict) -> list[dict]:
     """Entries of every attack finished with this exact configuration, in the catalog's order."""
-    import json
-
-    entries = {}
-    for path in parts.glob("*.json"):
-        saved = json.loads(path.read_text())
-        if saved["config"] == json.loads(json.dumps(config)):
-            entries[saved["entry"]["attack"]] = saved["entry"]
+    entries = finished_parts(parts, config)
     return [entries[name] for name in attack_names() if name in entries]
 
 
