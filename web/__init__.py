@@ -39,15 +39,13 @@ def create_app(
     from web.api import api_blueprint
     from web.context import Services, install
     from web.errors import register_error_handlers
+    from web.inputs import install as install_input_checks
     from web.portal import configure_sessions, portal_blueprint
 
     app = Flask(__name__)
-    app.config.update(
-        SECRET_KEY=settings.secret_key,
-        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
-        JSON_SORT_KEYS=False,
-    )
+    app.config.update(SECRET_KEY=settings.secret_key, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
+    install_input_checks(app, settings)
     configure_sessions(app, settings)
     engine = engine or make_engine(settings.database_url)
     install(

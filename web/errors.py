@@ -15,18 +15,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify, render_template, request
+from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from auditor.errors import AuditError, ErrorCode
 from auditor.store.artifacts import ArtifactNotFound
 from auditor.store.audits import AuditNotFound
+from web.inputs import too_large_message
 
 log = logging.getLogger(__name__)
 
-#: Every code's HTTP status. Input errors are 422 (the request was well-formed JSON or
-#: multipart, but its content is refused); codes a running audit records (API_*,
-#: WORKER_LOST, CANCELLED) are listed so a new code cannot be forgotten.
+#: Every code's HTTP status. Input errors are 422 (the request reached us, but its
+#: content is refused: a bad parameter, malformed JSON, a value the database cannot
+#: store); codes a running audit records (API_*, WORKER_LOST, CANCELLED) are listed so
+#: a new code cannot be forgotten.
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_CHECKPOINT: 422,
     ErrorCode.INVALID_DATASET: 422,
@@ -49,7 +51,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.REPORT_NOT_READY: 409,
     ErrorCode.WORKER_LOST: 500,
-    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.INVALID_REQUEST: 422,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorCode.SERVICE_UNAVAILABLE: 503,
@@ -138,13 +140,17 @@ def _audit_error(exc: AuditError) -> Response:
 
 
 def _http_error(exc: HTTPException) -> Response:
+    """The framework's exact status (e.g. 406) and its headers (``Allow`` on a 405), in our envelope."""
     status = exc.code or 500
     code = _HTTP_EXCEPTION_CODES.get(status, ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST)
     message, detail = exc.description or exc.name, {}
     if status == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        message, detail = f"The request body is larger than the upload limit of {limit} bytes.", {"max_bytes": limit}
-    return respond(code, message, detail, status)  # keep the framework's exact status (e.g. 406)
+        message, detail = too_large_message()
+    response = respond(code, message, detail, status)
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def _unexpected_error(exc: Exception) -> Response:

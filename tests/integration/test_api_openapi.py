@@ -1,17 +1,24 @@
-"""The OpenAPI document is valid 3.1, covers every route Flask serves, and describes
-requests with the very models that validate them; /docs renders it without any
-external asset."""
+"""The OpenAPI document is valid 3.1, covers every route Flask serves, describes
+requests with the very models that validate them and replies as they are served
+(JSON with its schema, files with their types), states the input rules the API
+enforces, and links operations; /docs renders it without any external asset."""
 
 from __future__ import annotations
 
 import re
 
+import jsonschema
 from api_support import Api, api_factory, sqlite_api  # noqa: F401 (fixtures)
 from openapi_spec_validator import validate
 
 from auditor.errors import ErrorCode
+from auditor.report.schema import report_json_schema
 from auditor.spec import AuditSpec
+from web.api.audits.schemas import ARTIFACT_FILE_TYPES
+from web.api.audits.service import MAX_IDEMPOTENCY_KEY_LENGTH
+from web.api.openapi import NUL_FREE_PATTERN
 from web.errors import HTTP_STATUS
+from web.inputs import PG_BIGINT_MAX, PG_INTEGER_MAX
 
 RULE_ARG = re.compile(r"<(?:\w+:)?(\w+)>")
 
@@ -79,3 +86,56 @@ def test_docs_page_lists_every_route_and_loads_nothing_external(sqlite_api: Api)
     assert 'id="schema-AuditSpec"' in html
     assert "<script" not in html
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
+
+
+def test_json_responses_are_described_as_json_with_their_schemas(sqlite_api: Api) -> None:
+    document = sqlite_api.client.get("/api/v1/openapi.json").get_json()
+    paths, schemas = document["paths"], document["components"]["schemas"]
+    report = paths["/audits/{audit_id}/report.json"]["get"]["responses"]["200"]["content"]
+    itself = paths["/openapi.json"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+
+    assert set(report) == {"application/json"}
+    assert set(report["application/json"]["schema"]["properties"]) == set(report_json_schema()["properties"])
+    assert set(report_json_schema()["$defs"]) <= set(schemas)  # its definitions became components
+    assert itself["type"] == "object" and jsonschema.Draft202012Validator(itself).is_valid(document)
+
+
+def test_artifacts_are_described_with_every_type_they_are_stored_with(sqlite_api: Api) -> None:
+    document = sqlite_api.client.get("/api/v1/openapi.json").get_json()
+    download = document["paths"]["/audits/{audit_id}/artifacts/{name}"]["get"]["responses"]["200"]["content"]
+
+    assert set(download) == {"application/json", *ARTIFACT_FILE_TYPES}
+    assert {"application/octet-stream", "application/zip", "image/png", "text/plain"} <= set(download)
+
+
+def test_the_document_states_the_input_rules_the_api_enforces(sqlite_api: Api) -> None:
+    document = sqlite_api.client.get("/api/v1/openapi.json").get_json()
+    schemas, paths = document["components"]["schemas"], document["paths"]
+    revoke = paths["/tokens/{token_id}"]["delete"]
+    idempotency_key = next(p for p in paths["/audits"]["post"]["parameters"] if p["name"] == "Idempotency-Key")
+    offset = next(p for p in paths["/audits"]["get"]["parameters"] if p["name"] == "offset")
+
+    assert revoke["parameters"][0]["schema"] == {"type": "integer", "minimum": 0, "maximum": PG_INTEGER_MAX}
+    assert offset["schema"]["maximum"] == PG_BIGINT_MAX
+    assert idempotency_key["schema"] == {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH,
+                                         "pattern": NUL_FREE_PATTERN}
+    assert schemas["TokenCreate"]["properties"]["name"]["pattern"] == NUL_FREE_PATTERN
+    assert schemas["ApiSpec"]["properties"]["auth_value"]["anyOf"][0]["pattern"] == NUL_FREE_PATTERN
+    assert "pattern" not in schemas["TokenOut"]["properties"]["name"]  # replies are described as they are
+    for path, methods in paths.items():
+        for method, op in methods.items():
+            assert "422" in op["responses"], (method, path)  # any path value or header may be unstorable
+
+
+def test_links_lead_from_a_new_audit_and_token_to_their_operations(sqlite_api: Api) -> None:
+    document = sqlite_api.client.get("/api/v1/openapi.json").get_json()
+    operation_ids = {op["operationId"] for methods in document["paths"].values() for op in methods.values()}
+    submitted = document["paths"]["/audits"]["post"]["responses"]["202"]["links"]
+    created = document["paths"]["/tokens"]["post"]["responses"]["201"]["links"]
+
+    assert submitted["get_audit"] == {"operationId": "audits.get_audit", "parameters": {"audit_id": "$response.body#/id"}}
+    assert {link["operationId"] for link in submitted.values()} == {
+        op for op in operation_ids if op.startswith("audits.") and op not in ("audits.create_audit", "audits.list_audits",
+                                                                               "audits.download_artifact")
+    }
+    assert created["revoke_token"]["parameters"] == {"token_id": "$response.body#/id"}

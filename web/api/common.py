@@ -45,10 +45,15 @@ def parse_query(model: type[M]) -> M:
 
 
 def parse_json_body(model: type[M]) -> M:
-    """Validate a JSON body against ``model``; ``invalid_request`` names each bad field."""
-    body = request.get_json(silent=True)
+    """Validate a JSON body against ``model``; ``invalid_request`` names each bad field.
+
+    ``request.get_json`` (``web.inputs.CheckedRequest``) has already answered a body that
+    is not JSON (415), not valid JSON or not storable (422).
+    """
+    body = request.get_json()
     if not isinstance(body, dict):
-        raise AuditError(ErrorCode.INVALID_REQUEST, "The body must be a JSON object.")
+        raise AuditError(ErrorCode.INVALID_REQUEST, "The body must be a JSON object.",
+                         {"fields": [{"field": "(root)", "message": "must be a JSON object"}]})
     try:
         return model.model_validate(body)
     except ValidationError as exc:

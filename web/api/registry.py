@@ -20,13 +20,32 @@ View = Callable[..., Any]
 
 
 @dataclass(frozen=True)
+class Link:
+    """An OpenAPI link: how a value in this response fills a parameter of another operation,
+    e.g. the id a submission returns is the ``audit_id`` of ``audits.get_audit``."""
+
+    operation: str  # the target's endpoint, which is its operationId
+    parameters: dict[str, str]  # parameter name -> runtime expression, e.g. $response.body#/id
+
+
+@dataclass(frozen=True)
 class Reply:
-    """One documented response: a JSON model, raw bytes of a media type, or nothing."""
+    """One documented response: a JSON model or schema, streamed files of some media types, or nothing."""
 
     description: str
     model: type[BaseModel] | None = None
-    media_type: str | None = None  # e.g. application/pdf for streamed files
+    files: tuple[str, ...] = ()  # media types of streamed files, e.g. ("application/pdf",)
+    json_schema: dict[str, Any] | None = None  # JSON described without a pydantic model
     headers: dict[str, str] = field(default_factory=dict)  # header name -> description
+    links: tuple[Link, ...] = ()
+
+
+@dataclass(frozen=True)
+class Header:
+    """A request header an operation reads."""
+
+    description: str
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -50,10 +69,12 @@ class Operation:
     body: Body | None = None
     replies: dict[int, Reply] = field(default_factory=dict)
     errors: tuple[int, ...] = ()  # statuses answered with the error envelope
-    headers: dict[str, str] = field(default_factory=dict)  # request header name -> description
+    headers: dict[str, Header] = field(default_factory=dict)
 
 
 API_PREFIX = "/api/v1"
+#: Any operation refuses a path value or header the database could not store (``web.inputs``).
+UNSTORABLE_INPUT_STATUS = 422
 OPERATIONS: list[Operation] = []
 
 
@@ -68,7 +89,7 @@ def operation(
     query: type[BaseModel] | None = None,
     body: Body | None = None,
     errors: tuple[int, ...] = (),
-    headers: dict[str, str] | None = None,
+    headers: dict[str, Header] | None = None,
     endpoint: str | None = None,
 ) -> Callable[[View], View]:
     """Register ``view`` under ``rule`` (bearer auth unless ``auth=False``) and document it."""
@@ -77,7 +98,7 @@ def operation(
         name = endpoint or view.__name__
         guarded = require_token(view) if auth else view
         blueprint.add_url_rule(rule, endpoint=name, view_func=guarded, methods=[method])
-        statuses = (*errors, 401) if auth else errors
+        statuses = (*errors, UNSTORABLE_INPUT_STATUS, *((401,) if auth else ()))
         OPERATIONS.append(
             Operation(
                 method=method.lower(),

@@ -14,10 +14,12 @@ from flask import Blueprint, Response, redirect, request
 from werkzeug.datastructures import FileStorage
 
 from auditor.errors import AuditError, ErrorCode
+from auditor.report.schema import report_json_schema
 from auditor.spec import AuditSpec
 from auditor.store.models import Artifact
 from web.api.audits import service
 from web.api.audits.schemas import (
+    ARTIFACT_FILE_TYPES,
     REPORT_FORMATS,
     REPORT_MEDIA_TYPES,
     ArtifactList,
@@ -32,8 +34,9 @@ from web.api.audits.schemas import (
     ListQuery,
 )
 from web.api.common import parse_query, reply
-from web.api.registry import Body, Reply, operation
+from web.api.registry import Body, Header, Link, Reply, operation
 from web.auth import current_user_id
+from web.inputs import FORM_ALLOWANCE, MIB
 
 bp = Blueprint("audits", __name__)
 
@@ -51,6 +54,14 @@ MULTIPART_SCHEMA: dict[str, Any] = {
     },
 }
 AUDIT_LINK = {"Location": "URL of the audit."}
+#: Operations on one audit, reachable from any reply that names its id.
+PER_AUDIT_OPERATIONS = ("get_audit", "list_events", "cancel_audit", "delete_audit", "list_artifacts",
+                        *(f"report_{fmt}" for fmt in REPORT_FORMATS))
+
+
+def links_to_audit(audit_id: str) -> tuple[Link, ...]:
+    """OpenAPI links from a reply to every per-audit operation, ``audit_id`` given as a runtime expression."""
+    return tuple(Link(f"audits.{name}", {"audit_id": audit_id}) for name in PER_AUDIT_OPERATIONS)
 
 
 @operation(
@@ -61,11 +72,13 @@ AUDIT_LINK = {"Location": "URL of the audit."}
         "A checkpoint upload (multipart) or, for a model behind an API, the AuditSpec as JSON.",
     ),
     replies={
-        202: Reply("Accepted and queued.", AuditCreated, headers=AUDIT_LINK),
-        200: Reply("The Idempotency-Key was used before: the earlier audit, not queued again.", AuditCreated),
+        202: Reply("Accepted and queued.", AuditCreated, headers=AUDIT_LINK, links=links_to_audit("$response.body#/id")),
+        200: Reply("The Idempotency-Key was used before: the earlier audit, not queued again.", AuditCreated,
+                   links=links_to_audit("$response.body#/id")),
     },
     errors=(400, 413, 415, 422, 503),
-    headers={"Idempotency-Key": "Optional; a retry with the same key returns the first audit (200) instead of a new one."},
+    headers={"Idempotency-Key": Header("Optional; a retry with the same key returns the first audit (200) instead of a new one.",
+                                       max_length=service.MAX_IDEMPOTENCY_KEY_LENGTH)},
 )
 def create_audit() -> Response:
     """Validates the spec, the uploads and every outbound URL before anything is stored,
@@ -77,7 +90,8 @@ def create_audit() -> Response:
 
 
 @operation(bp, "GET", "/audits", summary="List your audits", query=ListQuery,
-           replies={200: Reply("Newest first.", AuditPage)}, errors=(400,))
+           replies={200: Reply("Newest first.", AuditPage, links=links_to_audit("$response.body#/items/0/id"))},
+           errors=(422,))
 def list_audits() -> Response:
     query = parse_query(ListQuery)
     page = service.list_owned(current_user_id(), query.status, query.limit, query.offset)
@@ -115,7 +129,9 @@ def delete_audit(audit_id: str) -> Response:
 
 
 @operation(bp, "GET", "/audits/<audit_id>/artifacts", summary="List the audit's files",
-           replies={200: Reply("Inputs, reports, models, plots and logs.", ArtifactList)}, errors=(404,))
+           replies={200: Reply("Inputs, reports, models, plots and logs.", ArtifactList, links=(
+               Link("audits.download_artifact", {"audit_id": "$request.path.audit_id", "name": "$response.body#/items/0/name"}),
+           ))}, errors=(404,))
 def list_artifacts(audit_id: str) -> Response:
     artifacts = service.artifacts_of(current_user_id(), audit_id)
     return reply(ArtifactList(items=[ArtifactOut.from_row(a) for a in artifacts]))
@@ -123,9 +139,10 @@ def list_artifacts(audit_id: str) -> Response:
 
 @operation(bp, "GET", "/audits/<audit_id>/artifacts/<path:name>", summary="Download one file",
            query=DownloadQuery,
-           replies={200: Reply("The file.", media_type="application/octet-stream"),
+           replies={200: Reply("The file, with the content type it was stored with (ArtifactOut.content_type).",
+                               json_schema={"type": "object"}, files=ARTIFACT_FILE_TYPES),
                     302: Reply("With ?redirect=1 on S3 stores: a presigned URL valid for 15 minutes.")},
-           errors=(400, 404))
+           errors=(404, 422))
 def download_artifact(audit_id: str, name: str) -> Response:
     query = parse_query(DownloadQuery)
     artifact = service.artifact_of(current_user_id(), audit_id, name)
@@ -142,11 +159,14 @@ def _report_view(fmt: str):
     return view
 
 
+REPORT_REPLIES = {
+    "json": Reply("The report.json contract (docs/report.schema.json).", json_schema=report_json_schema()),
+    "html": Reply("The report as a self-contained page.", files=(REPORT_MEDIA_TYPES["html"],)),
+    "pdf": Reply("The report as a PDF.", files=(REPORT_MEDIA_TYPES["pdf"],)),
+}
 for _fmt in REPORT_FORMATS:
     operation(bp, "GET", f"/audits/<audit_id>/report.{_fmt}", summary=f"The report as {_fmt.upper()}",
-              replies={200: Reply("The report.", media_type=REPORT_MEDIA_TYPES[_fmt])}, errors=(404, 409))(
-        _report_view(_fmt)
-    )
+              replies={200: REPORT_REPLIES[_fmt]}, errors=(404, 409))(_report_view(_fmt))
 
 
 # --- parsing and streaming helpers -----------------------------------------------------------
@@ -159,9 +179,9 @@ def _read_submission() -> service.Submission:
         files = {name: f for name in UPLOAD_FIELDS if (f := request.files.get(name)) is not None and f.filename}
         return service.Submission(_spec_from_form(), files, key)
     if request.is_json:
-        body = request.get_json(silent=True)
+        body = request.get_json()
         if not isinstance(body, dict):
-            raise _bad_spec("(root)", "The body must be a JSON object (an AuditSpec).")
+            raise _bad_spec("(root)", "must be a JSON object (an AuditSpec)")
         return service.Submission(body, {}, key)
     raise AuditError(
         ErrorCode.UNSUPPORTED_MEDIA_TYPE,
@@ -173,7 +193,7 @@ def _read_submission() -> service.Submission:
 def _spec_from_form() -> dict[str, Any] | None:
     """The ``spec`` part, as a form field or a file (``curl -F spec=@spec.json``); absent = defaults."""
     upload: FileStorage | None = request.files.get("spec")
-    raw = upload.read().decode("utf-8", "replace") if upload is not None else request.form.get("spec")
+    raw = _read_spec_file(upload) if upload is not None else request.form.get("spec")
     if raw is None or not raw.strip():
         return None
     try:
@@ -183,6 +203,15 @@ def _spec_from_form() -> dict[str, Any] | None:
     if not isinstance(spec, dict):
         raise _bad_spec("spec", "must be a JSON object")
     return spec
+
+
+def _read_spec_file(upload: FileStorage) -> str:
+    """A spec sent as a file part gets the same room as a form field, never a file's limit."""
+    raw = upload.read(FORM_ALLOWANCE + 1)
+    if len(raw) > FORM_ALLOWANCE:
+        raise AuditError(ErrorCode.PAYLOAD_TOO_LARGE, f"spec: larger than {FORM_ALLOWANCE // MIB} MiB.",
+                         {"field": "spec", "max_bytes": FORM_ALLOWANCE})
+    return raw.decode("utf-8", "replace")
 
 
 def _bad_spec(field: str, message: str) -> AuditError:

@@ -16,10 +16,15 @@ from pydantic import BaseModel, Field
 from auditor.store.lifecycle import AuditStatus
 from auditor.store.models import Artifact, Audit, AuditEvent
 from web.api.common import QueryModel
+from web.inputs import PG_BIGINT_MAX
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 REPORT_FORMATS = ("json", "html", "pdf")
 REPORT_MEDIA_TYPES = {"json": "application/json", "html": "text/html", "pdf": "application/pdf"}
+#: Every content type artifacts are stored with, besides JSON (reports, the defense's
+#: config): the uploaded inputs, models and weights, the PDF, plots and grids, the HTML
+#: report and the audit log.
+ARTIFACT_FILE_TYPES = ("application/octet-stream", "application/zip", "application/pdf", "image/png", "text/html", "text/plain")
 SECRET_PLACEHOLDER = "***"
 
 
@@ -29,7 +34,7 @@ SECRET_PLACEHOLDER = "***"
 class ListQuery(QueryModel):
     status: Status | None = Field(None, description="Only audits in this status.")
     limit: int = Field(20, ge=1, le=100, description="Page size.")
-    offset: int = Field(0, ge=0, description="Audits to skip (newest first).")
+    offset: int = Field(0, ge=0, le=PG_BIGINT_MAX, description="Audits to skip (newest first).")
 
 
 class DownloadQuery(QueryModel):

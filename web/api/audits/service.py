@@ -29,6 +29,7 @@ from auditor.store.models import Artifact, Audit, AuditEvent
 from web.api.audits.uploads import check_checkpoint, check_dataset, check_files_match_spec, check_urls
 from web.context import db_session, services
 from web.errors import not_found
+from web.inputs import refuse_unstorable
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def submit_audit(owner_id: int, submission: Submission) -> tuple[Audit, bool]:
     returned and nothing is stored or enqueued again.
     """
     settings, session = services().settings, db_session()
+    refuse_unstorable(submission.spec)  # a spec decoded from a form part or the portal's JSON field
     spec = parse_spec(submission.spec)
     _check_idempotency_key(submission.idempotency_key)
     check_files_match_spec(spec, has_model="model" in submission.files, has_dataset="dataset" in submission.files)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from web.api.common import parse_json_body, reply
-from web.api.registry import Body, Reply, operation
+from web.api.registry import Body, Link, Reply, operation
 from web.api.tokens import service
 from web.api.tokens.schemas import TokenCreate, TokenCreated, TokenList, TokenOut
 from web.auth import current_user_id
@@ -21,7 +21,9 @@ def list_tokens() -> Response:
 
 @operation(bp, "POST", "/tokens", summary="Create an API token",
            body=Body({"application/json": TokenCreate}),
-           replies={201: Reply("The new token with its secret, shown this once.", TokenCreated)}, errors=(400,))
+           replies={201: Reply("The new token with its secret, shown this once.", TokenCreated,
+                               links=(Link("tokens.revoke_token", {"token_id": "$response.body#/id"}),))},
+           errors=(415, 422))
 def create_token() -> Response:
     request_body = parse_json_body(TokenCreate)
     token, plaintext = service.create(current_user_id(), request_body.name)
