@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -47,7 +46,7 @@ from bench.common import RESULTS, git_commit, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from e2e.processes import service_env, start_gunicorn, wait_for  # noqa: E402
+from e2e.processes import free_port, service_env, start_gunicorn, wait_for  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_DBS = range(5, 16)
@@ -57,12 +56,6 @@ SPEC = {
     "effort": "tiny",
     "model": {"source": "api", "api": {"url": "http://127.0.0.1:9/v1/models/m:predict"}},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def create_database() -> tuple[str, str]:

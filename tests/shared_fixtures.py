@@ -5,6 +5,7 @@ Kept as plain functions (not fixtures) so each test module wraps them in the sco
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,14 @@ def train_tiny_fmnist_model(cache_dir: Path, out_dir: Path) -> tuple[torch.nn.Mo
     path = out_dir / "model.safetensors"
     save_classifier(model, TINY_FMNIST_ARCH, path)
     return model.eval(), path
+
+
+def service_missing(message: str) -> None:
+    """Fail under CI (``CI=true``), where a skipped integration suite would hide a broken setup; skip elsewhere."""
+    hint = f"{message} (run scripts/services.sh start)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(hint, pytrace=False)
+    pytest.skip(hint)
 
 
 @contextmanager

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -39,7 +38,7 @@ from shared_fixtures import claimed_redis_db, train_tiny_fmnist_model
 from auditor.blackbox import ModelServer
 from auditor.store.artifacts import S3Credentials, S3Store
 from auditor.store.db import make_engine
-from e2e.processes import BIN, ServiceProcess, service_env, start_gunicorn, start_process, wait_for
+from e2e.processes import BIN, ServiceProcess, free_port, service_env, start_gunicorn, start_process, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -96,12 +95,6 @@ def fmnist_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Mod
 
 
 # --- the processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def group_members(pgid: int) -> list[str]:
