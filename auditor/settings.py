@@ -56,7 +56,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_DEVICE", "auto", "auto | cpu | cuda; auto picks CUDA when present."),
     Variable("REFINE_AUDIT_SECRET_KEY", "(random per process outside production)", "Signs sessions and CSRF tokens."),
     Variable("REFINE_AUDIT_ALLOWED_HOSTS", "(empty)", "Comma list of hosts exempt from the SSRF guard."),
-    Variable("REFINE_AUDIT_MAX_UPLOAD_MB", "512", "Largest accepted upload (model or dataset), in MiB."),
+    Variable("REFINE_AUDIT_MAX_UPLOAD_MB", "512", "Largest accepted file, in MiB, for the model and the dataset each (a request carries at most both plus 1 MiB of other fields)."),
     Variable("REFINE_AUDIT_FMNIST_DIR", DEFAULT_FMNIST_DIR, "Folder holding the built-in Fashion-MNIST files."),
     Variable("REFINE_AUDIT_AUDIT_TIME_LIMIT_S", "21600", "Hard time limit of one audit, in seconds (6 h)."),
     Variable("REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", "300", "A running audit silent this long is failed with worker_lost."),

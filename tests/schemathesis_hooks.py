@@ -34,7 +34,7 @@ def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwar
     if case.operation.label != REVOKE or not case.path_parameters:
         return
     raw = str(case.path_parameters.get("token_id"))  # generated as an int, or as text by the coverage phase
-    if not raw.isdigit() or int(raw) >= NO_SUCH_TOKEN:
+    if not raw.isdecimal() or int(raw) >= NO_SUCH_TOKEN:
         return
     with _lock:
         foreign = int(raw) not in _created
