@@ -166,10 +166,15 @@ def sqlite_api(sqlite_engine: Engine, api_factory: ApiFactory) -> Api:
     return api_factory(sqlite_engine)
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A real, tiny classifier as self-describing safetensors (architecture in the header)."""
-    arch = ArchConfig("small_cnn", num_classes=10, width=4)
-    path = tmp_path_factory.mktemp("checkpoint") / "model.safetensors"
+def checkpoint_bytes(folder: Path, width: int) -> bytes:
+    """A real classifier as self-describing safetensors (architecture in the header); wider is larger."""
+    arch = ArchConfig("small_cnn", num_classes=10, width=width)
+    path = folder / "model.safetensors"
     save_classifier(build_classifier(arch), arch, path)
     return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real, tiny classifier."""
+    return checkpoint_bytes(tmp_path_factory.mktemp("checkpoint"), width=4)

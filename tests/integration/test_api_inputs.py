@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 from api_support import TINY_SPEC, Api, api, api_factory, api_spec, auth, checkpoint  # noqa: F401 (fixtures)
+from api_support import checkpoint_bytes
 from sqlalchemy import Engine
 
-from auditor.models import ArchConfig, build_classifier, save_classifier
 from web.inputs import PG_INTEGER_MAX
 
 MIB = 1024 * 1024
@@ -125,11 +125,8 @@ def api_5mb(api_factory, pg_engine: Engine) -> Api:  # noqa: F811 (fixture)
 
 @pytest.fixture(scope="module")
 def model_1_1mb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A real checkpoint just over 1.1 MiB (a small CNN of width 56, as safetensors)."""
-    arch = ArchConfig("small_cnn", num_classes=10, width=56)
-    path = tmp_path_factory.mktemp("model") / "model.safetensors"
-    save_classifier(build_classifier(arch), arch, path)
-    return path.read_bytes()
+    """A real checkpoint just over 1.1 MiB (a small CNN of width 56)."""
+    return checkpoint_bytes(tmp_path_factory.mktemp("model"), width=56)
 
 
 def npz_of_size(size: int) -> bytes:
