@@ -154,7 +154,12 @@ class _PerFileMultiPartParser(MultiPartParser):
 
 
 class _PerFileFormDataParser(FormDataParser):
-    """Werkzeug's form parser with every file part capped by its own limit."""
+    """Werkzeug's form parser with every file part capped by its own limit.
+
+    ``_parse_multipart`` is werkzeug's own, with our multipart parser in it (werkzeug has no
+    public hook that knows a part's field name); ``tests/integration/test_api_inputs.py``
+    fails if a werkzeug release changes that.
+    """
 
     def __init__(self, *args: Any, file_limit: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -207,7 +212,9 @@ class CheckedRequest(Request):
             raise AuditError(
                 ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Send the body as application/json.", {"content_type": self.mimetype}
             )
-        raise AuditError(ErrorCode.INVALID_REQUEST, f"The body is not valid JSON: {e}", {"fields": [{"field": "(body)", "message": str(e)}]})
+        raise AuditError(
+            ErrorCode.INVALID_REQUEST, f"The body is not valid JSON: {e}", {"fields": [{"field": "(body)", "message": str(e)}]}
+        )
 
 
 def refuse_unstorable_path_and_headers() -> None:

@@ -23,7 +23,7 @@ def list_tokens() -> Response:
            body=Body({"application/json": TokenCreate}),
            replies={201: Reply("The new token with its secret, shown this once.", TokenCreated,
                                links=(Link("tokens.revoke_token", {"token_id": "$response.body#/id"}),))},
-           errors=(415, 422))
+           errors=(413, 415, 422))
 def create_token() -> Response:
     request_body = parse_json_body(TokenCreate)
     token, plaintext = service.create(current_user_id(), request_body.name)
