@@ -24,6 +24,7 @@ from pathlib import Path
 
 import requests
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from auditor.report import write_report
 from auditor.store import audits, users
@@ -57,7 +58,7 @@ class LiveApi:
 
 
 @contextmanager
-def live_api(work_dir: Path, on_missing: Callable[[str], None], *, max_upload_mb: int = 5) -> Iterator[LiveApi]:
+def live_api(work_dir: Path, on_missing: Callable[[str], None]) -> Iterator[LiveApi]:
     """The service on its own database, broker database and artifact folder, torn down afterwards."""
     with _database(on_missing) as database_url, claimed_redis_db(REDIS_URL, on_missing) as broker_url:
         artifacts = work_dir / "artifacts"
@@ -71,7 +72,7 @@ def live_api(work_dir: Path, on_missing: Callable[[str], None], *, max_upload_mb
             "REFINE_AUDIT_ARTIFACTS": f"file://{artifacts}",
             "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
             "REFINE_AUDIT_SECRET_KEY": uuid.uuid4().hex * 2,
-            "REFINE_AUDIT_MAX_UPLOAD_MB": str(max_upload_mb),
+            "REFINE_AUDIT_MAX_UPLOAD_MB": "5",
         })
         server = start_gunicorn("web.wsgi:app", env, work_dir / "gunicorn.log", bind=f"127.0.0.1:{port}")
         base_url = f"http://127.0.0.1:{port}"
@@ -89,9 +90,9 @@ def _database(on_missing: Callable[[str], None]) -> Iterator[str]:
     try:
         with admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:  # noqa: BLE001 - any connection failure means "no PostgreSQL here"
+    except OperationalError as error:
         admin.dispose()
-        on_missing(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error}")
+        on_missing(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error.orig}")
         raise
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
@@ -120,7 +121,8 @@ def _seed(database_url: str, store: LocalStore, report_dir: Path) -> tuple[str, 
             files["audit.log"] = ("text/plain", b"seeded audit\n")
             for name, (content_type, payload) in files.items():
                 info = store.put(audit_prefix(audit.id) + name, payload, content_type)
-                audits.add_artifact(session, audit.id, name=name, info=info, kind="report", content_type=content_type)
+                kind = "input" if name.startswith("inputs/") else "report"
+                audits.add_artifact(session, audit.id, name=name, info=info, kind=kind, content_type=content_type)
             audits.mark_succeeded(session, audit.id, {"status": "succeeded", "verdict": "likely_backdoored"})
             return token, audit.id
     finally:
