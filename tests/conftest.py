@@ -20,17 +20,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import requests
 import torch
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from auditor.store.artifacts import S3Credentials, S3Store
-from shared_fixtures import service_missing
+from shared_fixtures import service_missing, throwaway_database
 
 torch.set_num_threads(1)
 from auditor.store.db import make_engine, upgrade_database
 
-PG_ADMIN_URL = os.environ.get("REFINE_AUDIT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 S3_ENDPOINT = os.environ.get("REFINE_AUDIT_TEST_S3_ENDPOINT", "http://127.0.0.1:8333")
 # The credentials scripts/services.sh configures on its SeaweedFS.
 S3_CREDENTIALS = S3Credentials(
@@ -46,20 +44,8 @@ def unique_name(prefix: str) -> str:
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """URL of a fresh, empty PostgreSQL database, dropped after the session."""
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = unique_name("refine_audit_test_")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as error:
-        admin.dispose()
-        service_missing(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error.orig}")
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with throwaway_database("refine_audit_test_", service_missing) as url:
+        yield url
 
 
 @pytest.fixture

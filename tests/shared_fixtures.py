@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from auditor.data import load_fashion_mnist, take
 from auditor.models import ArchConfig, build_classifier, save_classifier
+from auditor.store.db import make_engine
 from auditor.training import TrainConfig, train_classifier
 
 TINY_FMNIST_ARCH = ArchConfig("small_cnn", width=8)
@@ -36,12 +39,35 @@ def train_tiny_fmnist_model(cache_dir: Path, out_dir: Path) -> tuple[torch.nn.Mo
     return model.eval(), path
 
 
+PG_ADMIN_URL = os.environ.get("REFINE_AUDIT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
 def service_missing(message: str) -> None:
     """Fail under CI (``CI=true``), where a skipped integration suite would hide a broken setup; skip elsewhere."""
     hint = f"{message} (run scripts/services.sh start)"
     if os.environ.get("CI") == "true":
         pytest.fail(hint, pytrace=False)
     pytest.skip(hint)
+
+
+@contextmanager
+def throwaway_database(prefix: str, on_missing: Callable[[str], None]) -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database, dropped afterwards even if a process still holds it."""
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as error:
+        admin.dispose()
+        on_missing(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error.orig}")
+        raise
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @contextmanager

@@ -23,18 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
 
 from auditor.report import write_report
 from auditor.store import audits, users
 from auditor.store.artifacts import LocalStore, audit_prefix
 from auditor.store.db import make_engine, make_session_factory, session_scope, upgrade_database
 from e2e.processes import ServiceProcess, free_port, service_env, start_gunicorn, wait_for
-from shared_fixtures import claimed_redis_db
+from shared_fixtures import claimed_redis_db, throwaway_database
 from unit.report_sample import sample_grids, sample_report
 
-PG_ADMIN_URL = os.environ.get("REFINE_AUDIT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REFINE_AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 STARTUP_S = 180  # gunicorn imports torch; slow on two busy cores
 #: Checks that compare a response with the document.
@@ -60,7 +57,9 @@ class LiveApi:
 @contextmanager
 def live_api(work_dir: Path, on_missing: Callable[[str], None]) -> Iterator[LiveApi]:
     """The service on its own database, broker database and artifact folder, torn down afterwards."""
-    with _database(on_missing) as database_url, claimed_redis_db(REDIS_URL, on_missing) as broker_url:
+    with throwaway_database("refine_audit_live_", on_missing) as database_url, \
+            claimed_redis_db(REDIS_URL, on_missing) as broker_url:
+        upgrade_database(database_url)
         artifacts = work_dir / "artifacts"
         token, audit_id = _seed(database_url, LocalStore(artifacts), work_dir / "report")
         port = free_port()
@@ -81,27 +80,6 @@ def live_api(work_dir: Path, on_missing: Callable[[str], None]) -> Iterator[Live
             yield LiveApi(base_url, token, audit_id, server)
         finally:
             server.stop()
-
-
-@contextmanager
-def _database(on_missing: Callable[[str], None]) -> Iterator[str]:
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"refine_audit_live_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as error:
-        admin.dispose()
-        on_missing(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error.orig}")
-        raise
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade_database(url)
-        yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _seed(database_url: str, store: LocalStore, report_dir: Path) -> tuple[str, str]:

@@ -31,13 +31,12 @@ import pytest
 import requests
 import torch
 from safetensors.torch import load as load_safetensors
-from sqlalchemy import make_url, text
+from sqlalchemy import make_url
 
-from shared_fixtures import claimed_redis_db, train_tiny_fmnist_model
+from shared_fixtures import claimed_redis_db, service_missing, throwaway_database, train_tiny_fmnist_model
 
 from auditor.blackbox import ModelServer
 from auditor.store.artifacts import S3Credentials, S3Store
-from auditor.store.db import make_engine
 from e2e.processes import BIN, ServiceProcess, free_port, service_env, start_gunicorn, start_process, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -53,31 +52,14 @@ REDIS_URL = os.environ.get("REFINE_AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:637
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def service_missing(message: str) -> None:
-    """As tests/conftest.py: fail under CI, skip elsewhere."""
-    hint = f"{message} (run scripts/services.sh start)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(hint, pytrace=False)
-    pytest.skip(hint)
-
-
 # --- the services' resources: a database, a Redis database, a bucket -------------------------
 
 
 @pytest.fixture
-def database_url(pg_url: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for this test only (``pg_url`` fails or skips
-    when PostgreSQL is down), dropped afterwards even if a process still holds it."""
-    admin = make_engine(pg_url, isolation_level="AUTOCOMMIT")
-    name = f"refine_audit_e2e_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield pg_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def database_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test only, dropped afterwards even if a process still holds it."""
+    with throwaway_database("refine_audit_e2e_", service_missing) as url:
+        yield url
 
 
 @pytest.fixture
