@@ -13,7 +13,7 @@ from sqlalchemy import Engine, inspect
 from auditor.store.db import alembic_config, make_engine, upgrade_database
 from auditor.store.models import Base
 
-TABLES = {"users", "api_tokens", "audits", "audit_events", "artifacts", "webhook_deliveries"}
+TABLES = {"users", "api_tokens", "audits", "audit_events", "artifacts", "webhook_deliveries", "webhook_outbox"}
 
 
 def schema_diff(engine: Engine) -> list[Any]:
