@@ -1,4 +1,5 @@
-"""Helpers several test folders need: a small trained Fashion-MNIST model and a private Redis database.
+"""Helpers several test folders need: a small trained Fashion-MNIST model, a private Redis
+database and a fresh PostgreSQL database.
 
 Kept as plain functions (not fixtures) so each test module wraps them in the scope it needs.
 """
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from sqlalchemy import text
 
 from auditor.data import load_fashion_mnist, take
 from auditor.models import ArchConfig, build_classifier, save_classifier
+from auditor.store.db import make_engine
 from auditor.training import TrainConfig, train_classifier
 
 TINY_FMNIST_ARCH = ArchConfig("small_cnn", width=8)
@@ -59,3 +62,19 @@ def claimed_redis_db(server_url: str, on_missing: Callable[[str], None]) -> Iter
     finally:
         client.flushdb()  # drops the lock too
         client.close()
+
+
+@contextmanager
+def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server of ``server_url``; yields its URL and
+    drops it afterwards, even while a process still holds connections to it."""
+    admin = make_engine(server_url, isolation_level="AUTOCOMMIT")
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import redis
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -42,6 +43,7 @@ from auditor.store.lifecycle import AuditStatus
 from auditor.store.models import utcnow
 from worker.broker import RedisBroker
 from worker.checkpoints import discard_checkpoints
+from worker.infra import transient_error
 from worker.notify import WebhookPolicy, deliver_due_webhooks
 
 log = logging.getLogger(__name__)
@@ -85,10 +87,11 @@ class SweepLock:
         return won
 
     def release(self) -> None:
-        """Close the lock's connection, which releases the lock."""
+        """Really close the lock's connection (not back to the pool, still locked), which releases the lock."""
         connection, self._connection = self._connection, None
         if connection is not None:
             try:
+                connection.invalidate()
                 connection.close()
             except SQLAlchemyError:
                 pass
@@ -190,8 +193,11 @@ class Sweep:
         """A failing step (database or broker down) must not stop the others, nor the thread."""
         try:
             return work()
-        except Exception:  # noqa: BLE001 -- logged; the next pass tries again
-            log.exception("sweep step %r failed", name)
+        except Exception as exc:  # noqa: BLE001 -- logged; the next pass tries again
+            if isinstance(exc, redis.RedisError) or transient_error(exc) is not None:
+                log.warning("sweep step %r skipped, a service is unreachable: %s", name, exc)
+            else:
+                log.exception("sweep step %r failed", name)
             return fallback
 
 
@@ -226,6 +232,6 @@ class Sweeper:
             try:
                 if self.lock.held():
                     self.sweep.run()
-            except Exception:  # noqa: BLE001 -- e.g. the database is down: try again next interval
-                log.exception("sweep failed")
+            except Exception as exc:  # noqa: BLE001 -- the database is down: try again next interval
+                log.warning("sweep skipped: %s", exc)
             self._stop.wait(self.interval_s)

@@ -8,7 +8,9 @@ never touches a process the test did not start.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,18 +101,33 @@ def start_celery_worker(
     *,
     queues: str = "cpu,gpu",
     concurrency: int = 1,
-    beat: bool = False,
     hostname: str = "test-worker@%h",
 ) -> ServiceProcess:
-    """``celery -A worker.celery_app worker`` as a deployment runs it (prefork pool)."""
+    """``celery -A worker.celery_app worker`` as a deployment runs it (prefork pool, no scheduler)."""
     argv = [
         str(BIN / "celery"), "-A", "worker.celery_app", "worker", f"--queues={queues}",
         f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip", "--without-mingle",
         "--without-heartbeat", f"--hostname={hostname}",
     ]
-    if beat:
-        argv += ["--beat", f"--schedule={log_path.parent / 'celerybeat-schedule'}"]
     return start_process("celery-worker", argv, env, log_path)
+
+
+def start_redis_server(port: int, directory: Path, log_path: Path) -> ServiceProcess:
+    """A throwaway ``redis-server`` on loopback that keeps nothing on disk: killing it loses
+    every message, the harshest broker restart there is. Never the machine's own Redis."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed (Debian package redis-server; scripts/bootstrap.sh)")
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(directory)]
+    return start_process("redis-server", argv, {}, log_path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def start_gunicorn(

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -32,14 +31,13 @@ import pytest
 import requests
 import torch
 from safetensors.torch import load as load_safetensors
-from sqlalchemy import make_url, text
+from sqlalchemy import make_url
 
-from shared_fixtures import claimed_redis_db, train_tiny_fmnist_model
+from shared_fixtures import claimed_redis_db, fresh_database, train_tiny_fmnist_model
 
 from auditor.blackbox import ModelServer
 from auditor.store.artifacts import S3Credentials, S3Store
-from auditor.store.db import make_engine
-from e2e.processes import BIN, ServiceProcess, service_env, start_gunicorn, start_process, wait_for
+from e2e.processes import BIN, ServiceProcess, free_port, service_env, start_gunicorn, start_process, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -69,16 +67,8 @@ def service_missing(message: str) -> None:
 def database_url(pg_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this test only (``pg_url`` fails or skips
     when PostgreSQL is down), dropped afterwards even if a process still holds it."""
-    admin = make_engine(pg_url, isolation_level="AUTOCOMMIT")
-    name = f"refine_audit_e2e_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield pg_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(pg_url, "refine_audit_e2e_") as url:
+        yield url
 
 
 @pytest.fixture
@@ -96,12 +86,6 @@ def fmnist_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Mod
 
 
 # --- the processes ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def group_members(pgid: int) -> list[str]:

@@ -36,7 +36,7 @@ from auditor.store import audits
 from auditor.store.artifacts import S3Credentials, S3Store
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import WORKER_LOST, AuditStatus
-from auditor.store.models import Audit, utcnow
+from auditor.store.models import utcnow
 from auditor.store.webhooks import list_deliveries
 from worker.checkpoints import checkpoint_prefix
 from worker.executor import artifact_key, execute_audit, work_dir_for
