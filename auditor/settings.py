@@ -24,6 +24,8 @@ DEVICES = ("auto", "cpu", "cuda")
 BROKER_SCHEMES = ("redis", "rediss", "memory")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 MIN_SECRET_KEY_LENGTH = 32
+HARD_LIMIT_GRACE_S = 120  # soft time limit -> hard kill: time to record ``time_limit`` and upload nothing more
+VISIBILITY_MARGIN_S = 600  # beyond the hard limit, so Redis never redelivers a healthy audit's message
 
 
 class SettingsError(ValueError):
@@ -66,7 +68,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_SWEEP_INTERVAL_S", "30",
              "How often a worker (one at a time, elected by a database lock) sweeps for lost work."),
     Variable("REFINE_AUDIT_REPUBLISH_AFTER_S", "300",
-             "A queued audit whose message has been missing from the broker this long is published again."),
+             "A queued audit published this long ago is published again if the broker lost its message "
+             "(or a worker took it this long ago and never started it)."),
     Variable("REFINE_AUDIT_VISIBILITY_TIMEOUT_S", "(time limit + 720)",
              "Redis redelivers an unacknowledged message after this long; longer than any audit."),
     Variable("REFINE_AUDIT_TASK_MAX_RETRIES", "3", "Retries of an audit after a transient S3 or database failure."),
@@ -100,7 +103,7 @@ class Settings:
     lost_worker_retries: int
     sweep_interval_s: int
     republish_after_s: int
-    visibility_timeout_s: int | None  # None: derived from the time limit (worker.celery_app)
+    visibility_timeout_s: int
     task_max_retries: int
     task_retry_backoff_s: int
     task_retry_backoff_max_s: int
@@ -112,6 +115,7 @@ class Settings:
         get = _reader(env)
         mode = _choice("REFINE_AUDIT_ENV", get("REFINE_AUDIT_ENV") or "development", ENVIRONMENTS)
         data_dir = Path(get("REFINE_AUDIT_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().absolute()
+        time_limit = _positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600)
         return cls(
             env=mode,
             data_dir=data_dir,
@@ -127,12 +131,14 @@ class Settings:
             allowed_hosts=_host_list(get("REFINE_AUDIT_ALLOWED_HOSTS")),
             max_upload_mb=_positive_int(get, "REFINE_AUDIT_MAX_UPLOAD_MB", 512),
             fmnist_dir=Path(get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR).expanduser(),
-            audit_time_limit_s=_positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600),
+            audit_time_limit_s=time_limit,
             heartbeat_timeout_s=_positive_int(get, "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", 300),
             lost_worker_retries=_whole_number(get, "REFINE_AUDIT_LOST_WORKER_RETRIES", 1),
             sweep_interval_s=_positive_int(get, "REFINE_AUDIT_SWEEP_INTERVAL_S", 30),
             republish_after_s=_positive_int(get, "REFINE_AUDIT_REPUBLISH_AFTER_S", 300),
-            visibility_timeout_s=_optional_positive_int(get, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S"),
+            visibility_timeout_s=_positive_int(
+                get, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S", time_limit + HARD_LIMIT_GRACE_S + VISIBILITY_MARGIN_S
+            ),
             task_max_retries=_whole_number(get, "REFINE_AUDIT_TASK_MAX_RETRIES", 3),
             task_retry_backoff_s=_positive_int(get, "REFINE_AUDIT_TASK_RETRY_BACKOFF_S", 10),
             task_retry_backoff_max_s=_positive_int(get, "REFINE_AUDIT_TASK_RETRY_BACKOFF_MAX_S", 120),
@@ -142,6 +148,11 @@ class Settings:
     @property
     def is_production(self) -> bool:
         return self.env == "production"
+
+    @property
+    def hard_time_limit_s(self) -> int:
+        """When a worker kills an audit that ignored its (soft) time limit."""
+        return self.audit_time_limit_s + HARD_LIMIT_GRACE_S
 
     @property
     def max_upload_bytes(self) -> int:
@@ -178,10 +189,6 @@ def _positive_int(get: Callable[[str], str | None], name: str, default: int) -> 
 def _whole_number(get: Callable[[str], str | None], name: str, default: int) -> int:
     """Zero allowed: e.g. no retries at all."""
     return _bounded_int(get, name, default, minimum=0)
-
-
-def _optional_positive_int(get: Callable[[str], str | None], name: str) -> int | None:
-    return None if get(name) is None else _positive_int(get, name, 0)
 
 
 def _bounded_int(get: Callable[[str], str | None], name: str, default: int, *, minimum: int) -> int:

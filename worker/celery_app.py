@@ -9,11 +9,12 @@ single task that may run for hours on the only GPU of its machine.
   back, and the executor restarts the audit from its last checkpoint.
 * ``worker_prefetch_multiplier=1``: a busy worker does not hoard queued audits that an
   idle worker could run.
-* Redis ``visibility_timeout`` longer than the hard time limit: Redis redelivers an
-  unacknowledged message after this long, so a shorter value would start a second copy
-  of a healthy long audit (which the executor would drop, but only after watching its
-  heartbeat). A worker machine that dies does not wait for it: the sweep
-  (``worker.sweep``), which every worker runs, notices the stopped heartbeat.
+* Redis ``visibility_timeout`` beyond the hard time limit (by default 12 minutes beyond
+  ``Settings.hard_time_limit_s``): Redis redelivers an unacknowledged message after this
+  long, so a shorter value would send a second copy of a healthy long audit (which the
+  executor would drop, but only after watching its heartbeat). A worker machine that
+  dies does not wait for it: the sweep (``worker.sweep``), which every worker runs,
+  notices the stopped heartbeat.
 """
 
 from __future__ import annotations
@@ -25,16 +26,6 @@ from auditor.settings import Settings, SettingsError
 
 QUEUES = ("gpu", "cpu")
 DEFAULT_QUEUE = "cpu"
-HARD_LIMIT_GRACE_S = 120  # soft limit -> hard kill: time to record ``time_limit`` and upload nothing more
-VISIBILITY_MARGIN_S = 600  # beyond the hard limit, so a healthy audit is never redelivered
-
-
-def hard_time_limit_s(settings: Settings) -> int:
-    return settings.audit_time_limit_s + HARD_LIMIT_GRACE_S
-
-
-def visibility_timeout_s(settings: Settings) -> int:
-    return settings.visibility_timeout_s or hard_time_limit_s(settings) + VISIBILITY_MARGIN_S
 
 
 def create_app(settings: Settings) -> Celery:
@@ -51,7 +42,7 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": visibility_timeout_s(settings)},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # Keep running on a broker blip: the audit's row, not the message, says who runs it.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,

@@ -23,7 +23,7 @@ from auditor.settings import Settings
 from auditor.store.artifacts import ArtifactStore, store_from_url
 from auditor.store.db import make_engine, make_session_factory
 from worker.broker import RUN_AUDIT_TASK, RedisBroker
-from worker.celery_app import SETTINGS, app, hard_time_limit_s
+from worker.celery_app import SETTINGS, app
 from worker.executor import execute_audit
 from worker.infra import TransientInfraError
 from worker.sweep import Sweep, Sweeper, SweepLock
@@ -105,7 +105,7 @@ def _stop_sweeper(**_: Any) -> None:
     acks_late=True,
     reject_on_worker_lost=True,
     soft_time_limit=SETTINGS.audit_time_limit_s,
-    time_limit=hard_time_limit_s(SETTINGS),
+    time_limit=SETTINGS.hard_time_limit_s,
     autoretry_for=(TransientInfraError,),
     max_retries=SETTINGS.task_max_retries,
     retry_backoff=SETTINGS.task_retry_backoff_s,
