@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
 
+import requests
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -95,6 +97,26 @@ def service_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def deployment_env(
+    *, database_url: str, broker_url: str, bucket: str, s3_endpoint: str, access_key: str, secret_key: str,
+    **extra: str,
+) -> dict[str, str]:
+    """What the web and worker processes of one test deployment see: its database, broker
+    and bucket, the CPU, loopback allowed as a callback and model-API host; ``extra`` on top."""
+    return service_env({
+        "REFINE_AUDIT_ENV": "test",
+        "REFINE_AUDIT_DATABASE_URL": database_url,
+        "REFINE_AUDIT_BROKER_URL": broker_url,
+        "REFINE_AUDIT_ARTIFACTS": f"s3://{bucket}",
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "REFINE_AUDIT_DEVICE": "cpu",
+        "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
+        **extra,
+    })
+
+
 def start_celery_worker(
     env: Mapping[str, str],
     log_path: Path,
@@ -128,6 +150,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def api_healthy(base_url: str) -> bool:
+    """Whether the web app at ``base_url`` answers its health check."""
+    try:
+        return requests.get(f"{base_url}/api/v1/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def start_gunicorn(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from e2e.processes import ServiceProcess, service_env, start_celery_worker, wait_for
+from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
 from shared_fixtures import claimed_redis_db
 from sqlalchemy.orm import Session, sessionmaker
 from worker_support import MINI_SPEC, load, new_owner, service_missing, sessions, submit, tiny_checkpoint  # noqa: F401
@@ -43,19 +43,11 @@ def worker_env(
     s3_credentials: S3Credentials,
 ) -> dict[str, str]:
     """What a worker of this deployment sees; tests override the timing variables."""
-    return service_env({
-        "REFINE_AUDIT_ENV": "test",
-        "REFINE_AUDIT_DATA_DIR": str(tmp_path / "worker-data"),
-        "REFINE_AUDIT_DATABASE_URL": pg_url,
-        "REFINE_AUDIT_BROKER_URL": broker_url,
-        "REFINE_AUDIT_ARTIFACTS": f"s3://{s3_store.bucket}",
-        "S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": s3_credentials.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": s3_credentials.secret_access_key,
-        "REFINE_AUDIT_DEVICE": "cpu",
-        "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
-        "REFINE_AUDIT_SWEEP_INTERVAL_S": "2",
-    })
+    return deployment_env(
+        database_url=pg_url, broker_url=broker_url, bucket=s3_store.bucket, s3_endpoint=s3_endpoint,
+        access_key=s3_credentials.access_key_id, secret_key=s3_credentials.secret_access_key,
+        REFINE_AUDIT_DATA_DIR=str(tmp_path / "worker-data"), REFINE_AUDIT_SWEEP_INTERVAL_S="2",
+    )
 
 
 @pytest.fixture

@@ -59,6 +59,34 @@ def run(audit_id: str, settings: Settings, store: Any, sessions: sessionmaker[Se
     execute_audit(audit_id, settings, store=store, session_factory=sessions, options=FAST_OPTIONS, **kwargs)
 
 
+def run_in_thread(audit_id: str, settings: Settings, store: Any, sessions: sessionmaker[Session],
+                  runner: Any) -> threading.Thread:
+    """A worker running the audit beside the test."""
+    worker = threading.Thread(target=run, args=(audit_id, settings, store, sessions), kwargs={"runner": runner})
+    worker.start()
+    return worker
+
+
+def until(condition: Any, timeout_s: float = 30, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def reap_an_hour_later(sessions: sessionmaker[Session], audit_id: str, max_retries: int) -> AuditStatus:
+    """The sweep, seen from an hour later, when the live worker looks dead. Repeated, because
+    that worker may hold the row lock for a heartbeat at that instant (SKIP LOCKED)."""
+    reaped: dict[str, AuditStatus] = {}
+    deadline = time.monotonic() + 30
+    while audit_id not in reaped:
+        assert time.monotonic() < deadline, "the sweep never got the row"
+        with session_scope(sessions) as session:
+            reaped = audits.reap_stale(session, timedelta(seconds=30), max_retries=max_retries,
+                                       now=utcnow() + timedelta(hours=1))
+    return reaped[audit_id]
+
+
 class FakePipeline:
     """A stand-in for run_audit with real files, for the paths that do not need training."""
 
@@ -237,9 +265,8 @@ def test_duplicate_message_for_an_audit_a_live_worker_runs_is_dropped(
 ) -> None:
     audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
     first = FakePipeline(until_cancel=True)
-    worker = threading.Thread(target=run, args=(audit_id, settings, s3_store, sessions), kwargs={"runner": first})
-    worker.start()
-    wait_for_status(sessions, audit_id, AuditStatus.RUNNING)
+    worker = run_in_thread(audit_id, settings, s3_store, sessions, first)
+    until(lambda: load(sessions, audit_id).status == AuditStatus.RUNNING, what="the audit to run")
 
     duplicate = FakePipeline()
     run(audit_id, settings, s3_store, sessions, runner=duplicate)  # watches the heartbeat move, then gives up
@@ -250,13 +277,6 @@ def test_duplicate_message_for_an_audit_a_live_worker_runs_is_dropped(
     audit = load(sessions, audit_id)
     assert duplicate.calls == 0 and first.calls == 1
     assert (audit.status, audit.attempts, audit.recoveries) == (AuditStatus.CANCELLED, 1, 0)
-
-
-def wait_for_status(sessions: sessionmaker[Session], audit_id: str, status: AuditStatus, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while load(sessions, audit_id).status != status:
-        assert time.monotonic() < deadline, f"audit never became {status.value}"
-        time.sleep(0.05)
 
 
 class Checkpointing(FakePipeline):
@@ -270,10 +290,7 @@ class Checkpointing(FakePipeline):
     def __call__(self, spec, inputs, on_progress, should_cancel, on_metrics):  # type: ignore[override]
         (Path(inputs.work_dir) / "refine").mkdir(parents=True, exist_ok=True)
         (Path(inputs.work_dir) / "refine" / "refine_checkpoint.pt").write_bytes(b"epoch 3 of 6")
-        deadline = time.monotonic() + 30
-        while not self.store.exists(self.key):  # mirrored by the keep-alive thread
-            assert time.monotonic() < deadline, "the checkpoint never reached the store"
-            time.sleep(0.1)
+        until(lambda: self.store.exists(self.key), what="the keep-alive thread to mirror the checkpoint")
         return super().__call__(spec, inputs, on_progress, should_cancel, on_metrics)
 
 
@@ -294,19 +311,11 @@ def test_restart_on_another_machine_resumes_from_the_checkpoints_the_lost_worker
     )
     audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
     lost = Checkpointing(s3_store, audit_id)
-    worker_a = threading.Thread(target=run, args=(audit_id, machine_a, s3_store, sessions), kwargs={"runner": lost})
-    worker_a.start()
-    deadline = time.monotonic() + 30
-    while not s3_store.exists(lost.key):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    worker_a = run_in_thread(audit_id, machine_a, s3_store, sessions, lost)
+    until(lambda: s3_store.exists(lost.key), what="the checkpoint in S3")
 
-    # Machine A stops answering: the sweep, an hour later by its clock, restarts the audit.
-    recovered: dict[str, AuditStatus] = {}
-    while audit_id not in recovered:
-        assert time.monotonic() < deadline
-        with session_scope(sessions) as session:
-            recovered = audits.reap_stale(session, timedelta(seconds=30), max_retries=1, now=utcnow() + timedelta(hours=1))
+    # Machine A stops answering: the sweep restarts the audit.
+    assert reap_an_hour_later(sessions, audit_id, max_retries=1) == AuditStatus.QUEUED
     resumed = Resuming()
     run(audit_id, machine_b, s3_store, sessions, runner=resumed)
     worker_a.join(timeout=30)
@@ -428,21 +437,10 @@ def test_reaper_fails_silent_audit_and_its_late_worker_stops_without_overwriting
     settings: Settings, s3_store: S3Store, sessions: sessionmaker[Session]
 ) -> None:
     audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
-    pipeline = FakePipeline(until_cancel=True)
-    worker = threading.Thread(target=run, args=(audit_id, settings, s3_store, sessions), kwargs={"runner": pipeline})
-    worker.start()
-    deadline = time.monotonic() + 30
-    while load(sessions, audit_id).status != AuditStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    worker = run_in_thread(audit_id, settings, s3_store, sessions, FakePipeline(until_cancel=True))
+    until(lambda: load(sessions, audit_id).status == AuditStatus.RUNNING, what="the audit to run")
 
-    # Seen from an hour later, the worker looks dead: the reaper fails the audit. (The
-    # live worker may hold the row lock for a heartbeat at that instant: SKIP LOCKED.)
-    reaped: dict[str, AuditStatus] = {}
-    while audit_id not in reaped:
-        assert time.monotonic() < deadline
-        with session_scope(sessions) as session:
-            reaped = audits.reap_stale(session, timedelta(seconds=30), max_retries=0, now=utcnow() + timedelta(hours=1))
+    assert reap_an_hour_later(sessions, audit_id, max_retries=0) == AuditStatus.FAILED  # no restarts left
     worker.join(timeout=30)
 
     assert not worker.is_alive()

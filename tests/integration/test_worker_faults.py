@@ -33,7 +33,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from e2e.processes import ServiceProcess, free_port, service_env, start_celery_worker, start_redis_server, wait_for
+from e2e.processes import (
+    ServiceProcess,
+    deployment_env,
+    free_port,
+    start_celery_worker,
+    start_redis_server,
+    wait_for,
+)
 from shared_fixtures import fresh_database
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -147,20 +154,14 @@ def deployment(
         upgrade_database(database_url)
         engine = make_engine(database_url)
         redis_port = free_port()
-        env = service_env({
-            "REFINE_AUDIT_ENV": "test",
-            "REFINE_AUDIT_DATABASE_URL": database_url,
-            "REFINE_AUDIT_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "REFINE_AUDIT_ARTIFACTS": f"s3://{s3_store.bucket}",
-            "S3_ENDPOINT_URL": s3_endpoint,
-            "AWS_ACCESS_KEY_ID": s3_credentials.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": s3_credentials.secret_access_key,
-            "REFINE_AUDIT_DEVICE": "cpu",
-            "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
-            "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
-            "REFINE_AUDIT_SWEEP_INTERVAL_S": "1",
-            "REFINE_AUDIT_REPUBLISH_AFTER_S": "3",
-        })
+        env = deployment_env(
+            database_url=database_url, broker_url=f"redis://127.0.0.1:{redis_port}/0", bucket=s3_store.bucket,
+            s3_endpoint=s3_endpoint, access_key=s3_credentials.access_key_id,
+            secret_key=s3_credentials.secret_access_key,
+            REFINE_AUDIT_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_TIMEOUT_S),
+            REFINE_AUDIT_SWEEP_INTERVAL_S="1",
+            REFINE_AUDIT_REPUBLISH_AFTER_S="3",
+        )
         found = Deployment(tmp_path, database_url, engine, s3_store, receiver, redis_port, env,
                            new_owner(make_session_factory(engine)))
         try:

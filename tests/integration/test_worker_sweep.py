@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from e2e.processes import wait_for
 from kombu import Connection
 from shared_fixtures import claimed_redis_db
 from sqlalchemy import Engine, text
@@ -200,9 +201,13 @@ def test_one_sweeper_holds_the_lock_and_another_takes_over_when_its_connection_d
         assert first.held() and first.held()  # keeps it
         assert not second.held()
 
-        with pg_engine.connect() as admin:  # an operator (or a failover) kills the holder's connection
-            admin.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                               "WHERE datname = current_database() AND application_name = 'sweep-lock-test-1'"))
+        holder = "FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'sweep-lock-test-1'"
+        with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as admin:  # an operator kills it
+            admin.execute(text(f"SELECT pg_terminate_backend(pid) {holder}"))
+            # pg_terminate_backend only signals; the lock goes when the backend has exited (each query
+            # in its own transaction: pg_stat_activity is a snapshot per transaction)
+            wait_for(lambda: admin.execute(text(f"SELECT count(*) {holder}")).scalar_one() == 0, 10,
+                     message="the terminated backend to exit")
         assert second.held()
         assert not first.held()
         second.release()

@@ -158,13 +158,18 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+def start_receiver() -> tuple[Receiver, ThreadingHTTPServer]:
+    """A webhook receiver on a free loopback port, answering 200 (benchmarks use it too)."""
     box = Receiver(url="", statuses=[200])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(box))
     box.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/audit"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return box, server
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    box, server = start_receiver()
     yield box
     server.shutdown()
     server.server_close()
