@@ -112,9 +112,9 @@ def execute_audit(
 ) -> None:
     """Run one audit to a final status (see the module docstring for the guarantees).
 
-    ``final_attempt=False`` (the Celery task while it still has retries) leaves the row
-    running on a transient infrastructure error, for the retry to pick up; otherwise the
-    error is recorded before it propagates. ``store`` may be a factory, called on first
+    ``final_attempt=False`` (the Celery task while it still has retries) hands the row
+    back to ``queued`` on a transient infrastructure error, for the retry to claim;
+    otherwise the error is recorded before it propagates. ``store`` may be a factory, called on first
     use inside the error handling (building an S3 store already talks to S3).
     ``runner`` replaces ``run_audit`` in tests.
     """
@@ -231,7 +231,7 @@ class AuditExecutor:
             with session_scope(self.sessions) as session:
                 audit = rows.get_audit(session, self.audit_id)
                 if AuditStatus(audit.status) != AuditStatus.RUNNING or (audit.attempts, audit.heartbeat_at) != seen:
-                    log.info("audit %s is being run by a live worker; dropping this duplicate message", self.audit_id)
+                    log.info("audit %s is in the hands of a live worker; dropping this duplicate message", self.audit_id)
                     return _Claim()
         with session_scope(self.sessions) as session:
             audit = rows.get_audit(session, self.audit_id, for_update=True)
