@@ -41,7 +41,7 @@ from auditor.store.artifacts import ArtifactStore
 from auditor.store.db import session_scope
 from auditor.store.lifecycle import AuditStatus
 from auditor.store.models import utcnow
-from worker.broker import RedisBroker
+from worker.broker import BrokerHoldings, RedisBroker
 from worker.checkpoints import discard_checkpoints
 from worker.infra import transient_error
 from worker.notify import WebhookPolicy, deliver_due_webhooks
@@ -167,26 +167,34 @@ class Sweep:
         return recovered
 
     def republish_missing(self) -> list[str]:
-        assert self.publish is not None
+        if self.publish is None:
+            return []
         grace = self.settings.republish_after_s
         with session_scope(self.sessions) as session:
             candidates = rows.unpublished_audits(session, utcnow() - timedelta(seconds=grace))
         if not candidates:
             return []
         holdings = self.broker.holdings({c.queue for c in candidates}) if self.broker is not None else None
-        taken_since = time.time() - grace
         published = []
-        for candidate in candidates:
-            if holdings is None and not candidate.overdue:
-                continue
-            if holdings is not None and holdings.holds(candidate.audit_id, taken_since=None if candidate.overdue else taken_since):
-                continue
+        for candidate in filter(lambda c: self._message_lost(c, holdings, time.time() - grace), candidates):
             self.publish(candidate.audit_id, candidate.queue)
             with session_scope(self.sessions) as session:
                 rows.mark_published(session, candidate.audit_id)
             log.info("audit %s: published to queue %s", candidate.audit_id, candidate.queue)
             published.append(candidate.audit_id)
         return published
+
+    @staticmethod
+    def _message_lost(candidate: rows.Unpublished, holdings: BrokerHoldings | None, taken_since: float) -> bool:
+        """Whether a queued audit needs a new message: owed outright, or gone from the broker.
+
+        A message a worker took before ``taken_since`` without starting the audit counts as
+        gone, unless the audit is owed a message outright -- then any taken copy is the dead
+        worker's and only a waiting one counts.
+        """
+        if holdings is None:
+            return candidate.overdue
+        return not holdings.holds(candidate.audit_id, taken_since=None if candidate.overdue else taken_since)
 
     @staticmethod
     def _step(name: str, work: Callable[[], T], fallback: T) -> T:
