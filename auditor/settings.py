@@ -24,6 +24,8 @@ DEVICES = ("auto", "cpu", "cuda")
 BROKER_SCHEMES = ("redis", "rediss", "memory")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 MIN_SECRET_KEY_LENGTH = 32
+HARD_LIMIT_GRACE_S = 120  # soft time limit -> hard kill: time to record ``time_limit`` and upload nothing more
+VISIBILITY_MARGIN_S = 600  # beyond the hard limit, so Redis never redelivers a healthy audit's message
 
 
 class SettingsError(ValueError):
@@ -59,7 +61,22 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_MAX_UPLOAD_MB", "512", "Largest accepted file, in MiB, for the model and the dataset each (a request carries at most both plus 1 MiB of other fields)."),
     Variable("REFINE_AUDIT_FMNIST_DIR", DEFAULT_FMNIST_DIR, "Folder holding the built-in Fashion-MNIST files."),
     Variable("REFINE_AUDIT_AUDIT_TIME_LIMIT_S", "21600", "Hard time limit of one audit, in seconds (6 h)."),
-    Variable("REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", "300", "A running audit silent this long is failed with worker_lost."),
+    Variable("REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", "300",
+             "A running audit silent this long has lost its worker: it is retried, then failed with worker_lost."),
+    Variable("REFINE_AUDIT_LOST_WORKER_RETRIES", "1",
+             "How many times an audit whose worker died is restarted (from its last REFINE checkpoint)."),
+    Variable("REFINE_AUDIT_SWEEP_INTERVAL_S", "30",
+             "How often a worker (one at a time, elected by a database lock) sweeps for lost work."),
+    Variable("REFINE_AUDIT_REPUBLISH_AFTER_S", "300",
+             "A queued audit published this long ago is published again if the broker lost its message "
+             "(or a worker took it this long ago and never started it)."),
+    Variable("REFINE_AUDIT_VISIBILITY_TIMEOUT_S", "(time limit + 720)",
+             "Redis redelivers an unacknowledged message after this long; longer than any audit."),
+    Variable("REFINE_AUDIT_TASK_MAX_RETRIES", "3", "Retries of an audit after a transient S3 or database failure."),
+    Variable("REFINE_AUDIT_TASK_RETRY_BACKOFF_S", "10", "First delay before such a retry; doubles each time."),
+    Variable("REFINE_AUDIT_TASK_RETRY_BACKOFF_MAX_S", "120", "Longest delay between such retries."),
+    Variable("REFINE_AUDIT_RESULT_BACKEND", "(unset: none)",
+             "Celery result backend URL; the database row is the truth, so none is needed."),
 )
 
 
@@ -83,6 +100,14 @@ class Settings:
     fmnist_dir: Path
     audit_time_limit_s: int
     heartbeat_timeout_s: int
+    lost_worker_retries: int
+    sweep_interval_s: int
+    republish_after_s: int
+    visibility_timeout_s: int
+    task_max_retries: int
+    task_retry_backoff_s: int
+    task_retry_backoff_max_s: int
+    result_backend: str | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -90,6 +115,7 @@ class Settings:
         get = _reader(env)
         mode = _choice("REFINE_AUDIT_ENV", get("REFINE_AUDIT_ENV") or "development", ENVIRONMENTS)
         data_dir = Path(get("REFINE_AUDIT_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().absolute()
+        time_limit = _positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600)
         return cls(
             env=mode,
             data_dir=data_dir,
@@ -105,13 +131,28 @@ class Settings:
             allowed_hosts=_host_list(get("REFINE_AUDIT_ALLOWED_HOSTS")),
             max_upload_mb=_positive_int(get, "REFINE_AUDIT_MAX_UPLOAD_MB", 512),
             fmnist_dir=Path(get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR).expanduser(),
-            audit_time_limit_s=_positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600),
+            audit_time_limit_s=time_limit,
             heartbeat_timeout_s=_positive_int(get, "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", 300),
+            lost_worker_retries=_whole_number(get, "REFINE_AUDIT_LOST_WORKER_RETRIES", 1),
+            sweep_interval_s=_positive_int(get, "REFINE_AUDIT_SWEEP_INTERVAL_S", 30),
+            republish_after_s=_positive_int(get, "REFINE_AUDIT_REPUBLISH_AFTER_S", 300),
+            visibility_timeout_s=_positive_int(
+                get, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S", time_limit + HARD_LIMIT_GRACE_S + VISIBILITY_MARGIN_S
+            ),
+            task_max_retries=_whole_number(get, "REFINE_AUDIT_TASK_MAX_RETRIES", 3),
+            task_retry_backoff_s=_positive_int(get, "REFINE_AUDIT_TASK_RETRY_BACKOFF_S", 10),
+            task_retry_backoff_max_s=_positive_int(get, "REFINE_AUDIT_TASK_RETRY_BACKOFF_MAX_S", 120),
+            result_backend=_result_backend(get("REFINE_AUDIT_RESULT_BACKEND")),
         )
 
     @property
     def is_production(self) -> bool:
         return self.env == "production"
+
+    @property
+    def hard_time_limit_s(self) -> int:
+        """When a worker kills an audit that ignored its (soft) time limit."""
+        return self.audit_time_limit_s + HARD_LIMIT_GRACE_S
 
     @property
     def max_upload_bytes(self) -> int:
@@ -142,6 +183,15 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def _positive_int(get: Callable[[str], str | None], name: str, default: int) -> int:
+    return _bounded_int(get, name, default, minimum=1)
+
+
+def _whole_number(get: Callable[[str], str | None], name: str, default: int) -> int:
+    """Zero allowed: e.g. no retries at all."""
+    return _bounded_int(get, name, default, minimum=0)
+
+
+def _bounded_int(get: Callable[[str], str | None], name: str, default: int, *, minimum: int) -> int:
     raw = get(name)
     if raw is None:
         return default
@@ -149,8 +199,9 @@ def _positive_int(get: Callable[[str], str | None], name: str, default: int) -> 
         value = int(raw)
     except ValueError:
         raise SettingsError(name, f"must be a whole number, not {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(name, f"must be positive, not {value}")
+    if value < minimum:
+        problem = "must be positive" if minimum == 1 else f"must be at least {minimum}"
+        raise SettingsError(name, f"{problem}, not {value}")
     return value
 
 
@@ -164,6 +215,12 @@ def _database_url(url: str) -> str:
 def _broker_url(url: str | None) -> str | None:
     if url is not None and urlsplit(url).scheme not in BROKER_SCHEMES:
         raise SettingsError("REFINE_AUDIT_BROKER_URL", f"must be a redis:// URL, not {url!r}")
+    return url
+
+
+def _result_backend(url: str | None) -> str | None:
+    if url is not None and "://" not in url:
+        raise SettingsError("REFINE_AUDIT_RESULT_BACKEND", f"must be a URL such as redis://host/1, not {url!r}")
     return url
 
 

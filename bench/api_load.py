@@ -20,7 +20,6 @@ Writes ``bench/results/api_load.json``. Needs ``scripts/services.sh start``.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shlex
@@ -37,16 +36,18 @@ from typing import Any
 
 import redis
 import requests
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from auditor.store import users
 from auditor.store.db import make_engine, make_session_factory, session_scope, upgrade_database
 from auditor.store.models import Audit
 from bench.common import RESULTS, git_commit, write_json
+from worker.broker import audit_id_of
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from e2e.processes import free_port, service_env, start_gunicorn, wait_for  # noqa: E402
+from e2e.processes import api_healthy, free_port, service_env, start_gunicorn, wait_for  # noqa: E402
+from shared_fixtures import throwaway_database  # noqa: E402
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS_DBS = range(5, 16)
@@ -56,24 +57,6 @@ SPEC = {
     "effort": "tiny",
     "model": {"source": "api", "api": {"url": "http://127.0.0.1:9/v1/models/m:predict"}},
 }
-
-
-def create_database() -> tuple[str, str]:
-    name = f"refine_audit_bench_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade_database(url)
-    return name, url
-
-
-def drop_database(name: str) -> None:
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def claim_redis_db() -> tuple[redis.Redis, int]:
@@ -147,19 +130,16 @@ def poll_all(base: str, token: str, ids: list[str], count: int, concurrency: int
 
 def queued_ids(client: redis.Redis) -> list[str]:
     """The audit id of every ``worker.run_audit`` message waiting in the queue list."""
-    ids = []
-    for raw in client.lrange(QUEUE, 0, -1):
-        message = json.loads(raw)
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        ids.append(args[0])
-    return ids
+    return [audit_id for audit_id in map(audit_id_of, client.lrange(QUEUE, 0, -1)) if audit_id is not None]
 
 
 def run(submissions: int, polls: int, workers: int, threads: int) -> dict[str, Any]:
-    db_name, database_url = create_database()
+    with throwaway_database("refine_audit_bench_") as database_url:
+        upgrade_database(database_url)
+        return run_on(database_url, submissions, polls, workers, threads)
+
+
+def run_on(database_url: str, submissions: int, polls: int, workers: int, threads: int) -> dict[str, Any]:
     client, redis_db = claim_redis_db()
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="refine-audit-bench-"))
@@ -176,7 +156,7 @@ def run(submissions: int, polls: int, workers: int, threads: int) -> dict[str, A
                             workers=workers, threads=threads)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _healthy(base), 120, message="gunicorn to answer /api/v1/health", process=server)
+        wait_for(lambda: api_healthy(base), 120, message="gunicorn to answer /api/v1/health", process=server)
         token, owner_id = bench_token(database_url)
         started = time.perf_counter()
         posted = submit_all(base, token, submissions)
@@ -190,15 +170,7 @@ def run(submissions: int, polls: int, workers: int, threads: int) -> dict[str, A
         server.stop()
         client.flushdb()
         client.close()
-        drop_database(db_name)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/api/v1/health", timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def summarize(posted: list[dict[str, Any]], polled: list[dict[str, Any]], accepted_ids: list[str], owner_id: int,

@@ -9,6 +9,9 @@ VENV=${VENV:-.venv}
 
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+# The fault tests (tests/integration/test_worker_faults.py) kill and restart a redis-server
+# of their own, never the machine's Redis.
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 # The browser tests (tests/e2e/test_portal_*.py) drive Debian's headless Chromium, never a
 # downloaded browser: install it whenever we can (root), or when asked (WITH_BROWSER=1).
 if [ ! -x /usr/bin/chromium ] && { [ "$(id -u)" = 0 ] || [ "${WITH_BROWSER:-0}" = 1 ]; }; then need_apt+=(chromium); fi

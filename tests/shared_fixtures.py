@@ -1,4 +1,5 @@
-"""Helpers several test folders need: a small trained Fashion-MNIST model and a private Redis database.
+"""Helpers several test folders need: a small trained Fashion-MNIST model, a private Redis
+database and a fresh PostgreSQL database.
 
 Kept as plain functions (not fixtures) so each test module wraps them in the scope it needs.
 """
@@ -51,19 +52,24 @@ def service_missing(message: str) -> None:
 
 
 @contextmanager
-def throwaway_database(prefix: str, on_missing: Callable[[str], None]) -> Iterator[str]:
-    """URL of a fresh, empty PostgreSQL database, dropped afterwards even if a process still holds it."""
-    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+def throwaway_database(
+    prefix: str, on_missing: Callable[[str], None] | None = None, server_url: str = PG_ADMIN_URL
+) -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database on ``server_url``'s server, dropped afterwards
+    even while a process still holds connections to it. An unreachable server goes to
+    ``on_missing`` (fail under CI, skip elsewhere) or, without one, raises."""
+    admin = make_engine(server_url, isolation_level="AUTOCOMMIT")
     name = f"{prefix}{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
     except OperationalError as error:
         admin.dispose()
-        on_missing(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {error.orig}")
+        if on_missing is not None:
+            on_missing(f"PostgreSQL is not reachable at {server_url}: {error.orig}")
         raise
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        yield server_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

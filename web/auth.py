@@ -1,7 +1,8 @@
 """Bearer-token authentication for the API (``Authorization: Bearer ra_...``).
 
 Tokens are looked up by their SHA-256 (``auditor.store.users``); the authenticated user
-id goes on ``g`` for the request. Every failure is the same 401, so a caller cannot
+id and token id go on ``g`` for the request (an audit records the token that submitted
+it: that token's secret signs its webhook). Every failure is the same 401, so a caller cannot
 tell a revoked token from a made-up one.
 """
 
@@ -30,8 +31,8 @@ def bearer_token(header: str | None) -> str | None:
     return token
 
 
-def authenticate() -> int:
-    """The user id behind the request's bearer token, or ``unauthorized``.
+def authenticate() -> tuple[int, int]:
+    """The user id and token id behind the request's bearer token, or ``unauthorized``.
 
     ``authenticate_token`` stamps ``last_used_at``; committing it here keeps that write
     out of the views' own units of work.
@@ -43,15 +44,15 @@ def authenticate() -> int:
     found = users.authenticate_token(session, token)
     if found is None:
         raise AuditError(ErrorCode.UNAUTHORIZED, "The API token is invalid or revoked.")
-    user_id = found.user_id
+    user_id, token_id = found.user_id, found.id
     session.commit()
-    return user_id
+    return user_id, token_id
 
 
 def require_token(view: View) -> View:
     @functools.wraps(view)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        g.user_id = authenticate()
+        g.user_id, g.token_id = authenticate()
         return view(*args, **kwargs)
 
     return guarded
@@ -59,3 +60,7 @@ def require_token(view: View) -> View:
 
 def current_user_id() -> int:
     return g.user_id
+
+
+def current_token_id() -> int:
+    return g.token_id

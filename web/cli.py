@@ -9,12 +9,14 @@ place allowed to import both ``web`` and ``worker``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import click
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from auditor.settings import Settings, SettingsError
@@ -24,6 +26,9 @@ from auditor.store.db import make_engine, make_session_factory, session_scope, u
 from auditor.store.lifecycle import AuditStatus
 from auditor.store.models import Audit, User
 from web.jobs import CeleryQueue, InProcessQueue, JobQueue
+
+if TYPE_CHECKING:
+    from worker.sweep import Sweeper
 
 
 def register(group: click.Group) -> None:
@@ -74,8 +79,10 @@ def serve(host: str, port: int) -> None:
     store = store_from_url(settings.artifacts_url, settings)
     queue = build_queue(settings, store)
     app = create_app(settings, store=store, queue=queue, engine=engine)
-    if isinstance(queue, InProcessQueue):
+    in_process = isinstance(queue, InProcessQueue)
+    if in_process:
         requeue_unfinished(make_session_factory(engine), queue)
+    sweeper = webhook_sweeper(settings, engine, store) if in_process else None
     mode = "Celery broker" if settings.broker_url else "in-process audits"
     click.echo(f"refine-audit API on http://{host}:{port}/api/v1 ({mode}; docs at /api/v1/docs)", err=True)
     server = make_server(host, port, app, threaded=True)
@@ -85,6 +92,8 @@ def serve(host: str, port: int) -> None:
         pass
     finally:
         server.server_close()
+        if sweeper is not None:
+            sweeper.stop()
 
 
 def build_queue(settings: Settings, store: ArtifactStore) -> JobQueue:
@@ -99,6 +108,15 @@ def build_queue(settings: Settings, store: ArtifactStore) -> JobQueue:
         execute_audit(audit_id, settings, store=store)
 
     return InProcessQueue(run)
+
+
+def webhook_sweeper(settings: Settings, engine: Engine, store: ArtifactStore) -> Sweeper:
+    """The in-process mode's share of the workers' sweep: retrying owed webhooks (its audits
+    never leave this process, so there is nothing to recover or re-publish)."""
+    from worker.sweep import Sweep, Sweeper, SweepLock  # lazy, like the executor
+
+    sweep = Sweep(settings, make_session_factory(engine), lambda: store)
+    return Sweeper(sweep, SweepLock(engine), settings.sweep_interval_s).start()
 
 
 def requeue_unfinished(sessions: sessionmaker[Session], queue: JobQueue) -> list[str]:
@@ -147,12 +165,22 @@ def token() -> None:
 @token.command("create")
 @click.option("--email", required=True, help="The owner of the token.")
 @click.option("--name", default="cli", show_default=True, help="A label to tell tokens apart.")
-def create_token(email: str, name: str) -> None:
-    """Create a token and print it once, alone on stdout (so scripts can capture it)."""
+@click.option("--json", "as_json", is_flag=True, help='Print {"token", "webhook_secret"} as JSON on stdout.')
+def create_token(email: str, name: str, as_json: bool) -> None:
+    """Create a token and print it and its webhook signing secret, once.
+
+    The token goes alone on stdout (so scripts can capture it) and the secret to
+    stderr; with --json both go to stdout as one JSON object.
+    """
     with database(load_settings()) as session:
         owner = _user_or_fail(session, email)
-        _, plaintext = users.create_token(session, owner.id, name)
-    click.echo("store this token now; it cannot be shown again:", err=True)
+        created, plaintext = users.create_token(session, owner.id, name)
+        secret = created.webhook_secret
+    if as_json:
+        click.echo(json.dumps({"token": plaintext, "webhook_secret": secret}))
+        return
+    click.echo("store the token and its webhook secret now; neither can be shown again:", err=True)
+    click.echo(f"webhook signing secret (verifies the callbacks of audits this token submits): {secret}", err=True)
     click.echo(plaintext)
 
 

@@ -4,23 +4,31 @@ The Celery task (``worker.tasks.run_audit``) and the web app's in-process queue 
 call ``execute_audit(audit_id, settings)``; everything that makes a run safe to repeat
 lives here, in the order STYLE.md asks for:
 
-1. **Start** (short session): load the row; a terminal row means a redelivered message
-   whose work is already done, so return. Otherwise ``mark_running`` (attempts + 1) and
-   read the spec, then close the session before any heavy work.
+1. **Claim** (short session): only a ``queued`` row is claimed (``mark_running``,
+   attempts + 1), so of two messages for one audit only the first runs it. A terminal
+   row means the work is done: only its webhook, if still owed, is attempted. A
+   ``running`` row belongs to another attempt: if its heartbeat moves, this message is
+   a duplicate and is dropped; if it stays frozen for a few keep-alive intervals, that
+   attempt's worker is dead (e.g. the pool process was killed and Celery handed the
+   message back) and the audit is recovered -- restarted while it has restarts left,
+   else failed with ``worker_lost`` -- exactly as the sweep would, only sooner.
 2. **Inputs**: download ``audits/{id}/inputs/model`` and ``.../dataset`` into a work dir
-   at a stable path per audit, so a redelivered run resumes REFINE from its last epoch
-   checkpoint instead of starting over.
-3. **Run** the pipeline with callbacks bound to the row (``worker.progress``).
+   at a stable path per audit, and restore the REFINE checkpoints a previous attempt
+   mirrored to the store, so a restart on any machine resumes from its last epoch.
+3. **Run** the pipeline with callbacks bound to the row (``worker.progress``); the
+   keep-alive thread heart-beats and mirrors new checkpoints to the store.
 4. **Publish**: upload every artifact to its fixed key (a re-run overwrites), the JSON
    report last, record them, and only then mark the row ``succeeded`` -- so a row never
    says ``succeeded`` while its report is missing or half-written.
-5. **Notify**: the completion webhook, after the final status is committed.
+5. **Notify**: the transaction that ended the audit recorded the webhook it owes; the
+   executor makes the first attempt, the sweep any retries (``worker.notify``).
 
 Failures: a domain error or a cancel comes back in the result and is recorded as such;
 an unexpected exception is recorded as ``internal_error`` and re-raised; a transient
 infrastructure error (S3 or the database unreachable) is raised as
-``TransientInfraError`` for the task to retry, and recorded as ``storage_unavailable``
-or ``database_unavailable`` only on the last attempt.
+``TransientInfraError`` for the task to retry -- the row goes back to ``queued`` for
+that retry to claim -- and is recorded as ``storage_unavailable`` or
+``database_unavailable`` only on the last attempt.
 """
 
 from __future__ import annotations
@@ -45,11 +53,10 @@ from auditor.spec import AuditSpec, parse_spec
 from auditor.store import audits as rows
 from auditor.store.artifacts import ArtifactNotFound, ArtifactStore, store_from_url
 from auditor.store.db import make_engine, make_session_factory, session_scope
-from auditor.store.lifecycle import WORKER_LOST, AuditStatus, is_terminal
-from auditor.store.models import utcnow
-from auditor.store.webhooks import delivery_count, record_delivery, webhook_secret_for
-from auditor.webhooks import DeliveryAttempt, deliver
+from auditor.store.lifecycle import AuditStatus, is_terminal
+from worker.checkpoints import CheckpointMirror, discard_checkpoints
 from worker.infra import transient_error
+from worker.notify import WebhookPolicy, deliver_webhook
 from worker.progress import KeepAlive, RowLink, stages_for
 
 log = logging.getLogger(__name__)
@@ -81,9 +88,16 @@ class ExecutorOptions:
     keepalive_interval_s: float = 15.0  # heartbeat even when the pipeline reports nothing
     upload_attempts: int = 3  # in-process tries per artifact before the task-level retry
     upload_backoff_s: float = 1.0  # doubled after each failed try
-    webhook_attempts: int = 5
-    webhook_backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    webhook_policy: WebhookPolicy = WebhookPolicy()
     keep_work_dir: bool = False  # keep scratch files of finished audits (debugging)
+
+    def keepalive_s(self, heartbeat_timeout_s: int) -> float:
+        """Several beats fit in the heartbeat timeout, so one lost write never looks like a death."""
+        return min(self.keepalive_interval_s, max(1.0, heartbeat_timeout_s / 4))
+
+    def abandoned_after_s(self, heartbeat_timeout_s: int) -> float:
+        """How long a running audit's heartbeat must stay frozen before its worker counts as dead."""
+        return min(float(heartbeat_timeout_s), 2 * self.keepalive_s(heartbeat_timeout_s) + 2.0)
 
 
 def execute_audit(
@@ -98,9 +112,9 @@ def execute_audit(
 ) -> None:
     """Run one audit to a final status (see the module docstring for the guarantees).
 
-    ``final_attempt=False`` (the Celery task while it still has retries) leaves the row
-    running on a transient infrastructure error, for the retry to pick up; otherwise the
-    error is recorded before it propagates. ``store`` may be a factory, called on first
+    ``final_attempt=False`` (the Celery task while it still has retries) hands the row
+    back to ``queued`` on a transient infrastructure error, for the retry to claim;
+    otherwise the error is recorded before it propagates. ``store`` may be a factory, called on first
     use inside the error handling (building an S3 store already talks to S3).
     ``runner`` replaces ``run_audit`` in tests.
     """
@@ -116,13 +130,12 @@ def execute_audit(
             engine.dispose()
 
 
-def reap_stale_audits(session_factory: sessionmaker[Session], heartbeat_timeout_s: int) -> list[str]:
-    """Fail running audits whose worker went silent (``worker_lost``); returns their ids."""
-    with session_scope(session_factory) as session:
-        reaped = rows.reap_stale(session, timedelta(seconds=heartbeat_timeout_s))
-    for audit_id in reaped:
-        log.warning("audit %s failed with %s: no heartbeat for %s s", audit_id, WORKER_LOST, heartbeat_timeout_s)
-    return reaped
+@dataclass(frozen=True)
+class _Claim:
+    """What the claim found: a spec to run, or nothing to run (and whether the audit is final)."""
+
+    spec: dict[str, Any] | None = None
+    final: bool = False
 
 
 class AuditExecutor:
@@ -154,47 +167,83 @@ class AuditExecutor:
             self._store = self._store()
         return self._store
 
+    @property
+    def work_dir(self) -> Path:
+        return work_dir_for(self.settings, self.audit_id)
+
     def run(self, *, final_attempt: bool = True) -> None:
         with self._infra_guard(final_attempt):
             spec = self._start()
             if spec is None:
                 return
-            work_dir = work_dir_for(self.settings, self.audit_id)
-            result = self._run_pipeline(spec, work_dir)
+            result = self._run_pipeline(spec, self.work_dir)
             status = self._publish(result)
             if status is not None:  # None: a newer attempt may be using the same work dir
-                self._cleanup(work_dir)
-                self._notify(spec, status)
+                self._cleanup()
+                self._notify()
 
-    # -- 1 start ----------------------------------------------------------------------------
+    # -- 1 claim ----------------------------------------------------------------------------
 
     def _start(self) -> AuditSpec | None:
-        """Claim the row; None when there is nothing (left) to do."""
+        """Claim the row and parse its spec; None when there is nothing (left) to do."""
+        claim = self._claim()
+        if claim.final:
+            self._discard_checkpoints()  # left behind if the finishing worker died before its cleanup
+            self._notify()
+        if claim.spec is None:
+            return None
+        log.info("audit %s: attempt %d started", self.audit_id, self.attempt)
+        try:
+            return parse_spec(claim.spec)
+        except AuditError as exc:  # the web validated it, but a stored spec can predate a change
+            code, message = exc.code, exc.message
+        self._finish(lambda s: rows.mark_failed(s, self.audit_id, code, message))
+        self._notify()
+        return None
+
+    def _claim(self) -> _Claim:
         with session_scope(self.sessions) as session:
             try:
                 audit = rows.get_audit(session, self.audit_id, for_update=True)
             except rows.AuditNotFound:
                 log.info("audit %s was deleted; nothing to do", self.audit_id)
-                return None
-            if is_terminal(AuditStatus(audit.status)):
-                log.info("audit %s is already %s; nothing to do", self.audit_id, audit.status.value)
-                pending_webhook = audit.spec.get("callback_url") and delivery_count(session, self.audit_id) == 0
-                final = AuditStatus(audit.status)
-            else:
-                audit = rows.mark_running(session, self.audit_id)
-                self.attempt = audit.attempts
-                raw_spec, pending_webhook, final = dict(audit.spec), False, None
-        if final is not None:
-            if pending_webhook:  # the previous attempt died between committing and notifying
-                self._notify(parse_spec(audit.spec), final)
-            return None
-        log.info("audit %s: attempt %d started", self.audit_id, self.attempt)
-        try:
-            return parse_spec(raw_spec)
-        except AuditError as exc:  # the web validated it, but a stored spec can predate a change
-            code, message = exc.code, exc.message
-        self._finish(lambda s: rows.mark_failed(s, self.audit_id, code, message))
-        return None
+                return _Claim()
+            status = AuditStatus(audit.status)
+            if is_terminal(status):
+                log.info("audit %s is already %s; nothing to do", self.audit_id, status.value)
+                return _Claim(final=True)
+            if status == AuditStatus.QUEUED:
+                return self._claim_queued(session)
+            seen = (audit.attempts, audit.heartbeat_at)
+        return self._claim_abandoned(seen)
+
+    def _claim_queued(self, session: Session) -> _Claim:
+        audit = rows.mark_running(session, self.audit_id)
+        self.attempt = audit.attempts
+        return _Claim(spec=dict(audit.spec))
+
+    def _claim_abandoned(self, seen: tuple[int, Any]) -> _Claim:
+        """Another attempt holds the row: wait to see whether its worker is alive."""
+        wait_s = self.options.abandoned_after_s(self.settings.heartbeat_timeout_s)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, wait_s / 4))
+            with session_scope(self.sessions) as session:
+                audit = rows.get_audit(session, self.audit_id)
+                if AuditStatus(audit.status) != AuditStatus.RUNNING or (audit.attempts, audit.heartbeat_at) != seen:
+                    log.info("audit %s is in the hands of a live worker; dropping this duplicate message", self.audit_id)
+                    return _Claim()
+        with session_scope(self.sessions) as session:
+            audit = rows.get_audit(session, self.audit_id, for_update=True)
+            if AuditStatus(audit.status) != AuditStatus.RUNNING or (audit.attempts, audit.heartbeat_at) != seen:
+                return _Claim()
+            silence = timedelta(seconds=wait_s)
+            status = rows.recover_lost(session, audit, self.settings.lost_worker_retries, silence)
+            log.warning("audit %s: its worker died (heartbeat frozen for %.0f s); now %s", self.audit_id, wait_s,
+                        status.value)
+            if status == AuditStatus.QUEUED:
+                return self._claim_queued(session)
+        return _Claim(final=True)
 
     # -- 2 inputs and 3 run -----------------------------------------------------------------
 
@@ -220,20 +269,30 @@ class AuditExecutor:
             audit_id=self.audit_id,
             device=self.settings.device,
         )
+        mirror = CheckpointMirror(lambda: self.store, self.audit_id, work_dir / "refine")
+        self._restore_checkpoints(mirror)
         link = RowLink(
             self.sessions, self.audit_id, self.attempt, stages_for(spec.model.source),
             interval_s=self.options.progress_interval_s,
         )
-        keepalive = min(self.options.keepalive_interval_s, max(1.0, self.settings.heartbeat_timeout_s / 4))
-        with KeepAlive(link, keepalive):
+        keepalive = self.options.keepalive_s(self.settings.heartbeat_timeout_s)
+        with KeepAlive(link, keepalive, after_beat=mirror.sync):
             return self.runner(spec, inputs, link.on_progress, link.should_cancel, link.on_metrics)
+
+    def _restore_checkpoints(self, mirror: CheckpointMirror) -> None:
+        restored = mirror.restore()
+        if restored:
+            message = f"Restored the checkpoints of an earlier attempt ({', '.join(restored)}); REFINE resumes from them."
+            log.info("audit %s: %s", self.audit_id, message)
+            with session_scope(self.sessions) as session:
+                rows.record_event(session, self.audit_id, "checkpoint", message, data={"restored": restored})
 
     # -- 4 publish --------------------------------------------------------------------------
 
     def _publish(self, result: AuditResult) -> AuditStatus | None:
         """Upload, record and set the final status; None when the row was no longer ours."""
         if result.status == "succeeded":
-            infos = self._upload_all(result.artifacts)  # raises: the row stays running
+            infos = self._upload_all(result.artifacts)  # raises: the row never says succeeded
             return self._finish(lambda s: self._record_success(s, result, infos))
         infos = self._upload_best_effort(result.artifacts)  # the report of a failure helps, but is optional
         error = result.error or {}
@@ -307,10 +366,17 @@ class AuditExecutor:
         log.info("audit %s: %s", self.audit_id, status.value)
         return status
 
-    def _cleanup(self, work_dir: Path) -> None:
-        """Scratch files go once the audit is final; kept after a crash so a retry can resume."""
+    def _cleanup(self) -> None:
+        """Scratch files and mirrored checkpoints go once the audit is final (kept until then to resume from)."""
+        self._discard_checkpoints()
         if not self.options.keep_work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _discard_checkpoints(self) -> None:
+        try:
+            discard_checkpoints(self.store, self.audit_id)
+        except Exception as exc:  # noqa: BLE001 -- leftovers go with the audit's files when it is deleted
+            log.warning("audit %s: stored checkpoints not deleted: %s", self.audit_id, exc)
 
     # -- failures ---------------------------------------------------------------------------
 
@@ -328,6 +394,8 @@ class AuditExecutor:
             if transient is not None:
                 if final_attempt:
                     self._record_failure(transient.code.value, transient.message)
+                else:
+                    self._requeue_for_retry(transient.message)
                 if transient is exc:
                     raise
                 raise transient from exc
@@ -335,54 +403,33 @@ class AuditExecutor:
             raise
 
     def _record_failure(self, code: str, message: str) -> None:
-        """Best effort: when even this write fails, the reaper fails the row later."""
+        """Best effort: when even this write fails, the sweep recovers the row later."""
         try:
             with session_scope(self.sessions) as session:
                 audit = rows.get_audit(session, self.audit_id, for_update=True)
                 ours = AuditStatus(audit.status) == AuditStatus.RUNNING and audit.attempts == self.attempt
-                if ours or AuditStatus(audit.status) == AuditStatus.QUEUED:  # queued: failed before starting
-                    rows.mark_failed(session, self.audit_id, code, message)
+                if not (ours or AuditStatus(audit.status) == AuditStatus.QUEUED):  # queued: failed before starting
+                    return
+                rows.mark_failed(session, self.audit_id, code, message)
         except Exception as exc:  # noqa: BLE001 -- the original error is the one to raise
             log.error("audit %s: could not record failure %s (%s)", self.audit_id, code, exc)
+            return
+        self._cleanup()
+        self._notify()
+
+    def _requeue_for_retry(self, reason: str) -> None:
+        """Hand the row back to ``queued`` for the task's retry to claim; best effort, like ``_record_failure``."""
+        try:
+            with session_scope(self.sessions) as session:
+                rows.requeue_for_retry(session, self.audit_id, self.attempt, reason)
+        except Exception as exc:  # noqa: BLE001 -- the retry then finds the row running and recovers it
+            log.error("audit %s: could not requeue for a retry (%s)", self.audit_id, exc)
 
     # -- 5 notify ---------------------------------------------------------------------------
 
-    def _notify(self, spec: AuditSpec, status: AuditStatus) -> None:
-        """POST the signed completion webhook; never fails the (already final) audit."""
-        if spec.callback_url is None:
-            return
-        url = str(spec.callback_url)
+    def _notify(self) -> None:
+        """The first attempt at the webhook the audit owes, if any; the sweep retries. Never raises."""
         try:
-            with session_scope(self.sessions) as session:
-                secret = webhook_secret_for(session, self.audit_id)
-                payload = completion_payload(rows.get_audit(session, self.audit_id))
-            if secret is None:
-                log.warning("audit %s: owner has no live API token to sign the webhook with", self.audit_id)
-                return
-            deliver(
-                url, payload, secret, self.settings.allowed_hosts,
-                attempts=self.options.webhook_attempts, backoff=self.options.webhook_backoff_s,
-                on_attempt=lambda attempt: self._record_delivery(url, attempt),
-            )
-        except Exception as exc:  # noqa: BLE001
-            log.warning("audit %s: webhook to %s not delivered: %s", self.audit_id, url, exc)
-
-    def _record_delivery(self, url: str, attempt: DeliveryAttempt) -> None:
-        with session_scope(self.sessions) as session:
-            record_delivery(
-                session, self.audit_id, url, attempt.attempt, attempt.status_code, attempt.error, attempt.succeeded
-            )
-
-
-def completion_payload(audit: Any) -> dict[str, Any]:
-    """What a webhook receiver gets: enough to act without a second request."""
-    error = {"code": audit.error_code, "message": audit.error_message} if audit.error_code else None
-    return {
-        "event": "audit.finished",
-        "audit_id": audit.id,
-        "status": AuditStatus(audit.status).value,
-        "summary": audit.summary,
-        "error": error,
-        "finished_at": (audit.finished_at or utcnow()).isoformat(),
-        "links": {"self": f"/api/v1/audits/{audit.id}", "report": f"/api/v1/audits/{audit.id}/report.json"},
-    }
+            deliver_webhook(self.sessions, self.audit_id, self.settings.allowed_hosts, self.options.webhook_policy)
+        except Exception as exc:  # noqa: BLE001 -- the audit is final either way; the sweep tries again
+            log.warning("audit %s: webhook not delivered yet: %s", self.audit_id, exc)

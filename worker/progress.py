@@ -8,7 +8,8 @@ short session; no connection is held while the model trains.
 
 A small keep-alive thread heart-beats even while the pipeline is inside one long step
 that reports nothing (rendering a PDF, tracing a model), so only a dead or wedged
-process goes silent long enough for the reaper to fail the audit with ``worker_lost``.
+process goes silent long enough for the sweep to recover the audit; after each beat
+it also runs a chore of the executor's (mirroring new checkpoints to the store).
 
 A database hiccup during a write is logged and skipped: progress is cosmetic, and a
 six-hour training run must not die because one UPDATE failed. A row that is no longer
@@ -86,7 +87,7 @@ class RowLink:
         clock: Callable[[], float] = time.monotonic,
     ):
         self._sessions = sessions
-        self._audit_id = audit_id
+        self.audit_id = audit_id
         self._attempt = attempt
         self._progress = StageProgress(stages)
         self._interval = interval_s
@@ -110,7 +111,7 @@ class RowLink:
                 return
             self._stage, self._last_write = stage, now
             detail = {"stage": stage, "done": done, "total": total, **({"metrics": self._metrics} if self._metrics else {})}
-        self._write(lambda s: update_progress(s, self._audit_id, stage, value, detail))
+        self._write(lambda s: update_progress(s, self.audit_id, stage, value, detail))
 
     def on_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
         """Kept and shown with the next progress write (per-epoch numbers such as the loss)."""
@@ -135,12 +136,12 @@ class RowLink:
         self._write(self._heartbeat)
 
     def _heartbeat(self, session: Session) -> None:
-        cancel = heartbeat(session, self._audit_id)
-        attempts = get_audit(session, self._audit_id).attempts
+        cancel = heartbeat(session, self.audit_id)
+        attempts = get_audit(session, self.audit_id).attempts
         if attempts != self._attempt:
             self._lose(f"attempt {attempts} of this audit started elsewhere (this is attempt {self._attempt})")
         elif cancel and not self.cancel_requested:
-            log.info("audit %s: cancellation requested", self._audit_id)
+            log.info("audit %s: cancellation requested", self.audit_id)
             self.cancel_requested = True
 
     def _write(self, work: Callable[[Session], Any]) -> None:
@@ -150,20 +151,25 @@ class RowLink:
         except IllegalTransition as exc:
             self._lose(exc.message)
         except SQLAlchemyError as exc:
-            log.warning("audit %s: progress/heartbeat write skipped: %s", self._audit_id, exc)
+            log.warning("audit %s: progress/heartbeat write skipped: %s", self.audit_id, exc)
 
     def _lose(self, reason: str) -> None:
         if self.lost_reason is None:
-            log.warning("audit %s: no longer ours (%s); stopping", self._audit_id, reason)
+            log.warning("audit %s: no longer ours (%s); stopping", self.audit_id, reason)
             self.lost_reason = reason
 
 
 class KeepAlive:
-    """A daemon thread that calls ``link.beat()`` every ``interval_s`` until stopped."""
+    """A daemon thread that calls ``link.beat()`` every ``interval_s`` until stopped.
 
-    def __init__(self, link: RowLink, interval_s: float):
+    ``after_beat`` runs after each beat while the audit is still ours; its failures are
+    logged and retried at the next beat, never fatal to the audit.
+    """
+
+    def __init__(self, link: RowLink, interval_s: float, after_beat: Callable[[], object] | None = None):
         self._link = link
         self._interval = interval_s
+        self._after_beat = after_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-heartbeat", daemon=True)
 
@@ -178,3 +184,8 @@ class KeepAlive:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._link.beat()
+            if self._after_beat is not None and self._link.lost_reason is None:
+                try:
+                    self._after_beat()
+                except Exception as exc:  # noqa: BLE001 -- e.g. S3 briefly down: the next beat retries
+                    log.warning("audit %s: keep-alive chore failed: %s", self._link.audit_id, exc)

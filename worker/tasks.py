@@ -1,8 +1,10 @@
-"""Celery tasks: thin wrappers that hand an audit id to the executor.
+"""Celery tasks and worker hooks: thin wrappers around the executor and the sweep.
 
 Each worker process keeps one engine, session factory and artifact store, created on
 first use *after* the fork (``worker_process_init`` drops anything inherited: a
-PostgreSQL connection shared by two processes corrupts both).
+PostgreSQL connection shared by two processes corrupts both). The main process of
+every worker runs the sweep thread (``worker.sweep``), started once the worker is
+ready and stopped at shutdown, so no separate scheduler process is needed.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery import Celery, Task
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from auditor.settings import Settings
 from auditor.store.artifacts import ArtifactStore, store_from_url
 from auditor.store.db import make_engine, make_session_factory
-from worker.celery_app import OPTIONS, REAP_TASK, RUN_AUDIT_TASK, SETTINGS, app
-from worker.executor import execute_audit, reap_stale_audits
+from worker.broker import RUN_AUDIT_TASK, RedisBroker
+from worker.celery_app import SETTINGS, app
+from worker.executor import execute_audit
 from worker.infra import TransientInfraError
+from worker.sweep import Sweep, Sweeper, SweepLock
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class _Resources:
 
 _resources: _Resources | None = None
 _lock = threading.Lock()
+_sweeper: Sweeper | None = None
 
 
 def resources() -> _Resources:
@@ -67,16 +73,30 @@ def _dispose(**_: Any) -> None:
         _resources.engine.dispose()
 
 
+def build_sweeper(settings: Settings, celery: Celery) -> Sweeper:
+    """The sweep of a Celery worker: publishes through ``celery``, reads the broker, elects by lock."""
+    engine = make_engine(settings.database_url)
+    own = _Resources(engine, make_session_factory(engine))  # the main process's, apart from the pool's
+
+    def publish(audit_id: str, queue: str) -> None:
+        with celery.connection_for_write() as connection:  # the sweep's own connection: not shared across threads
+            celery.send_task(RUN_AUDIT_TASK, args=[audit_id], queue=queue, connection=connection)
+
+    broker = RedisBroker(settings.broker_url) if (settings.broker_url or "").startswith("redis") else None
+    sweep = Sweep(settings, own.sessions, own.artifact_store, publish=publish, broker=broker)
+    return Sweeper(sweep, SweepLock(engine), settings.sweep_interval_s, on_stop=engine.dispose)
+
+
 @worker_ready.connect
-def _reap_at_start(**_: Any) -> None:
-    """A worker restarting after a crash should not wait a beat interval to clean up."""
-    engine = make_engine(SETTINGS.database_url)
-    try:
-        reap_stale_audits(make_session_factory(engine), SETTINGS.heartbeat_timeout_s)
-    except Exception:  # a sweep failing must not stop the worker from serving
-        log.exception("reaping stale audits at start-up failed")
-    finally:
-        engine.dispose()
+def _start_sweeper(**_: Any) -> None:
+    global _sweeper
+    _sweeper = build_sweeper(SETTINGS, app).start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
 
 
 @app.task(
@@ -84,12 +104,12 @@ def _reap_at_start(**_: Any) -> None:
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    soft_time_limit=OPTIONS.soft_time_limit_s,
-    time_limit=OPTIONS.time_limit_s,
+    soft_time_limit=SETTINGS.audit_time_limit_s,
+    time_limit=SETTINGS.hard_time_limit_s,
     autoretry_for=(TransientInfraError,),
-    max_retries=OPTIONS.max_retries,
-    retry_backoff=OPTIONS.retry_backoff_s,
-    retry_backoff_max=OPTIONS.retry_backoff_max_s,
+    max_retries=SETTINGS.task_max_retries,
+    retry_backoff=SETTINGS.task_retry_backoff_s,
+    retry_backoff_max=SETTINGS.task_retry_backoff_max_s,
     retry_jitter=True,
 )
 def run_audit(self: Task, audit_id: str) -> None:
@@ -99,9 +119,3 @@ def run_audit(self: Task, audit_id: str) -> None:
     execute_audit(
         audit_id, SETTINGS, store=res.artifact_store, session_factory=res.sessions, final_attempt=final_attempt
     )
-
-
-@app.task(name=REAP_TASK, ignore_result=True)
-def reap_stale() -> list[str]:
-    """Fail audits whose worker stopped heart-beating (``worker_lost``)."""
-    return reap_stale_audits(resources().sessions, SETTINGS.heartbeat_timeout_s)

@@ -4,8 +4,13 @@ The row is the truth for status and progress. Every status change goes through
 ``lifecycle.transition`` and leaves an ``audit_events`` entry, so the stage log doubles
 as an audit trail. Functions flush but never commit: the caller owns the unit of work
 (``db.session_scope``), which keeps "commit the row, then enqueue" in the caller's hands.
-Rows are loaded ``FOR UPDATE`` (a no-op on SQLite) so the reaper and a worker cannot
-both finish the same audit.
+Rows are loaded ``FOR UPDATE`` (a no-op on SQLite) so the sweep and a worker cannot
+both finish the same audit. The transaction that ends an audit also records the
+webhook it owes (``webhooks.owe_webhook``), so no terminal state goes unannounced.
+
+Running an audit is a claim on a ``queued`` row (``mark_running``); an audit whose
+worker died goes back to ``queued`` through ``recover_lost`` -- at most
+``max_retries`` times -- and is otherwise failed with ``worker_lost``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from auditor.errors import ErrorCode
 from auditor.store.artifacts import ObjectInfo
 from auditor.store.lifecycle import WORKER_LOST, AuditStatus, IllegalTransition, transition
 from auditor.store.models import Artifact, Audit, AuditEvent, utcnow
+from auditor.store.webhooks import owe_webhook
 
 MAX_PAGE_SIZE = 100
 
@@ -54,8 +60,13 @@ def create_audit(
     queue: str = "cpu",
     idempotency_key: str | None = None,
     software: dict[str, Any] | None = None,
+    token_id: int | None = None,
 ) -> tuple[Audit, bool]:
     """Insert a queued audit; returns ``(audit, created)``.
+
+    ``token_id`` is the API token that submitted it (its secret signs the webhook);
+    ``published_at`` starts now because the caller publishes the message right after
+    committing -- the sweep publishes it again only if it then goes missing.
 
     With an idempotency key already used by this owner, the existing audit is returned
     with ``created=False`` (and must not be enqueued again). A concurrent request with
@@ -73,6 +84,8 @@ def create_audit(
         idempotency_key=idempotency_key,
         software=software or {},
         status=AuditStatus.QUEUED,
+        token_id=token_id,
+        published_at=utcnow(),
     )
     try:
         with session.begin_nested():
@@ -163,14 +176,12 @@ def delete_audit(session: Session, audit_id: str) -> None:
 
 
 def mark_running(session: Session, audit_id: str) -> Audit:
-    """Start (or, after a redelivery, restart) an attempt: ``queued -> running``.
+    """Claim a queued audit for one attempt: ``queued -> running``, ``attempts + 1``.
 
-    A row still ``running`` means the broker redelivered the task because the previous
-    worker died; it is requeued first so the restart goes through the table and the log.
+    Only a queued row can be claimed (``IllegalTransition`` otherwise), so of two
+    messages for the same audit only the first runs it.
     """
     audit = get_audit(session, audit_id, for_update=True)
-    if audit.status == AuditStatus.RUNNING:
-        _set_status(session, audit, AuditStatus.QUEUED, "Task redelivered; restarting the audit.")
     now = utcnow()
     _set_status(session, audit, AuditStatus.RUNNING, "Audit started.")
     audit.started_at = audit.started_at or now
@@ -239,20 +250,84 @@ def mark_cancelled(session: Session, audit_id: str, message: str = "Audit cancel
     return _finish(session, audit, AuditStatus.CANCELLED, message)
 
 
-def reap_stale(session: Session, heartbeat_timeout: timedelta, *, now: datetime | None = None) -> list[str]:
-    """Fail running audits whose worker has been silent longer than the timeout.
+def requeue_for_retry(session: Session, audit_id: str, attempt: int, reason: str) -> Audit | None:
+    """``running -> queued`` after a transient failure, when the task will retry.
 
-    Called periodically (Celery beat); returns the ids it failed with ``worker_lost``.
-    ``SKIP LOCKED`` leaves rows a live worker is writing right now to the next sweep.
+    The task's own retry message is the publication, hence ``published_at = now``.
+    None when the row is no longer this attempt's (reaped, cancelled, or restarted).
+    """
+    audit = get_audit(session, audit_id, for_update=True)
+    if audit.status != AuditStatus.RUNNING or audit.attempts != attempt:
+        return None
+    _set_status(session, audit, AuditStatus.QUEUED, f"Retrying after a transient failure: {reason}")
+    audit.published_at = utcnow()
+    return audit
+
+
+def recover_lost(session: Session, audit: Audit, max_retries: int, silence: timedelta) -> AuditStatus:
+    """Decide the fate of a running audit whose worker stopped heart-beating.
+
+    A requested cancel wins; otherwise the audit is queued again (``published_at =
+    None``: the sweep publishes it) while it has restarts left, and failed with
+    ``worker_lost`` once they are spent. Returns the new status.
+    """
+    if audit.cancel_requested:
+        _finish(session, audit, AuditStatus.CANCELLED, "Audit cancelled; its worker stopped before it could stop itself.")
+    elif audit.recoveries < max_retries:
+        audit.recoveries += 1
+        message = (f"The worker stopped responding for more than {silence}; restarting from the last checkpoint "
+                   f"(restart {audit.recoveries} of {max_retries}).")
+        _set_status(session, audit, AuditStatus.QUEUED, message)
+        audit.published_at = None
+    else:
+        restarts = f" after {audit.recoveries} restart{'s' if audit.recoveries != 1 else ''}" if audit.recoveries else ""
+        _fail(session, audit, WORKER_LOST, f"The worker stopped responding for more than {silence}{restarts}.")
+    return AuditStatus(audit.status)
+
+
+def reap_stale(
+    session: Session, heartbeat_timeout: timedelta, *, max_retries: int, now: datetime | None = None
+) -> dict[str, AuditStatus]:
+    """Recover every running audit whose worker has been silent longer than the timeout.
+
+    Returns ``{audit_id: new status}`` (``queued`` to publish again, ``failed`` with
+    ``worker_lost``, or ``cancelled``). ``SKIP LOCKED`` leaves rows a live worker is
+    writing right now to the next sweep.
     """
     cutoff = (now or utcnow()) - heartbeat_timeout
     stale = or_(Audit.heartbeat_at < cutoff, Audit.heartbeat_at.is_(None) & (Audit.updated_at < cutoff))
     query = select(Audit).where(Audit.status == AuditStatus.RUNNING, stale).with_for_update(skip_locked=True)
-    reaped = []
-    for audit in session.scalars(query):
-        _fail(session, audit, WORKER_LOST, f"The worker stopped responding for more than {heartbeat_timeout}.")
-        reaped.append(audit.id)
-    return reaped
+    return {audit.id: recover_lost(session, audit, max_retries, heartbeat_timeout) for audit in session.scalars(query)}
+
+
+@dataclass(frozen=True)
+class Unpublished:
+    """A queued audit the sweep may have to publish; ``overdue``: its message is owed now."""
+
+    audit_id: str
+    queue: str
+    overdue: bool
+
+
+def unpublished_audits(session: Session, published_before: datetime, *, limit: int = 500) -> list[Unpublished]:
+    """Queued audits never published (``published_at`` NULL) or published before the cutoff, oldest first."""
+    stale = or_(Audit.published_at.is_(None), Audit.published_at < published_before)
+    query = (
+        select(Audit.id, Audit.queue, Audit.published_at)
+        .where(Audit.status == AuditStatus.QUEUED, stale)
+        .order_by(Audit.created_at)
+        .limit(limit)
+    )
+    return [Unpublished(audit_id, queue, published is None) for audit_id, queue, published in session.execute(query)]
+
+
+def mark_published(session: Session, audit_id: str, *, now: datetime | None = None) -> bool:
+    """Record a publication; False when the audit left ``queued`` meanwhile (nothing to record)."""
+    audit = session.get(Audit, audit_id, with_for_update=True)
+    if audit is None or audit.status != AuditStatus.QUEUED:
+        return False
+    audit.published_at = now or utcnow()
+    return True
 
 
 # --- artifacts ------------------------------------------------------------------------
@@ -297,8 +372,10 @@ def _fail(session: Session, audit: Audit, code: ErrorCode | str, message: str) -
 
 
 def _finish(session: Session, audit: Audit, status: AuditStatus, message: str) -> Audit:
+    """Every terminal status goes through here, and so owes its webhook in the same transaction."""
     _set_status(session, audit, status, message)
     audit.finished_at = utcnow()
+    owe_webhook(session, audit)
     return audit
 
 

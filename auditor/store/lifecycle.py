@@ -12,8 +12,8 @@ from typing import Mapping, Protocol
 
 from auditor.errors import AuditError, ErrorCode
 
-#: Error code stored on audits whose worker stopped heart-beating (not an ``ErrorCode``:
-#: it is never raised by the pipeline, only written by the reaper).
+#: Error code stored on audits whose worker stopped heart-beating and whose restarts are
+#: spent (not an ``ErrorCode``: never raised by the pipeline, only written by the sweep).
 WORKER_LOST = "worker_lost"
 
 
@@ -27,7 +27,7 @@ class AuditStatus(str, Enum):
 
 ALLOWED_TRANSITIONS: Mapping[AuditStatus, frozenset[AuditStatus]] = {
     AuditStatus.QUEUED: frozenset({AuditStatus.RUNNING, AuditStatus.CANCELLED, AuditStatus.FAILED}),
-    # running -> queued: the broker redelivered the task after its worker died.
+    # running -> queued: its worker died and it restarts, or a transient failure is retried.
     AuditStatus.RUNNING: frozenset(
         {AuditStatus.SUCCEEDED, AuditStatus.FAILED, AuditStatus.CANCELLED, AuditStatus.QUEUED}
     ),

@@ -140,10 +140,15 @@ class Audit(Base):
     spec: Mapped[dict[str, Any]]
     seed: Mapped[int] = mapped_column(BigInteger)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # The token that submitted the audit signs its webhook; None for portal submissions.
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id", ondelete="SET NULL"))
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
+    # When its run message last went to the broker; None: the next sweep publishes it.
+    published_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     heartbeat_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    recoveries: Mapped[int] = mapped_column(Integer, default=0)  # restarts after its worker was lost
     software: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
@@ -191,6 +196,30 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     audit: Mapped[Audit] = relationship(back_populates="artifacts")
+
+
+class WebhookOutbox(Base):
+    """The completion webhook an audit owes, written in the transaction that ends the audit.
+
+    One row per audit (the primary key), so however many processes race to deliver it,
+    at most one holds its lease at a time and a delivered webhook is never sent again.
+    """
+
+    __tablename__ = "webhook_outbox"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="state"),
+        Index("ix_webhook_outbox_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None]  # a deliverer is posting it until then
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
 
 
 class WebhookDelivery(Base):

@@ -8,6 +8,7 @@ never touches a process the test did not start.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
+
+import requests
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -101,24 +104,67 @@ def service_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def deployment_env(
+    *, database_url: str, broker_url: str, bucket: str, s3_endpoint: str, access_key: str, secret_key: str,
+    **extra: str,
+) -> dict[str, str]:
+    """What the web and worker processes of one test deployment see: its database, broker
+    and bucket, the CPU, loopback allowed as a callback and model-API host; ``extra`` on top."""
+    return service_env({
+        "REFINE_AUDIT_ENV": "test",
+        "REFINE_AUDIT_DATABASE_URL": database_url,
+        "REFINE_AUDIT_BROKER_URL": broker_url,
+        "REFINE_AUDIT_ARTIFACTS": f"s3://{bucket}",
+        "S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "REFINE_AUDIT_DEVICE": "cpu",
+        "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
+        **extra,
+    })
+
+
 def start_celery_worker(
     env: Mapping[str, str],
     log_path: Path,
     *,
     queues: str = "cpu,gpu",
     concurrency: int = 1,
-    beat: bool = False,
     hostname: str = "test-worker@%h",
 ) -> ServiceProcess:
-    """``celery -A worker.celery_app worker`` as a deployment runs it (prefork pool)."""
+    """``celery -A worker.celery_app worker`` as a deployment runs it (prefork pool, no scheduler)."""
     argv = [
         str(BIN / "celery"), "-A", "worker.celery_app", "worker", f"--queues={queues}",
         f"--concurrency={concurrency}", "--loglevel=INFO", "--without-gossip", "--without-mingle",
         "--without-heartbeat", f"--hostname={hostname}",
     ]
-    if beat:
-        argv += ["--beat", f"--schedule={log_path.parent / 'celerybeat-schedule'}"]
     return start_process("celery-worker", argv, env, log_path)
+
+
+def start_redis_server(port: int, directory: Path, log_path: Path) -> ServiceProcess:
+    """A throwaway ``redis-server`` on loopback that keeps nothing on disk: killing it loses
+    every message, the harshest broker restart there is. Never the machine's own Redis."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed (Debian package redis-server; scripts/bootstrap.sh)")
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(directory)]
+    return start_process("redis-server", argv, {}, log_path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def api_healthy(base_url: str) -> bool:
+    """Whether the web app at ``base_url`` answers its health check."""
+    try:
+        return requests.get(f"{base_url}/api/v1/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def start_gunicorn(

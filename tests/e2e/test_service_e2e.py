@@ -37,7 +37,16 @@ from shared_fixtures import claimed_redis_db, service_missing, throwaway_databas
 
 from auditor.blackbox import ModelServer
 from auditor.store.artifacts import S3Credentials, S3Store
-from e2e.processes import BIN, ServiceProcess, free_port, service_env, start_gunicorn, start_process, wait_for
+from e2e.processes import (
+    BIN,
+    ServiceProcess,
+    api_healthy,
+    deployment_env,
+    free_port,
+    start_gunicorn,
+    start_process,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -145,20 +154,12 @@ def service(
     tmp_path: Path, database_url: str, broker_url: str, s3_store: S3Store, s3_endpoint: str,
     s3_credentials: S3Credentials,
 ) -> Iterator[Service]:
-    env = service_env({
-        "REFINE_AUDIT_ENV": "production",
-        "REFINE_AUDIT_SECRET_KEY": uuid.uuid4().hex + uuid.uuid4().hex,
-        "REFINE_AUDIT_DATA_DIR": str(tmp_path / "data"),
-        "REFINE_AUDIT_DATABASE_URL": database_url,
-        "REFINE_AUDIT_BROKER_URL": broker_url,
-        "REFINE_AUDIT_ARTIFACTS": f"s3://{s3_store.bucket}",
-        "S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": s3_credentials.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": s3_credentials.secret_access_key,
-        "REFINE_AUDIT_DEVICE": "cpu",
-        "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
-        "OMP_NUM_THREADS": "1",
-    })
+    env = deployment_env(
+        database_url=database_url, broker_url=broker_url, bucket=s3_store.bucket, s3_endpoint=s3_endpoint,
+        access_key=s3_credentials.access_key_id, secret_key=s3_credentials.secret_access_key,
+        REFINE_AUDIT_ENV="production", REFINE_AUDIT_SECRET_KEY=uuid.uuid4().hex + uuid.uuid4().hex,
+        REFINE_AUDIT_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1",
+    )
     # The operator's steps: migrate once, then an account and a token for the client.
     cli(env, "db", "upgrade")
     cli(env, "user", "create", "--email", EMAIL, "--password", PASSWORD)
@@ -177,13 +178,8 @@ def service(
         started.append(web)
         base_url = f"http://127.0.0.1:{port}"
 
-        def healthy() -> bool:
-            try:
-                return requests.get(f"{base_url}/api/v1/health", timeout=5).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(healthy, STARTUP_S, interval=0.5, message="gunicorn to answer /api/v1/health", process=web)
+        wait_for(lambda: api_healthy(base_url), STARTUP_S, interval=0.5, message="gunicorn to answer /api/v1/health",
+                 process=web)
         wait_for(lambda: "ready." in worker.log_path.read_text(errors="replace"), STARTUP_S, interval=0.5,
                  message="the Celery worker to be ready", process=worker)
         yield Service(base_url, env, web, worker, token, s3_store.bucket, database_url)

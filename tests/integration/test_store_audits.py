@@ -105,11 +105,23 @@ def test_queued_audit_cannot_succeed_without_running() -> None:
     assert raised.value.detail == {"status": "queued", "requested": "succeeded"}
 
 
-def test_redelivered_task_restarts_a_running_audit(session: Session, owner: User) -> None:
+def test_only_a_queued_audit_can_be_claimed(session: Session, owner: User) -> None:
     audit = new_audit(session, owner)
     audits.mark_running(session, audit.id)
+    with pytest.raises(IllegalTransition):
+        audits.mark_running(session, audit.id)  # a second message for the same audit
+    assert audits.get_audit(session, audit.id).attempts == 1
+
+
+def test_a_transient_failure_hands_the_row_back_to_queued_for_the_retry(session: Session, owner: User) -> None:
+    audit = new_audit(session, owner)
+    audits.mark_running(session, audit.id)
+
+    assert audits.requeue_for_retry(session, audit.id, 2, "S3 down") is None  # not this attempt's row
+    requeued = audits.requeue_for_retry(session, audit.id, 1, "S3 down")
     again = audits.mark_running(session, audit.id)
-    assert again.status == AuditStatus.RUNNING and again.attempts == 2
+
+    assert requeued is not None and again.attempts == 2 and again.recoveries == 0
     moves = [e.data["to"] for e in audits.list_events(session, audit.id) if e.kind == "status" and e.data]
     assert moves == ["queued", "running", "queued", "running"]
 
@@ -123,20 +135,56 @@ def test_failure_records_code_and_message(session: Session, owner: User) -> None
     )
 
 
-def test_reaper_fails_running_audits_whose_heartbeat_stopped(session: Session, owner: User) -> None:
+def silence(session: Session, audit: Audit) -> None:
+    audits.get_audit(session, audit.id).heartbeat_at = utcnow() - timedelta(minutes=10)
+    session.flush()
+
+
+def test_reaper_restarts_a_silent_audit_once_then_fails_it_with_worker_lost(session: Session, owner: User) -> None:
     stale, alive, queued = new_audit(session, owner), new_audit(session, owner), new_audit(session, owner)
     for audit in (stale, alive):
         audits.mark_running(session, audit.id)
-    audits.get_audit(session, stale.id).heartbeat_at = utcnow() - timedelta(minutes=10)
-    session.flush()
+    silence(session, stale)
 
-    reaped = audits.reap_stale(session, timedelta(minutes=5))
-
-    assert reaped == [stale.id]
-    lost = audits.get_audit(session, stale.id)
-    assert (lost.status, lost.error_code) == (AuditStatus.FAILED, WORKER_LOST)
+    first = audits.reap_stale(session, timedelta(minutes=5), max_retries=1)
+    restarted = audits.get_audit(session, stale.id)
+    assert first == {stale.id: AuditStatus.QUEUED}
+    assert (restarted.recoveries, restarted.published_at) == (1, None)  # None: the sweep publishes it at once
     assert audits.get_audit(session, alive.id).status == AuditStatus.RUNNING
     assert audits.get_audit(session, queued.id).status == AuditStatus.QUEUED
+
+    audits.mark_running(session, stale.id)
+    silence(session, stale)
+    second = audits.reap_stale(session, timedelta(minutes=5), max_retries=1)
+
+    lost = audits.get_audit(session, stale.id)
+    assert second == {stale.id: AuditStatus.FAILED}
+    assert (lost.status, lost.error_code, lost.attempts) == (AuditStatus.FAILED, WORKER_LOST, 2)
+    assert "after 1 restart" in lost.error_message
+
+
+def test_a_silent_audit_with_a_cancel_request_is_cancelled_not_restarted(session: Session, owner: User) -> None:
+    audit = new_audit(session, owner)
+    audits.mark_running(session, audit.id)
+    audits.request_cancel(session, audit.id)
+    silence(session, audit)
+
+    assert audits.reap_stale(session, timedelta(minutes=5), max_retries=1) == {audit.id: AuditStatus.CANCELLED}
+
+
+def test_unpublished_audits_are_the_queued_ones_never_or_long_ago_published(session: Session, owner: User) -> None:
+    fresh, old, owed, running = (new_audit(session, owner) for _ in range(4))
+    audits.get_audit(session, old.id).published_at = utcnow() - timedelta(minutes=10)
+    audits.get_audit(session, owed.id).published_at = None
+    audits.mark_running(session, running.id)
+    audits.get_audit(session, running.id).published_at = None
+    session.flush()
+
+    found = audits.unpublished_audits(session, utcnow() - timedelta(minutes=5))
+    assert {(u.audit_id, u.overdue) for u in found} == {(old.id, False), (owed.id, True)}
+
+    assert audits.mark_published(session, owed.id) and not audits.mark_published(session, running.id)
+    assert {u.audit_id for u in audits.unpublished_audits(session, utcnow() - timedelta(minutes=5))} == {old.id}
 
 
 def test_cancel_of_a_queued_audit_is_immediate(session: Session, owner: User) -> None:

@@ -29,11 +29,26 @@ def test_defaults_put_everything_under_the_data_dir(tmp_path: Path) -> None:
         ("REFINE_AUDIT_BROKER_URL", "amqp://rabbit"),
         ("S3_ENDPOINT_URL", "127.0.0.1:8333"),
         ("REFINE_AUDIT_ENV", "staging"),
+        ("REFINE_AUDIT_SWEEP_INTERVAL_S", "0"),
+        ("REFINE_AUDIT_LOST_WORKER_RETRIES", "-1"),
+        ("REFINE_AUDIT_TASK_MAX_RETRIES", "three"),
+        ("REFINE_AUDIT_VISIBILITY_TIMEOUT_S", "0"),
+        ("REFINE_AUDIT_RESULT_BACKEND", "localhost"),
     ],
 )
 def test_bad_values_fail_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env({variable: value})
+
+
+def test_worker_timings_have_defaults_and_the_visibility_timeout_outlasts_the_time_limit() -> None:
+    settings = Settings.from_env({})
+    assert (settings.lost_worker_retries, settings.sweep_interval_s, settings.republish_after_s) == (1, 30, 300)
+    assert (settings.task_max_retries, settings.result_backend) == (3, None)
+    assert settings.visibility_timeout_s > settings.hard_time_limit_s > settings.audit_time_limit_s
+    assert Settings.from_env({"REFINE_AUDIT_AUDIT_TIME_LIMIT_S": "60"}).visibility_timeout_s == 60 + 720
+    assert Settings.from_env({"REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "8"}).visibility_timeout_s == 8
+    assert Settings.from_env({"REFINE_AUDIT_LOST_WORKER_RETRIES": "0"}).lost_worker_retries == 0
 
 
 def test_production_requires_a_secret_key_and_hides_it() -> None:

@@ -2,9 +2,9 @@
 
 Audits are sent the way the web app sends them (``web.jobs.CeleryQueue``: by task name,
 after the row is committed). The worker runs as a deployment runs it -- prefork pool,
-late acks -- and is killed with SIGKILL, process group and all, the way a lost machine
-disappears: the audit must then be redelivered and finish, or be failed by the reaper,
-and never stay ``running``.
+late acks, no scheduler process. Whole workers killed mid-audit, Redis restarts and
+the other faults are in ``test_worker_faults.py``; here the pool process running an
+audit dies alone, and an audit overruns its time limit.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from e2e.processes import ServiceProcess, service_env, start_celery_worker, wait_for
+from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
 from shared_fixtures import claimed_redis_db
 from sqlalchemy.orm import Session, sessionmaker
 from worker_support import MINI_SPEC, load, new_owner, service_missing, sessions, submit, tiny_checkpoint  # noqa: F401
 
 from auditor.store.artifacts import S3Credentials, S3Store
-from auditor.store.lifecycle import WORKER_LOST, AuditStatus, is_terminal
+from auditor.store.lifecycle import AuditStatus, is_terminal
 from web.jobs import CeleryQueue
 from worker.executor import artifact_key
 
@@ -43,19 +43,11 @@ def worker_env(
     s3_credentials: S3Credentials,
 ) -> dict[str, str]:
     """What a worker of this deployment sees; tests override the timing variables."""
-    return service_env({
-        "REFINE_AUDIT_ENV": "test",
-        "REFINE_AUDIT_DATA_DIR": str(tmp_path / "worker-data"),
-        "REFINE_AUDIT_DATABASE_URL": pg_url,
-        "REFINE_AUDIT_BROKER_URL": broker_url,
-        "REFINE_AUDIT_ARTIFACTS": f"s3://{s3_store.bucket}",
-        "S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": s3_credentials.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": s3_credentials.secret_access_key,
-        "REFINE_AUDIT_DEVICE": "cpu",
-        "REFINE_AUDIT_ALLOWED_HOSTS": "127.0.0.1",
-        "REFINE_AUDIT_REAP_INTERVAL_S": "2",
-    })
+    return deployment_env(
+        database_url=pg_url, broker_url=broker_url, bucket=s3_store.bucket, s3_endpoint=s3_endpoint,
+        access_key=s3_credentials.access_key_id, secret_key=s3_credentials.secret_access_key,
+        REFINE_AUDIT_DATA_DIR=str(tmp_path / "worker-data"), REFINE_AUDIT_SWEEP_INTERVAL_S="2",
+    )
 
 
 @pytest.fixture
@@ -115,47 +107,6 @@ def test_worker_process_runs_an_audit_sent_by_the_web_queue(
     assert redis.Redis.from_url(queue.broker_url).llen("cpu") == 0  # consumed
 
 
-def test_killed_worker_audit_is_redelivered_and_finishes_on_restart(
-    tmp_path: Path, worker_env: dict[str, str], workers: list[ServiceProcess], queue: CeleryQueue,
-    sessions: sessionmaker[Session], s3_store: S3Store,
-) -> None:
-    # Redis gives the unacknowledged message back after 8 s; the reaper would wait 10 min.
-    env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "8", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "600"}
-    first = start_worker(workers, env, tmp_path)
-    audit_id = submit_mini(sessions, s3_store, tmp_path)
-    queue.enqueue(audit_id, "cpu")
-    wait_until_training(sessions, audit_id, first)
-
-    first.kill()  # SIGKILL to the main process and its pool child: no ack, no cleanup
-    assert load(sessions, audit_id).status == AuditStatus.RUNNING
-    second = start_worker(workers, env, tmp_path)
-    audit = wait_until_final(sessions, audit_id, AUDIT_S, second)
-
-    assert audit.status == AuditStatus.SUCCEEDED, (audit.error_code, audit.error_message, second.log_tail())
-    assert audit.attempts == 2
-    assert s3_store.exists(artifact_key(audit_id, "report.json"))
-
-
-def test_killed_worker_audit_is_failed_by_the_reaper_when_not_redelivered(
-    tmp_path: Path, worker_env: dict[str, str], workers: list[ServiceProcess], queue: CeleryQueue,
-    sessions: sessionmaker[Session], s3_store: S3Store,
-) -> None:
-    # The opposite timing: Redis would wait an hour, the heartbeat timeout is 6 s.
-    env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "3600", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "6"}
-    first = start_worker(workers, env, tmp_path)
-    audit_id = submit_mini(sessions, s3_store, tmp_path)
-    queue.enqueue(audit_id, "cpu")
-    wait_until_training(sessions, audit_id, first)
-
-    first.kill()
-    killed_at = time.monotonic()
-    second = start_worker(workers, env, tmp_path, beat=True)  # reaps at start, then every 2 s
-    audit = wait_until_final(sessions, audit_id, 6 + STARTUP_S, second)
-
-    assert (audit.status, audit.error_code, audit.attempts) == (AuditStatus.FAILED, WORKER_LOST, 1)
-    print(f"reaped {time.monotonic() - killed_at:.1f} s after the kill")
-
-
 def pool_children(process: ServiceProcess) -> list[int]:
     """The prefork pool's processes (Linux: /proc/<pid>/task/<tid>/children)."""
     children: list[int] = []
@@ -170,7 +121,9 @@ def test_killed_pool_process_audit_is_requeued_at_once_and_finishes(
 ) -> None:
     # The OOM killer's way: only the process running the audit dies; the worker survives
     # and, with reject_on_worker_lost, puts the message straight back (no visibility wait).
-    env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "3600", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "600"}
+    # The executor sees the heartbeat frozen for two keep-alive intervals (5 s each here)
+    # and restarts the audit, before the sweep's 20 s heartbeat timeout would.
+    env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "3600", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "20"}
     worker = start_worker(workers, env, tmp_path)
     audit_id = submit_mini(sessions, s3_store, tmp_path)
     queue.enqueue(audit_id, "cpu")
@@ -180,7 +133,7 @@ def test_killed_pool_process_audit_is_requeued_at_once_and_finishes(
     os.kill(child, signal.SIGKILL)
     audit = wait_until_final(sessions, audit_id, AUDIT_S, worker)
 
-    assert (audit.status, audit.attempts) == (AuditStatus.SUCCEEDED, 2), (audit.error_code, worker.log_tail())
+    assert (audit.status, audit.attempts, audit.recoveries) == (AuditStatus.SUCCEEDED, 2, 1), (audit.error_code, worker.log_tail())
 
 
 def test_audit_over_its_time_limit_fails_with_time_limit(

@@ -1,6 +1,7 @@
 """The executor on the real PostgreSQL and SeaweedFS: a real tiny audit end to end, and
 the failure paths a user would see -- cancellation, domain errors, crashes, an artifact
-store or database that is down, a redelivered task, a reaped audit."""
+store or database that is down, a redelivered or duplicate message, an audit whose
+worker died (restarted from its checkpoints on another machine), a reaped audit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
-from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 from worker_support import (  # noqa: F401 (fixtures)
     FAST_OPTIONS,
@@ -36,9 +36,10 @@ from auditor.store import audits
 from auditor.store.artifacts import S3Credentials, S3Store
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import WORKER_LOST, AuditStatus
-from auditor.store.models import Audit, utcnow
+from auditor.store.models import utcnow
 from auditor.store.webhooks import list_deliveries
-from worker.executor import artifact_key, execute_audit, reap_stale_audits, work_dir_for
+from worker.checkpoints import checkpoint_prefix
+from worker.executor import artifact_key, execute_audit, work_dir_for
 from worker.infra import DatabaseUnavailable, StorageUnavailable
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"
@@ -56,6 +57,34 @@ def model_file(tmp_path: Path) -> Path:
 
 def run(audit_id: str, settings: Settings, store: Any, sessions: sessionmaker[Session], **kwargs: Any) -> None:
     execute_audit(audit_id, settings, store=store, session_factory=sessions, options=FAST_OPTIONS, **kwargs)
+
+
+def run_in_thread(audit_id: str, settings: Settings, store: Any, sessions: sessionmaker[Session],
+                  runner: Any) -> threading.Thread:
+    """A worker running the audit beside the test."""
+    worker = threading.Thread(target=run, args=(audit_id, settings, store, sessions), kwargs={"runner": runner})
+    worker.start()
+    return worker
+
+
+def until(condition: Any, timeout_s: float = 30, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def reap_an_hour_later(sessions: sessionmaker[Session], audit_id: str, max_retries: int) -> AuditStatus:
+    """The sweep, seen from an hour later, when the live worker looks dead. Repeated, because
+    that worker may hold the row lock for a heartbeat at that instant (SKIP LOCKED)."""
+    reaped: dict[str, AuditStatus] = {}
+    deadline = time.monotonic() + 30
+    while audit_id not in reaped:
+        assert time.monotonic() < deadline, "the sweep never got the row"
+        with session_scope(sessions) as session:
+            reaped = audits.reap_stale(session, timedelta(seconds=30), max_retries=max_retries,
+                                       now=utcnow() + timedelta(hours=1))
+    return reaped[audit_id]
 
 
 class FakePipeline:
@@ -99,8 +128,14 @@ class SplitStore:
     def download_to(self, key: str, path: Path) -> None:
         self.reads.download_to(key, path)
 
+    def list(self, prefix: str = "") -> list[str]:
+        return self.reads.list(prefix)
+
     def put(self, *args: Any, **kwargs: Any) -> Any:
         return self.writes.put(*args, **kwargs)
+
+    def delete_prefix(self, prefix: str) -> int:
+        return self.writes.delete_prefix(prefix)
 
 
 def dead_store(bucket: str, credentials: S3Credentials) -> S3Store:
@@ -208,18 +243,89 @@ def test_redelivered_message_for_finished_audit_changes_nothing(
     assert (again.status, again.attempts, again.finished_at) == (AuditStatus.SUCCEEDED, 1, first.finished_at)
 
 
-def test_audit_left_running_by_a_dead_worker_restarts_as_a_new_attempt(
+def test_message_for_an_audit_whose_worker_died_restarts_it_once_frozen_heartbeat_is_seen(
     settings: Settings, s3_store: S3Store, sessions: sessionmaker[Session]
 ) -> None:
+    # What Celery does when a pool process is killed: the message comes straight back.
     audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
     with session_scope(sessions) as session:
-        audits.mark_running(session, audit_id)  # attempt 1 "died" here
+        audits.mark_running(session, audit_id)  # attempt 1 "died" here: its heartbeat never moves again
 
+    started = time.monotonic()
     run(audit_id, settings, s3_store, sessions, runner=FakePipeline())
 
     audit = load(sessions, audit_id)
-    assert (audit.status, audit.attempts) == (AuditStatus.SUCCEEDED, 2)
-    assert any("redelivered" in e.message for e in events(sessions, audit_id))
+    assert (audit.status, audit.attempts, audit.recoveries) == (AuditStatus.SUCCEEDED, 2, 1)
+    assert any("restarting from the last checkpoint" in e.message for e in events(sessions, audit_id))
+    assert time.monotonic() - started < 15  # a few keep-alive intervals, not the heartbeat timeout
+
+
+def test_duplicate_message_for_an_audit_a_live_worker_runs_is_dropped(
+    settings: Settings, s3_store: S3Store, sessions: sessionmaker[Session]
+) -> None:
+    audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
+    first = FakePipeline(until_cancel=True)
+    worker = run_in_thread(audit_id, settings, s3_store, sessions, first)
+    until(lambda: load(sessions, audit_id).status == AuditStatus.RUNNING, what="the audit to run")
+
+    duplicate = FakePipeline()
+    run(audit_id, settings, s3_store, sessions, runner=duplicate)  # watches the heartbeat move, then gives up
+
+    with session_scope(sessions) as session:
+        audits.request_cancel(session, audit_id)
+    worker.join(timeout=30)
+    audit = load(sessions, audit_id)
+    assert duplicate.calls == 0 and first.calls == 1
+    assert (audit.status, audit.attempts, audit.recoveries) == (AuditStatus.CANCELLED, 1, 0)
+
+
+class Checkpointing(FakePipeline):
+    """Writes a REFINE checkpoint, then trains on until the audit is taken away from it."""
+
+    def __init__(self, store: S3Store, audit_id: str):
+        super().__init__(until_cancel=True)
+        self.key = checkpoint_prefix(audit_id) + "refine_checkpoint.pt"
+        self.store = store
+
+    def __call__(self, spec, inputs, on_progress, should_cancel, on_metrics):  # type: ignore[override]
+        (Path(inputs.work_dir) / "refine").mkdir(parents=True, exist_ok=True)
+        (Path(inputs.work_dir) / "refine" / "refine_checkpoint.pt").write_bytes(b"epoch 3 of 6")
+        until(lambda: self.store.exists(self.key), what="the keep-alive thread to mirror the checkpoint")
+        return super().__call__(spec, inputs, on_progress, should_cancel, on_metrics)
+
+
+class Resuming(FakePipeline):
+    def __call__(self, spec, inputs, on_progress, should_cancel, on_metrics):  # type: ignore[override]
+        checkpoint = Path(inputs.work_dir) / "refine" / "refine_checkpoint.pt"
+        self.found = checkpoint.read_bytes() if checkpoint.exists() else None
+        return super().__call__(spec, inputs, on_progress, should_cancel, on_metrics)
+
+
+def test_restart_on_another_machine_resumes_from_the_checkpoints_the_lost_worker_mirrored(
+    tmp_path: Path, pg_url: str, s3_store: S3Store, s3_endpoint: str, s3_credentials: S3Credentials,
+    sessions: sessionmaker[Session],
+) -> None:
+    machine_a, machine_b = (
+        settings_for(tmp_path / name, pg_url, s3_store, s3_endpoint, s3_credentials, REFINE_AUDIT_HEARTBEAT_TIMEOUT_S="30")
+        for name in ("a", "b")
+    )
+    audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
+    lost = Checkpointing(s3_store, audit_id)
+    worker_a = run_in_thread(audit_id, machine_a, s3_store, sessions, lost)
+    until(lambda: s3_store.exists(lost.key), what="the checkpoint in S3")
+
+    # Machine A stops answering: the sweep restarts the audit.
+    assert reap_an_hour_later(sessions, audit_id, max_retries=1) == AuditStatus.QUEUED
+    resumed = Resuming()
+    run(audit_id, machine_b, s3_store, sessions, runner=resumed)
+    worker_a.join(timeout=30)
+
+    audit = load(sessions, audit_id)
+    assert resumed.found == b"epoch 3 of 6"
+    assert (audit.status, audit.attempts, audit.recoveries) == (AuditStatus.SUCCEEDED, 2, 1)
+    assert any(e.kind == "checkpoint" and "refine_checkpoint.pt" in e.message for e in events(sessions, audit_id))
+    assert s3_store.list(checkpoint_prefix(audit_id)) == []  # the audit is final: its checkpoints are gone
+    assert not worker_a.is_alive()
 
 
 def test_progress_is_written_while_running_and_never_exceeds_one(
@@ -275,10 +381,10 @@ def test_storage_down_during_upload_is_retried_then_failed_never_succeeded(
     audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
     broken = SplitStore(s3_store, dead_store(s3_store.bucket, s3_credentials))
 
-    # Not the last try: the task will retry, so the row stays running and says nothing yet.
+    # Not the last try: the task will retry, so the row goes back to queued for that retry.
     with pytest.raises(StorageUnavailable):
         run(audit_id, settings, broken, sessions, runner=FakePipeline(), final_attempt=False)
-    assert load(sessions, audit_id).status == AuditStatus.RUNNING
+    assert load(sessions, audit_id).status == AuditStatus.QUEUED
     assert work_dir_for(settings, audit_id).exists()  # kept for the retry to resume from
 
     # The last try records storage_unavailable.
@@ -306,7 +412,7 @@ def test_storage_back_on_retry_succeeds_with_a_complete_report(
 
     with pytest.raises(StorageUnavailable):
         run(audit_id, settings, FailsOnReport(s3_store, s3_store), sessions, runner=FakePipeline(), final_attempt=False)
-    assert load(sessions, audit_id).status == AuditStatus.RUNNING  # never succeeded without its report
+    assert load(sessions, audit_id).status == AuditStatus.QUEUED  # never succeeded without its report
     assert not s3_store.exists(artifact_key(audit_id, "report.json"))
 
     run(audit_id, settings, s3_store, sessions, runner=FakePipeline())
@@ -314,23 +420,6 @@ def test_storage_back_on_retry_succeeds_with_a_complete_report(
     audit = load(sessions, audit_id)
     assert (audit.status, audit.attempts) == (AuditStatus.SUCCEEDED, 2)
     assert s3_store.get_bytes(artifact_key(audit_id, "report.json")) == b'{"status": "succeeded"}'
-
-
-def test_reaper_sweep_fails_only_silent_running_audits(
-    settings: Settings, s3_store: S3Store, sessions: sessionmaker[Session]
-) -> None:
-    owner = new_owner(sessions)
-    silent, alive = (submit(sessions, s3_store, owner, TINY_SPEC, None) for _ in range(2))
-    with session_scope(sessions) as session:
-        for audit_id in (silent, alive):
-            audits.mark_running(session, audit_id)
-        session.execute(update(Audit).where(Audit.id == silent).values(heartbeat_at=utcnow() - timedelta(minutes=5)))
-
-    reaped = reap_stale_audits(sessions, settings.heartbeat_timeout_s)
-
-    assert silent in reaped and alive not in reaped
-    assert (load(sessions, silent).status, load(sessions, silent).error_code) == (AuditStatus.FAILED, WORKER_LOST)
-    assert load(sessions, alive).status == AuditStatus.RUNNING
 
 
 def test_database_down_raises_database_unavailable(settings: Settings, s3_store: S3Store) -> None:
@@ -348,21 +437,10 @@ def test_reaper_fails_silent_audit_and_its_late_worker_stops_without_overwriting
     settings: Settings, s3_store: S3Store, sessions: sessionmaker[Session]
 ) -> None:
     audit_id = submit(sessions, s3_store, new_owner(sessions), TINY_SPEC, b"m")
-    pipeline = FakePipeline(until_cancel=True)
-    worker = threading.Thread(target=run, args=(audit_id, settings, s3_store, sessions), kwargs={"runner": pipeline})
-    worker.start()
-    deadline = time.monotonic() + 30
-    while load(sessions, audit_id).status != AuditStatus.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    worker = run_in_thread(audit_id, settings, s3_store, sessions, FakePipeline(until_cancel=True))
+    until(lambda: load(sessions, audit_id).status == AuditStatus.RUNNING, what="the audit to run")
 
-    # Seen from an hour later, the worker looks dead: the reaper fails the audit. (The
-    # live worker may hold the row lock for a heartbeat at that instant: SKIP LOCKED.)
-    reaped: list[str] = []
-    while audit_id not in reaped:
-        assert time.monotonic() < deadline
-        with session_scope(sessions) as session:
-            reaped = audits.reap_stale(session, timedelta(seconds=30), now=utcnow() + timedelta(hours=1))
+    assert reap_an_hour_later(sessions, audit_id, max_retries=0) == AuditStatus.FAILED  # no restarts left
     worker.join(timeout=30)
 
     assert not worker.is_alive()

@@ -1,17 +1,29 @@
 """Completion webhooks: signatures receivers can verify, retries on server errors, the SSRF
-guard on every attempt, and the delivery log in PostgreSQL."""
+guard on every attempt, and in PostgreSQL the outbox of webhooks owed (one per ended
+audit, leased to one deliverer at a time) and the delivery log."""
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 
 from sqlalchemy.orm import Session
 from worker_support import Receiver, receiver  # noqa: F401 (fixture)
 
 from auditor import webhooks
 from auditor.store import audits, users
-from auditor.store.webhooks import delivery_count, list_deliveries, record_delivery, webhook_secret_for
+from auditor.store.models import utcnow
+from auditor.store.webhooks import (
+    DELIVERED,
+    PENDING,
+    claim_webhook,
+    due_webhooks,
+    get_outbox,
+    list_deliveries,
+    settle_webhook,
+    signing_secret,
+)
 
 SECRET = "s3cr3t-webhook-key"
 LOOPBACK = ("127.0.0.1",)
@@ -90,20 +102,68 @@ def test_connection_refused_is_retried() -> None:
     assert all(a.status_code is None and a.retryable and "ConnectionError" in a.error for a in attempts)
 
 
-def test_deliveries_are_recorded_and_signed_with_the_owners_token_secret(pg_session: Session) -> None:
+def test_the_submitting_token_signs_whatever_tokens_come_later(pg_session: Session) -> None:
     user = users.create_user(pg_session, "hooks@example.com", "password-123")
-    old, _ = users.create_token(pg_session, user.id, "old")
-    newest, _ = users.create_token(pg_session, user.id, "new")
-    audit, _ = audits.create_audit(pg_session, owner_id=user.id, spec={"effort": "tiny"}, seed=1)
+    submitting, _ = users.create_token(pg_session, user.id, "ci")
+    audit, _ = audits.create_audit(pg_session, owner_id=user.id, spec={"effort": "tiny"}, seed=1, token_id=submitting.id)
+    portal, _ = audits.create_audit(pg_session, owner_id=user.id, spec={"effort": "tiny"}, seed=1)
 
-    assert webhook_secret_for(pg_session, audit.id) == newest.webhook_secret
-    users.revoke_token(pg_session, newest.id, user.id)
-    users.revoke_token(pg_session, old.id, user.id)
-    assert webhook_secret_for(pg_session, audit.id) is None  # nothing live to sign with: nothing is sent
+    users.create_token(pg_session, user.id, "created later, e.g. by a script")
+    users.revoke_token(pg_session, submitting.id, user.id)
 
-    record_delivery(pg_session, audit.id, "http://127.0.0.1/h", 1, 500, "HTTP 500", False)
-    record_delivery(pg_session, audit.id, "http://127.0.0.1/h", 2, 200, None, True)
-    rows = list_deliveries(pg_session, audit.id)
-    assert [(r.attempt, r.status_code, r.succeeded) for r in rows] == [(1, 500, False), (2, 200, True)]
-    assert delivery_count(pg_session, audit.id) == 2
+    assert signing_secret(pg_session, audit.id) == submitting.webhook_secret
+    assert signing_secret(pg_session, portal.id) is None
+
+
+def ended(session: Session, owner_id: int, end: str, callback: str | None = "http://127.0.0.1/h") -> str:
+    spec = {"effort": "tiny", **({"callback_url": callback} if callback else {})}
+    audit, _ = audits.create_audit(session, owner_id=owner_id, spec=spec, seed=1)
+    if end == "cancelled while queued":
+        audits.request_cancel(session, audit.id)
+        return audit.id
+    audits.mark_running(session, audit.id)
+    if end == "succeeded":
+        audits.mark_succeeded(session, audit.id, {})
+    elif end == "failed":
+        audits.mark_failed(session, audit.id, "invalid_checkpoint", "no")
+    elif end == "worker lost":
+        audits.get_audit(session, audit.id).heartbeat_at = utcnow() - timedelta(hours=1)
+        audits.reap_stale(session, timedelta(minutes=5), max_retries=0)
+    return audit.id
+
+
+def test_every_terminal_state_owes_one_webhook_in_the_same_transaction(pg_session: Session) -> None:
+    user = users.create_user(pg_session, "owed@example.com", "password-123")
+    endings = ("succeeded", "failed", "cancelled while queued", "worker lost")
+
+    owed = {end: get_outbox(pg_session, ended(pg_session, user.id, end)) for end in endings}
+    silent = get_outbox(pg_session, ended(pg_session, user.id, "succeeded", callback=None))
+
+    assert all(debt is not None and (debt.state, debt.attempts) == (PENDING, 0) for debt in owed.values()), owed
+    assert silent is None
+    statuses = {end: audits.get_audit(pg_session, debt.audit_id).status.value for end, debt in owed.items()}
+    assert statuses == {"succeeded": "succeeded", "failed": "failed", "cancelled while queued": "cancelled",
+                        "worker lost": "failed"}
+
+
+def test_a_webhook_is_leased_to_one_deliverer_retried_when_due_and_never_resent(pg_session: Session) -> None:
+    user = users.create_user(pg_session, "lease@example.com", "password-123")
+    audit_id = ended(pg_session, user.id, "succeeded")
+    lease, now = timedelta(minutes=2), utcnow()
+
+    assert claim_webhook(pg_session, audit_id, lease, now=now) is not None
+    assert claim_webhook(pg_session, audit_id, lease, now=now) is None  # leased
+    assert due_webhooks(pg_session, now=now) == []
+    settle_webhook(pg_session, audit_id, status_code=503, error="HTTP 503", succeeded=False,
+                   retry_at=now + timedelta(seconds=30))
+    assert claim_webhook(pg_session, audit_id, lease, now=now + timedelta(seconds=10)) is None  # not due yet
+    assert due_webhooks(pg_session, now=now + timedelta(seconds=31)) == [audit_id]
+    assert claim_webhook(pg_session, audit_id, lease, now=now + timedelta(seconds=31)) is not None
+    settle_webhook(pg_session, audit_id, status_code=200, error=None, succeeded=True, retry_at=None)
+
+    assert claim_webhook(pg_session, audit_id, lease, now=now + timedelta(hours=1)) is None  # delivered: never again
+    debt = get_outbox(pg_session, audit_id)
+    assert (debt.state, debt.attempts, debt.lease_until) == (DELIVERED, 2, None)
+    rows = list_deliveries(pg_session, audit_id)
+    assert [(r.attempt, r.status_code, r.succeeded) for r in rows] == [(1, 503, False), (2, 200, True)]
     assert json.loads(webhooks.encode_payload({"b": 1, "a": 2})) == {"a": 2, "b": 1}

@@ -30,6 +30,7 @@ from auditor.store.artifacts import ArtifactStore, S3Credentials, S3Store
 from auditor.store.db import make_session_factory, session_scope
 from auditor.store.models import Audit, AuditEvent
 from worker.executor import ExecutorOptions, input_key
+from worker.notify import WebhookPolicy
 
 #: The brief's tiny audit: real stages, one positive control.
 TINY_SPEC: dict[str, Any] = {"effort": "tiny", "data": {"train_size": 600, "test_size": 200}, "controls": {"attacks": ["badnets"]}}
@@ -41,7 +42,7 @@ MINI_SPEC: dict[str, Any] = {
     "probes": {"images": 20},
 }
 FAST_OPTIONS = ExecutorOptions(progress_interval_s=0.2, keepalive_interval_s=0.5, upload_attempts=2, upload_backoff_s=0.1,
-                               webhook_attempts=3, webhook_backoff_s=(0.1,))
+                               webhook_policy=WebhookPolicy(max_attempts=3, backoff_s=(0.0,)))
 
 
 def service_missing(message: str) -> None:
@@ -76,7 +77,10 @@ def tiny_checkpoint(path: Path) -> Path:
 
 @dataclass
 class Owner:
+    """A user and the API token its audits are submitted with."""
+
     user_id: int
+    token_id: int
     webhook_secret: str
 
 
@@ -84,14 +88,15 @@ def new_owner(sessions: sessionmaker[Session]) -> Owner:
     with session_scope(sessions) as session:
         user = users.create_user(session, f"{uuid.uuid4().hex[:10]}@example.com", "password-123")
         token, _ = users.create_token(session, user.id, "ci")
-        return Owner(user.id, token.webhook_secret)
+        return Owner(user.id, token.id, token.webhook_secret)
 
 
 def submit(sessions: sessionmaker[Session], store: ArtifactStore, owner: Owner, spec: dict[str, Any],
            model: Path | bytes | None) -> str:
-    """What the web app does: commit the queued row, then upload its inputs."""
+    """What the web app does: commit the queued row (with the submitting token), then upload its inputs."""
     with session_scope(sessions) as session:
-        audit, _ = audits.create_audit(session, owner_id=owner.user_id, spec=spec, seed=spec.get("seed", 0))
+        audit, _ = audits.create_audit(session, owner_id=owner.user_id, spec=spec, seed=spec.get("seed", 0),
+                                       token_id=owner.token_id)
         audit_id = audit.id
     if model is not None:
         store.put(input_key(audit_id, "model"), model)
@@ -153,13 +158,18 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+def start_receiver() -> tuple[Receiver, ThreadingHTTPServer]:
+    """A webhook receiver on a free loopback port, answering 200 (benchmarks use it too)."""
     box = Receiver(url="", statuses=[200])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(box))
     box.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/audit"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return box, server
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    box, server = start_receiver()
     yield box
     server.shutdown()
     server.server_close()

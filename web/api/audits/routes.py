@@ -35,7 +35,7 @@ from web.api.audits.schemas import (
 )
 from web.api.common import parse_query, reply
 from web.api.registry import Body, Header, Link, Reply, operation
-from web.auth import current_user_id
+from web.auth import current_token_id, current_user_id
 from web.inputs import FORM_ALLOWANCE, MIB
 
 bp = Blueprint("audits", __name__)
@@ -84,7 +84,7 @@ def create_audit() -> Response:
     """Validates the spec, the uploads and every outbound URL before anything is stored,
     so a bad submission is refused at once; send an ``Idempotency-Key`` header to make
     retries safe."""
-    audit, created = service.submit_audit(current_user_id(), _read_submission())
+    audit, created = service.submit_audit(current_user_id(), _read_submission(), token_id=current_token_id())
     body = AuditCreated.from_row(audit)
     return reply(body, 202 if created else 200, {"Location": body.links.self})
 

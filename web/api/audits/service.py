@@ -51,11 +51,12 @@ class Submission:
 # --- submit -------------------------------------------------------------------------------
 
 
-def submit_audit(owner_id: int, submission: Submission) -> tuple[Audit, bool]:
+def submit_audit(owner_id: int, submission: Submission, *, token_id: int | None = None) -> tuple[Audit, bool]:
     """Validate, store and queue a new audit; returns ``(audit, created)``.
 
     ``created`` is False when the idempotency key was used before: the earlier audit is
-    returned and nothing is stored or enqueued again.
+    returned and nothing is stored or enqueued again. ``token_id`` is the API token that
+    submitted it (None from the portal); its secret signs the completion webhook.
     """
     settings, session = services().settings, db_session()
     refuse_unstorable(submission.spec)  # a spec decoded from a form part or the portal's JSON field
@@ -73,6 +74,7 @@ def submit_audit(owner_id: int, submission: Submission) -> tuple[Audit, bool]:
             seed=spec.seed,
             queue=choose_queue(settings),
             idempotency_key=submission.idempotency_key,
+            token_id=token_id,
         )
         if not created:
             return audit, False
