@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from auditor.archives import expands_too_much, unsafe_entry_reason
 from auditor.errors import AuditError, ErrorCode
 
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -95,6 +96,7 @@ def _read_idx(path: Path, cache: Path) -> torch.Tensor:
             try:
                 with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
                     shutil.copyfileobj(src, dst)
+                os.chmod(tmp, 0o644)  # public data; sandboxed audits read it as another user
                 os.replace(tmp, plain)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -114,10 +116,16 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
-    """(train, test) from the IDX files of the Debian package; nothing is downloaded."""
+def fashion_mnist_dirs(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Where the packaged IDX files are, and where their unpacked copies are cached."""
     root = Path(root or os.environ.get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR)
     cache = Path(cache_dir or os.environ.get("REFINE_AUDIT_DATA_DIR") or Path.home() / ".cache" / "refine-audit") / "fmnist"
+    return root, cache
+
+
+def load_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) from the IDX files of the Debian package; nothing is downloaded."""
+    root, cache = fashion_mnist_dirs(root, cache_dir)
     sets = []
     for prefix in ("train", "t10k"):
         images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), cache)
@@ -176,13 +184,6 @@ def load_npz(path: str | Path, limits: Limits = Limits()) -> ImageSet:
     return ImageSet(x, y)
 
 
-def _safe_member(name: str) -> PurePosixPath:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name or ":" in (path.parts[0] if path.parts else ""):
-        raise _bad(f"The archive entry {name!r} escapes its folder.", ErrorCode.UNSAFE_ARCHIVE, entry=name)
-    return path
-
-
 def load_image_zip(path: str | Path, limits: Limits = Limits()) -> ImageSet:
     """A zip of ``class_name/image.png`` folders; classes are numbered in sorted order."""
     path = Path(path)
@@ -211,13 +212,14 @@ def load_image_zip(path: str | Path, limits: Limits = Limits()) -> ImageSet:
 def _checked_entries(archive: zipfile.ZipFile, limits: Limits) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
     entries, total = [], 0
     for info in archive.infolist():
-        path = _safe_member(info.filename)
+        reason = unsafe_entry_reason(info)
+        if reason is not None:
+            raise _bad(f"The archive entry {info.filename!r} {reason}.", ErrorCode.UNSAFE_ARCHIVE, entry=info.filename)
+        path = PurePosixPath(info.filename)
         if info.is_dir() or path.name.startswith(".") or "__MACOSX" in path.parts:
             continue
-        if (info.external_attr >> 16) & 0o170000 == 0o120000:
-            raise _bad(f"The archive entry {info.filename!r} is a symbolic link.", ErrorCode.UNSAFE_ARCHIVE)
         total += info.file_size
-        if total > limits.max_bytes or (info.compress_size and info.file_size / info.compress_size > 200):
+        if total > limits.max_bytes or expands_too_much(info):
             raise _bad("The archive expands too much (a decompression bomb?).", ErrorCode.UNSAFE_ARCHIVE)
         if len(path.parts) < 2:
             raise _bad(f"{info.filename!r} is not inside a class folder.", entry=info.filename)
