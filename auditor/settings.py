@@ -21,6 +21,11 @@ DEFAULT_DATA_DIR = "~/.local/share/refine-audit"
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ENVIRONMENTS = ("development", "test", "production")
 DEVICES = ("auto", "cpu", "cuda")
+SANDBOXES = ("bwrap", "none")
+#: The only value of REFINE_AUDIT_UNSAFE_NO_SANDBOX that lets production run submitted models unsandboxed.
+UNSAFE_NO_SANDBOX_CONSENT = "i-understand-models-run-unsandboxed"
+#: Thread-count variables of the numeric libraries, passed through to sandboxed audits.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 BROKER_SCHEMES = ("redis", "rediss", "memory")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 MIN_SECRET_KEY_LENGTH = 32
@@ -60,6 +65,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_FMNIST_DIR", DEFAULT_FMNIST_DIR, "Folder holding the built-in Fashion-MNIST files."),
     Variable("REFINE_AUDIT_AUDIT_TIME_LIMIT_S", "21600", "Hard time limit of one audit, in seconds (6 h)."),
     Variable("REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", "300", "A running audit silent this long is failed with worker_lost."),
+    Variable("REFINE_AUDIT_SANDBOX", "bwrap", "bwrap | none: run each audit of a submitted model in a bubblewrap sandbox."),
+    Variable("REFINE_AUDIT_UNSAFE_NO_SANDBOX", "(unset)",
+             f"Set to `{UNSAFE_NO_SANDBOX_CONSENT}` to let production start without a working sandbox."),
+    Variable("REFINE_AUDIT_SANDBOX_MEMORY_MB", "8192", "Address-space limit of a sandboxed audit, in MiB."),
+    Variable("REFINE_AUDIT_SANDBOX_CPU_S", "(2 x the audit time limit)", "CPU-time limit of a sandboxed audit, in seconds."),
 )
 
 
@@ -83,6 +93,11 @@ class Settings:
     fmnist_dir: Path
     audit_time_limit_s: int
     heartbeat_timeout_s: int
+    sandbox: str
+    unsafe_no_sandbox: bool
+    sandbox_memory_mb: int
+    sandbox_cpu_s: int
+    thread_env: tuple[tuple[str, str], ...]  # THREAD_VARIABLES that are set, for sandboxed audits
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -90,6 +105,7 @@ class Settings:
         get = _reader(env)
         mode = _choice("REFINE_AUDIT_ENV", get("REFINE_AUDIT_ENV") or "development", ENVIRONMENTS)
         data_dir = Path(get("REFINE_AUDIT_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().absolute()
+        time_limit_s = _positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600)
         return cls(
             env=mode,
             data_dir=data_dir,
@@ -105,8 +121,13 @@ class Settings:
             allowed_hosts=_host_list(get("REFINE_AUDIT_ALLOWED_HOSTS")),
             max_upload_mb=_positive_int(get, "REFINE_AUDIT_MAX_UPLOAD_MB", 512),
             fmnist_dir=Path(get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR).expanduser(),
-            audit_time_limit_s=_positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600),
+            audit_time_limit_s=time_limit_s,
             heartbeat_timeout_s=_positive_int(get, "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", 300),
+            sandbox=_choice("REFINE_AUDIT_SANDBOX", (get("REFINE_AUDIT_SANDBOX") or "bwrap").lower(), SANDBOXES),
+            unsafe_no_sandbox=_unsafe_consent(get("REFINE_AUDIT_UNSAFE_NO_SANDBOX")),
+            sandbox_memory_mb=_positive_int(get, "REFINE_AUDIT_SANDBOX_MEMORY_MB", 8192),
+            sandbox_cpu_s=_positive_int(get, "REFINE_AUDIT_SANDBOX_CPU_S", 2 * time_limit_s),
+            thread_env=tuple((name, value) for name in THREAD_VARIABLES if (value := get(name))),
         )
 
     @property
@@ -196,6 +217,15 @@ def _secret_key(value: str | None, *, production: bool) -> str:
         problem = f"must be at least {MIN_SECRET_KEY_LENGTH} characters in production"
         raise SettingsError("REFINE_AUDIT_SECRET_KEY", problem)
     return value
+
+
+def _unsafe_consent(value: str | None) -> bool:
+    """Only the exact phrase counts: a stray ``1`` or ``true`` must not switch the sandbox off."""
+    if value is None:
+        return False
+    if value != UNSAFE_NO_SANDBOX_CONSENT:
+        raise SettingsError("REFINE_AUDIT_UNSAFE_NO_SANDBOX", f"must be unset or exactly {UNSAFE_NO_SANDBOX_CONSENT!r}")
+    return True
 
 
 def _host_list(raw: str | None) -> tuple[str, ...]:

@@ -86,23 +86,30 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def _read_idx(path: Path, cache: Path) -> torch.Tensor:
     from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
-    if path.suffix == ".gz":
-        plain = cache / path.stem
-        if not plain.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            # A private temporary name: workers starting together each unpack
-            # their own copy, and the atomic rename lets any of them win.
-            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f"{plain.name}.", suffix=".part")
-            try:
-                with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.chmod(tmp, 0o644)  # public data; sandboxed audits read it as another user
-                os.replace(tmp, plain)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        path = plain
-    return read_sn3_pascalvincent_tensor(str(path), strict=False)
+    return read_sn3_pascalvincent_tensor(str(_unpacked(path, cache)), strict=False)
+
+
+def _unpacked(path: Path, cache: Path) -> Path:
+    """The plain IDX file for ``path``, unpacked into ``cache`` once when it is gzipped."""
+    if path.suffix != ".gz":
+        return path
+    plain = cache / path.stem
+    if not plain.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # A private temporary name: workers starting together each unpack
+        # their own copy, and the atomic rename lets any of them win.
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f"{plain.name}.", suffix=".part")
+        try:
+            with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.chmod(tmp, 0o644)  # public data; sandboxed audits read it as another user
+            os.replace(tmp, plain)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    elif not plain.stat().st_mode & 0o004 and plain.stat().st_uid == os.geteuid():
+        os.chmod(plain, 0o644)  # unpacked private by an older version
+    return plain
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -121,6 +128,15 @@ def fashion_mnist_dirs(root: str | Path | None = None, cache_dir: str | Path | N
     root = Path(root or os.environ.get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR)
     cache = Path(cache_dir or os.environ.get("REFINE_AUDIT_DATA_DIR") or Path.home() / ".cache" / "refine-audit") / "fmnist"
     return root, cache
+
+
+def unpack_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Unpack the packaged files into the cache (once), so each audit need not; returns the cache folder."""
+    root, cache = fashion_mnist_dirs(root, cache_dir)
+    for prefix in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            _unpacked(_find(root, f"{prefix}-{kind}-ubyte"), cache)
+    return cache
 
 
 def load_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
