@@ -9,6 +9,7 @@ any number of gunicorn workers on any number of machines can serve it.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from auditor.settings import Settings
@@ -36,11 +37,14 @@ def create_app(
     """
     from flask import Flask
 
+    from auditor.sandbox import require_sandbox_or_consent
     from web.api import api_blueprint
     from web.context import Services, install
     from web.errors import register_error_handlers
     from web.portal import configure_sessions, portal_blueprint
 
+    if settings.is_production:  # the same start-up rule as the worker's, so a deployment fails fast
+        require_sandbox_or_consent(settings, logging.getLogger(__name__).warning)
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=settings.secret_key,

@@ -20,6 +20,7 @@ Worker-only knobs not in ``Settings`` are read here (``WorkerOptions.from_env``)
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -27,6 +28,7 @@ from typing import Mapping
 from celery import Celery
 from kombu import Exchange, Queue
 
+from auditor.sandbox import audit_runner
 from auditor.settings import Settings, SettingsError
 
 QUEUES = ("gpu", "cpu")
@@ -121,3 +123,5 @@ def create_app(settings: Settings, options: WorkerOptions) -> Celery:
 SETTINGS = Settings.from_env()
 OPTIONS = WorkerOptions.from_env(SETTINGS)
 app = create_app(SETTINGS, OPTIONS)
+#: Every audit runs in the sandbox; production without one (and without consent) stops here.
+RUNNER = audit_runner(SETTINGS, logging.getLogger(__name__).warning)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from auditor.store.artifacts import ArtifactStore, store_from_url
 from auditor.store.db import make_engine, make_session_factory
-from worker.celery_app import OPTIONS, REAP_TASK, RUN_AUDIT_TASK, SETTINGS, app
+from worker.celery_app import OPTIONS, REAP_TASK, RUN_AUDIT_TASK, RUNNER, SETTINGS, app
 from worker.executor import execute_audit, reap_stale_audits
 from worker.infra import TransientInfraError
 
@@ -97,7 +97,8 @@ def run_audit(self: Task, audit_id: str) -> None:
     res = resources()
     final_attempt = self.request.retries >= (self.max_retries or 0)
     execute_audit(
-        audit_id, SETTINGS, store=res.artifact_store, session_factory=res.sessions, final_attempt=final_attempt
+        audit_id, SETTINGS, store=res.artifact_store, session_factory=res.sessions, final_attempt=final_attempt,
+        runner=RUNNER,
     )
 
 
