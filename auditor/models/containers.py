@@ -410,6 +410,7 @@ _EXPR_CHARS = re.compile(r"^[A-Za-z0-9_ +\-*/%().,<>=!&|~^]*$")
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _SHAPE_SYMBOL = re.compile(r"^[a-z]{1,5}\d+$")  # s0, u3, zuf1 ...
 _QUOTED_SYMBOL = re.compile(r"'([a-z]{1,5}\d+)'")
+_GUARD_ACCESS = re.compile(r"L(\['\w+'\]|\[\d+\])+(\.(size|stride)\(\)\[\d+\]|\.storage_offset\(\))?")
 
 
 def _check_export(archive: _Archive) -> None:
@@ -506,8 +507,12 @@ def _check_sample_inputs(archive: _Archive, record: str) -> None:
 
 
 def _check_program(archive: _Archive, name: str) -> None:
-    """Graph calls only to registered torch operators; symbolic expressions only arithmetic."""
-    for key, value in _json_items(archive.read_json(name)):
+    """Graph calls only to registered torch operators; symbolic expressions and guards only arithmetic."""
+    program = archive.read_json(name)
+    guards = program.get("guards_code", []) if isinstance(program, dict) else []
+    if not isinstance(guards, list) or not all(_safe_guard(g) for g in guards):
+        raise invalid("The exported program carries guard code that is not a comparison of input sizes; refused.")
+    for key, value in _json_items(program):
         if key == "target" and isinstance(value, str) and not _allowed_target(value):
             raise invalid(f"The exported program calls {value[:100]!r}, which is not a torch operator; refused.")
         if key == "expr_str" and not _safe_sympy_expression(value):
@@ -526,6 +531,13 @@ def _safe_sympy_expression(expr: Any) -> bool:
     if not _EXPR_CHARS.match(unquoted) or "__" in unquoted:
         return False
     return all(w in _SYMPY_NAMES or _SHAPE_SYMBOL.match(w) for w in _IDENTIFIER.findall(_without_numbers(unquoted)))
+
+
+def _safe_guard(guard: Any) -> bool:
+    """``L['x'].size()[0] <= 512``: torch turns guards into Python source for ``.module()``."""
+    if not isinstance(guard, str):
+        return False
+    return _safe_sympy_expression(_GUARD_ACCESS.sub(" s0 ", guard))
 
 
 def _without_numbers(expr: str) -> str:

@@ -222,8 +222,18 @@ def run_audit_sandboxed(
     *,
     policy: SandboxPolicy,
 ) -> AuditResult:
-    """``run_audit`` in a bubblewrap sandbox; a killed or crashed child ends the audit with a clear code."""
+    """``run_audit`` in a bubblewrap sandbox; a killed or crashed child ends the audit with a clear code.
+
+    The checkpoint's container is checked here first (statically, as the web does): a file
+    those checks refuse fails the audit at once, without starting a sandbox. The loader in
+    the sandbox checks it again before any torch loader sees it.
+    """
     work_dir = Path(inputs.work_dir).absolute()
+    refused = _refused_checkpoint(inputs)
+    if refused is not None:
+        from auditor.pipeline import AuditResult
+
+        return AuditResult("failed", work_dir / "out", summary={"status": "failed"}, error=refused)
     control = Path(tempfile.mkdtemp(prefix="refine-audit-sandbox-"))
     try:
         layout = _audit_layout(spec, inputs, work_dir, control, policy)
@@ -233,6 +243,19 @@ def run_audit_sandboxed(
     finally:
         shutil.rmtree(control, ignore_errors=True)
     return _rebuild_result(outcome, work_dir / "out")
+
+
+def _refused_checkpoint(inputs: AuditInputs) -> dict[str, Any] | None:
+    from auditor.errors import AuditError
+    from auditor.models.containers import inspect_checkpoint
+
+    if inputs.model_path is None:
+        return None
+    try:
+        inspect_checkpoint(inputs.model_path)
+    except AuditError as exc:
+        return exc.to_dict()
+    return None
 
 
 def _audit_layout(spec: AuditSpec, inputs: AuditInputs, work_dir: Path, control: Path,
@@ -311,9 +334,10 @@ class _ChildRun:
         self.result: dict[str, Any] | None = None
         self.buffer = b""
 
-    def execute(self, request: dict[str, Any]) -> _Outcome:
+    def execute(self, request: dict[str, Any], program: list[str] | None = None) -> _Outcome:
+        """Run ``program`` (default: the audit child) with ``--events-fd N`` appended."""
         read_fd, write_fd = os.pipe()
-        command = [sys.executable, "-m", "auditor.sandbox.child", "--events-fd", str(write_fd)]
+        command = [*(program or [sys.executable, "-m", "auditor.sandbox.child"]), "--events-fd", str(write_fd)]
         argv = bwrap_argv(self.policy, self.layout, command)
         with tempfile.TemporaryFile() as stderr:
             try:
