@@ -234,15 +234,28 @@ def run_audit_sandboxed(
         from auditor.pipeline import AuditResult
 
         return AuditResult("failed", work_dir / "out", summary={"status": "failed"}, error=refused)
+    outcome = run_sandboxed(spec, inputs, policy, on_progress, should_cancel, on_metrics)
+    return _rebuild_result(outcome, work_dir / "out")
+
+
+def run_sandboxed(
+    spec: AuditSpec,
+    inputs: AuditInputs,
+    policy: SandboxPolicy,
+    on_progress: Callable[[str, int, int], None] = lambda *_: None,
+    should_cancel: Callable[[], bool] = lambda: False,
+    on_metrics: Callable[[str, dict[str, Any]], None] | None = None,
+    program: list[str] | None = None,
+) -> SandboxOutcome:
+    """Run ``program`` (default: the audit child) in the sandbox an audit of ``spec`` gets."""
+    work_dir = Path(inputs.work_dir).absolute()
     control = Path(tempfile.mkdtemp(prefix="refine-audit-sandbox-"))
     try:
         layout = _audit_layout(spec, inputs, work_dir, control, policy)
-        request = _request(spec, inputs)
         run = _ChildRun(policy, layout, control, on_progress, should_cancel, on_metrics)
-        outcome = run.execute(request)
+        return run.execute(_request(spec, inputs), program)
     finally:
         shutil.rmtree(control, ignore_errors=True)
-    return _rebuild_result(outcome, work_dir / "out")
 
 
 def _refused_checkpoint(inputs: AuditInputs) -> dict[str, Any] | None:
@@ -315,7 +328,7 @@ def _request(spec: AuditSpec, inputs: AuditInputs) -> dict[str, Any]:
 
 
 @dataclass
-class _Outcome:
+class SandboxOutcome:
     """What the parent learned: the child's result message, or how the child ended without one."""
 
     result: dict[str, Any] | None
@@ -334,7 +347,7 @@ class _ChildRun:
         self.result: dict[str, Any] | None = None
         self.buffer = b""
 
-    def execute(self, request: dict[str, Any], program: list[str] | None = None) -> _Outcome:
+    def execute(self, request: dict[str, Any], program: list[str] | None = None) -> SandboxOutcome:
         """Run ``program`` (default: the audit child) with ``--events-fd N`` appended."""
         read_fd, write_fd = os.pipe()
         command = [*(program or [sys.executable, "-m", "auditor.sandbox.child"]), "--events-fd", str(write_fd)]
@@ -345,14 +358,14 @@ class _ChildRun:
                                          pass_fds=(write_fd,), start_new_session=True)
             except OSError as exc:
                 os.close(read_fd)
-                return _Outcome(None, _error(ErrorCode.SANDBOX_UNAVAILABLE, f"The audit sandbox did not start: {exc}"))
+                return SandboxOutcome(None, _error(ErrorCode.SANDBOX_UNAVAILABLE, f"The audit sandbox did not start: {exc}"))
             finally:
                 os.close(write_fd)
             try:
                 self._send_request(child, request)
                 outcome = self._watch(child, read_fd)
             except _ProtocolError as exc:
-                outcome = _Outcome(None, _error(ErrorCode.SANDBOX_CRASHED, f"The sandboxed audit misbehaved: {exc}."))
+                outcome = SandboxOutcome(None, _error(ErrorCode.SANDBOX_CRASHED, f"The sandboxed audit misbehaved: {exc}."))
             finally:
                 _kill_group(child)
                 os.close(read_fd)
@@ -367,7 +380,7 @@ class _ChildRun:
         except (BrokenPipeError, OSError):
             pass  # the child died at once; _watch sees it exit
 
-    def _watch(self, child: subprocess.Popen[bytes], read_fd: int) -> _Outcome:
+    def _watch(self, child: subprocess.Popen[bytes], read_fd: int) -> SandboxOutcome:
         deadline = time.monotonic() + self.policy.wall_seconds
         cancel_deadline: float | None = None
         open_pipe = True
@@ -384,14 +397,14 @@ class _ChildRun:
             if now > deadline:
                 _kill_group(child)
                 message = f"The audit ran past its wall-clock limit of {self.policy.wall_seconds} s and was killed."
-                return _Outcome(None, _error(ErrorCode.SANDBOX_LIMIT_EXCEEDED, message))
+                return SandboxOutcome(None, _error(ErrorCode.SANDBOX_LIMIT_EXCEEDED, message))
             if cancel_deadline is None and self.should_cancel():
                 (self.control / CANCEL_FILE).touch()
                 cancel_deadline = now + self.policy.cancel_grace_s
             elif cancel_deadline is not None and now > cancel_deadline and self.result is None:
                 _kill_group(child)
-                return _Outcome(None, cancelled=True)
-        return _Outcome(self.result)
+                return SandboxOutcome(None, cancelled=True)
+        return SandboxOutcome(self.result)
 
     def _read_events(self, read_fd: int, timeout: float) -> bool:
         """Relay complete lines; False once the child closed its end."""
@@ -471,7 +484,7 @@ def _error(code: ErrorCode, message: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the result
 
 
-def _rebuild_result(outcome: _Outcome, out_dir: Path) -> AuditResult:
+def _rebuild_result(outcome: SandboxOutcome, out_dir: Path) -> AuditResult:
     """An ``AuditResult`` from the child's message, every field checked: the child is untrusted."""
     from auditor.pipeline import AuditResult
 
