@@ -68,7 +68,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_SANDBOX", "bwrap", "bwrap | none: run each audit of a submitted model in a bubblewrap sandbox."),
     Variable("REFINE_AUDIT_UNSAFE_NO_SANDBOX", "(unset)",
              f"Set to `{UNSAFE_NO_SANDBOX_CONSENT}` to let production start without a working sandbox."),
-    Variable("REFINE_AUDIT_SANDBOX_MEMORY_MB", "8192", "Address-space limit of a sandboxed audit, in MiB."),
+    Variable("REFINE_AUDIT_SANDBOX_MEMORY_MB", "8192", "Memory limit (RLIMIT_DATA) of each process of a sandboxed audit, in MiB."),
     Variable("REFINE_AUDIT_SANDBOX_CPU_S", "(2 x the audit time limit)", "CPU-time limit of a sandboxed audit, in seconds."),
 )
 

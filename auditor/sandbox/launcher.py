@@ -17,7 +17,8 @@
   and cgroup namespaces; no network for checkpoint audits; a new session; killed with
   its parent. Run as root, the audit drops to its own uid (``setpriv``) and to no
   capabilities; otherwise bwrap's user namespace drops them.
-* **limits**: address space, CPU time, processes and file size (``prlimit``), and a
+* **limits**: data memory (heap and anonymous mappings: what tensors allocate, unlike
+  the address space CUDA reserves), CPU time, processes and file size (``prlimit``), and a
   wall clock after which the whole process group is killed.
 
 The child reads its request from stdin and streams JSON lines on an inherited pipe:
@@ -93,7 +94,7 @@ class _Layout:
 def bwrap_argv(policy: SandboxPolicy, layout: _Layout, command: list[str]) -> list[str]:
     """``prlimit [limits] -- bwrap [namespaces, mounts, env] -- [setpriv --] command``."""
     limits = [
-        "prlimit", f"--as={policy.memory_bytes}", f"--cpu={policy.cpu_seconds}:{policy.cpu_seconds + 5}",
+        "prlimit", f"--data={policy.memory_bytes}", f"--cpu={policy.cpu_seconds}:{policy.cpu_seconds + 5}",
         f"--nproc={policy.max_processes}", f"--fsize={policy.max_file_bytes}", "--core=0", "--",
     ]
     argv = [policy.bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-uts",

@@ -32,7 +32,7 @@ class SandboxUnavailable(RuntimeError):
 class SandboxPolicy:
     """Limits and the few host paths a sandboxed audit may see (read-only)."""
 
-    memory_bytes: int  # RLIMIT_AS of every process in the sandbox
+    memory_bytes: int  # RLIMIT_DATA of every process in the sandbox (RLIMIT_AS would break CUDA's reservations)
     cpu_seconds: int  # RLIMIT_CPU: SIGXCPU, then SIGKILL five seconds later
     wall_seconds: int  # the whole process group is killed after this long
     fmnist_dir: Path | None = None  # the built-in dataset, when the host has it
