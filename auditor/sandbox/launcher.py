@@ -448,9 +448,15 @@ class _ChildRun:
         if returncode in signals:
             return _error(ErrorCode.SANDBOX_LIMIT_EXCEEDED, f"The sandboxed audit was stopped by {signals[returncode]}.")
         if returncode is not None and returncode > 128:
-            what = signal.Signals(returncode - 128).name if returncode - 128 in signal.Signals._value2member_map_ else returncode
-            return _error(ErrorCode.SANDBOX_CRASHED, f"The sandboxed audit crashed ({what}) without a result.")
+            return _error(ErrorCode.SANDBOX_CRASHED, f"The sandboxed audit crashed ({_signal_name(returncode - 128)}).")
         return _error(ErrorCode.SANDBOX_CRASHED, f"The sandboxed audit exited (status {returncode}) without a result.")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class _ProtocolError(RuntimeError):

@@ -16,6 +16,7 @@ import safetensors
 import safetensors.torch
 import torch
 from click.testing import CliRunner
+from sqlalchemy import delete
 
 from api_support import TINY_SPEC, Api, api_factory, sqlite_api  # noqa: F401 (fixtures)
 from hostile_corpus import CASES, _example, _TinyNet, build_corpus, pt2_pickled_constant_tensor, torchscript_tampered_data
@@ -31,6 +32,8 @@ from auditor.sandbox.launcher import _rebuild_result, run_sandboxed
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from auditor.store.artifacts import S3Credentials, S3Store
+from auditor.store.db import session_scope
+from auditor.store.models import User
 from auditor.store.lifecycle import AuditStatus
 from worker.executor import execute_audit
 
@@ -75,13 +78,18 @@ def test_hostile_checkpoints_through_the_worker_fail_with_invalid_checkpoint(set
     """Rows the web never checked (as if its check were bypassed): the worker's runner refuses them."""
     runner = audit_runner(settings, pytest.fail)
     owner = new_owner(sessions)
-    for name in NAMES:
-        path, marker = corpus[name]
-        audit_id = submit(sessions, s3_store, owner, TINY_SPEC, path.read_bytes())
-        execute_audit(audit_id, settings, store=s3_store, session_factory=sessions, options=FAST_OPTIONS, runner=runner)
-        row = load(sessions, audit_id)
-        assert (row.status, row.error_code) == (AuditStatus.FAILED, "invalid_checkpoint"), name
-        assert not marker.exists(), name
+    try:
+        for name in NAMES:
+            path, marker = corpus[name]
+            audit_id = submit(sessions, s3_store, owner, TINY_SPEC, path.read_bytes())
+            execute_audit(audit_id, settings, store=s3_store, session_factory=sessions, options=FAST_OPTIONS,
+                          runner=runner)
+            row = load(sessions, audit_id)
+            assert (row.status, row.error_code) == (AuditStatus.FAILED, "invalid_checkpoint"), name
+            assert not marker.exists(), name
+    finally:  # the store tests after this module expect the shared database without users
+        with session_scope(sessions) as session:
+            session.execute(delete(User).where(User.id == owner.user_id))
 
 
 @pytest.mark.parametrize("name", NAMES)
