@@ -231,7 +231,10 @@ def _build_spec(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/audit"), show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: bool, device: str | None, **options: Any) -> None:
+@click.option("--no-sandbox", is_flag=True,
+              help="Run the model in this process, with your rights and environment [default: a bubblewrap sandbox when it works].")
+def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: bool, device: str | None,
+          no_sandbox: bool, **options: Any) -> None:
     """Audit a model: find backdoor evidence, train REFINE, prove it on generated attacks, write a report.
 
     \b
@@ -240,9 +243,13 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
       refine-audit audit weights.safetensors --arch small_cnn --data mydata.npz
       refine-audit audit --api http://127.0.0.1:9000/v1/models/m:predict --output labels --allow-host 127.0.0.1
 
+    The model runs in a bubblewrap sandbox (no network for checkpoints, none of your files or
+    environment) when bwrap works here; otherwise, or with --no-sandbox, it runs in this
+    process and a warning says so.
+
     Exit status: 0 succeeded, 2 invalid input, 3 failed, 130 cancelled.
     """
-    from auditor.pipeline import AuditInputs, run_audit
+    from auditor.pipeline import AuditInputs
     from auditor.spec import parse_spec
 
     options["data"] = options["data"] or "fashion-mnist"
@@ -256,11 +263,30 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
     if dataset is not None and not dataset.is_file():
         fail(AuditError(ErrorCode.DATASET_NOT_FOUND, f"Dataset file {dataset} does not exist."))
     inputs = AuditInputs(work_dir=out, model_path=model, dataset_path=dataset, allowed_hosts=allow_host, device=device)
+    runner = _audit_runner(no_sandbox)
     bars = StageBars(enabled=not quiet)
     with CancelOnInterrupt() as cancel:
-        result = run_audit(spec, inputs, on_progress=bars, should_cancel=cancel)
+        result = runner(spec, inputs, bars, cancel)
     bars.close()
     _print_outcome(result)
+
+
+def _audit_runner(no_sandbox: bool) -> Any:
+    """The sandboxed runner when bwrap works; the in-process one, announced on stderr, otherwise."""
+    from auditor.pipeline import run_audit
+    from auditor.sandbox import SandboxUnavailable, audit_runner
+    from auditor.settings import Settings, SettingsError
+
+    def warn(message: str) -> None:
+        click.secho(message, fg="yellow", err=True)
+
+    if no_sandbox:
+        warn("WARNING: --no-sandbox: the model runs in this process, with your rights, files and environment.")
+        return run_audit
+    try:
+        return audit_runner(Settings.from_env(), warn)
+    except (SettingsError, SandboxUnavailable) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _print_outcome(result: Any) -> None:

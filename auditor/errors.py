@@ -42,6 +42,10 @@ class ErrorCode(str, Enum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     DATABASE_UNAVAILABLE = "database_unavailable"
     TIME_LIMIT = "time_limit"
+    # The sandbox a submitted model runs in: a limit it hit, a death without a result, or no sandbox at all.
+    SANDBOX_LIMIT_EXCEEDED = "sandbox_limit_exceeded"
+    SANDBOX_CRASHED = "sandbox_crashed"
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
 
 
 #: Errors caused by what the user submitted (as opposed to a failure while running).

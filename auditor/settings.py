@@ -21,6 +21,11 @@ DEFAULT_DATA_DIR = "~/.local/share/refine-audit"
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ENVIRONMENTS = ("development", "test", "production")
 DEVICES = ("auto", "cpu", "cuda")
+SANDBOXES = ("bwrap", "none")
+#: The only value of REFINE_AUDIT_UNSAFE_NO_SANDBOX that lets production run submitted models unsandboxed.
+UNSAFE_NO_SANDBOX_CONSENT = "i-understand-models-run-unsandboxed"
+#: Thread-count variables of the numeric libraries, passed through to sandboxed audits.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 BROKER_SCHEMES = ("redis", "rediss", "memory")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 MIN_SECRET_KEY_LENGTH = 32
@@ -77,6 +82,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_TASK_RETRY_BACKOFF_MAX_S", "120", "Longest delay between such retries."),
     Variable("REFINE_AUDIT_RESULT_BACKEND", "(unset: none)",
              "Celery result backend URL; the database row is the truth, so none is needed."),
+    Variable("REFINE_AUDIT_SANDBOX", "bwrap", "bwrap | none: run each audit of a submitted model in a bubblewrap sandbox."),
+    Variable("REFINE_AUDIT_UNSAFE_NO_SANDBOX", "(unset)",
+             f"Set to `{UNSAFE_NO_SANDBOX_CONSENT}` to let production start without a working sandbox."),
+    Variable("REFINE_AUDIT_SANDBOX_MEMORY_MB", "8192", "Memory limit (RLIMIT_DATA) of each process of a sandboxed audit, in MiB."),
+    Variable("REFINE_AUDIT_SANDBOX_CPU_S", "(2 x the audit time limit)", "CPU-time limit of a sandboxed audit, in seconds."),
 )
 
 
@@ -108,6 +118,11 @@ class Settings:
     task_retry_backoff_s: int
     task_retry_backoff_max_s: int
     result_backend: str | None
+    sandbox: str
+    unsafe_no_sandbox: bool
+    sandbox_memory_mb: int
+    sandbox_cpu_s: int
+    thread_env: tuple[tuple[str, str], ...]  # THREAD_VARIABLES that are set, for sandboxed audits
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -143,6 +158,11 @@ class Settings:
             task_retry_backoff_s=_positive_int(get, "REFINE_AUDIT_TASK_RETRY_BACKOFF_S", 10),
             task_retry_backoff_max_s=_positive_int(get, "REFINE_AUDIT_TASK_RETRY_BACKOFF_MAX_S", 120),
             result_backend=_result_backend(get("REFINE_AUDIT_RESULT_BACKEND")),
+            sandbox=_choice("REFINE_AUDIT_SANDBOX", (get("REFINE_AUDIT_SANDBOX") or "bwrap").lower(), SANDBOXES),
+            unsafe_no_sandbox=_unsafe_consent(get("REFINE_AUDIT_UNSAFE_NO_SANDBOX")),
+            sandbox_memory_mb=_positive_int(get, "REFINE_AUDIT_SANDBOX_MEMORY_MB", 8192),
+            sandbox_cpu_s=_positive_int(get, "REFINE_AUDIT_SANDBOX_CPU_S", 2 * time_limit),
+            thread_env=tuple((name, value) for name in THREAD_VARIABLES if (value := get(name))),
         )
 
     @property
@@ -253,6 +273,15 @@ def _secret_key(value: str | None, *, production: bool) -> str:
         problem = f"must be at least {MIN_SECRET_KEY_LENGTH} characters in production"
         raise SettingsError("REFINE_AUDIT_SECRET_KEY", problem)
     return value
+
+
+def _unsafe_consent(value: str | None) -> bool:
+    """Only the exact phrase counts: a stray ``1`` or ``true`` must not switch the sandbox off."""
+    if value is None:
+        return False
+    if value != UNSAFE_NO_SANDBOX_CONSENT:
+        raise SettingsError("REFINE_AUDIT_UNSAFE_NO_SANDBOX", f"must be unset or exactly {UNSAFE_NO_SANDBOX_CONSENT!r}")
+    return True
 
 
 def _host_list(raw: str | None) -> tuple[str, ...]:

@@ -12,6 +12,8 @@ need_apt=()
 # The fault tests (tests/integration/test_worker_faults.py) kill and restart a redis-server
 # of their own, never the machine's Redis.
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# Every audit of a submitted model runs in a bubblewrap sandbox (auditor/sandbox/).
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 # The browser tests (tests/e2e/test_portal_*.py) drive Debian's headless Chromium, never a
 # downloaded browser: install it whenever we can (root), or when asked (WITH_BROWSER=1).
 if [ ! -x /usr/bin/chromium ] && { [ "$(id -u)" = 0 ] || [ "${WITH_BROWSER:-0}" = 1 ]; }; then need_apt+=(chromium); fi

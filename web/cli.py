@@ -19,6 +19,7 @@ import click
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from auditor.sandbox import SandboxUnavailable
 from auditor.settings import Settings, SettingsError
 from auditor.store import users
 from auditor.store.artifacts import ArtifactStore, store_from_url
@@ -77,8 +78,11 @@ def serve(host: str, port: int) -> None:
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     store = store_from_url(settings.artifacts_url, settings)
-    queue = build_queue(settings, store)
-    app = create_app(settings, store=store, queue=queue, engine=engine)
+    try:
+        queue = build_queue(settings, store)
+        app = create_app(settings, store=store, queue=queue, engine=engine)
+    except SandboxUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     in_process = isinstance(queue, InProcessQueue)
     if in_process:
         requeue_unfinished(make_session_factory(engine), queue)
@@ -101,11 +105,14 @@ def build_queue(settings: Settings, store: ArtifactStore) -> JobQueue:
     sharing the web app's artifact store."""
     if settings.broker_url is not None:
         return CeleryQueue(settings.broker_url)
+    from auditor.sandbox import audit_runner  # imports the pipeline (torch): only when audits run here
+
+    runner = audit_runner(settings, lambda message: click.secho(message, fg="yellow", err=True))
 
     def run(audit_id: str) -> None:
         from worker.executor import execute_audit  # lazy: only the in-process mode runs audits here
 
-        execute_audit(audit_id, settings, store=store)
+        execute_audit(audit_id, settings, store=store, runner=runner)
 
     return InProcessQueue(run)
 

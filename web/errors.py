@@ -58,6 +58,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.DATABASE_UNAVAILABLE: 503,
     ErrorCode.TIME_LIMIT: 500,
+    ErrorCode.SANDBOX_LIMIT_EXCEEDED: 500,
+    ErrorCode.SANDBOX_CRASHED: 500,
+    ErrorCode.SANDBOX_UNAVAILABLE: 503,
 }
 
 #: Framework statuses without a domain error behind them.

@@ -19,9 +19,12 @@ single task that may run for hours on the only GPU of its machine.
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from kombu import Exchange, Queue
 
+from auditor.sandbox import audit_runner
 from auditor.settings import Settings, SettingsError
 
 QUEUES = ("gpu", "cpu")
@@ -60,3 +63,5 @@ def create_app(settings: Settings) -> Celery:
 
 SETTINGS = Settings.from_env()
 app = create_app(SETTINGS)
+#: Every audit runs in the sandbox; production without one (and without consent) stops here.
+RUNNER = audit_runner(SETTINGS, logging.getLogger(__name__).warning)

@@ -23,7 +23,7 @@ from auditor.settings import Settings
 from auditor.store.artifacts import ArtifactStore, store_from_url
 from auditor.store.db import make_engine, make_session_factory
 from worker.broker import RUN_AUDIT_TASK, RedisBroker
-from worker.celery_app import SETTINGS, app
+from worker.celery_app import RUNNER, SETTINGS, app
 from worker.executor import execute_audit
 from worker.infra import TransientInfraError
 from worker.sweep import Sweep, Sweeper, SweepLock
@@ -117,5 +117,6 @@ def run_audit(self: Task, audit_id: str) -> None:
     res = resources()
     final_attempt = self.request.retries >= (self.max_retries or 0)
     execute_audit(
-        audit_id, SETTINGS, store=res.artifact_store, session_factory=res.sessions, final_attempt=final_attempt
+        audit_id, SETTINGS, store=res.artifact_store, session_factory=res.sessions, final_attempt=final_attempt,
+        runner=RUNNER,
     )

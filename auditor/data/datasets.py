@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from auditor.archives import expands_too_much, unsafe_entry_reason
 from auditor.errors import AuditError, ErrorCode
 
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -85,22 +86,30 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def _read_idx(path: Path, cache: Path) -> torch.Tensor:
     from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
-    if path.suffix == ".gz":
-        plain = cache / path.stem
-        if not plain.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            # A private temporary name: workers starting together each unpack
-            # their own copy, and the atomic rename lets any of them win.
-            fd, tmp = tempfile.mkstemp(dir=cache, prefix=f"{plain.name}.", suffix=".part")
-            try:
-                with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.replace(tmp, plain)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        path = plain
-    return read_sn3_pascalvincent_tensor(str(path), strict=False)
+    return read_sn3_pascalvincent_tensor(str(_unpacked(path, cache)), strict=False)
+
+
+def _unpacked(path: Path, cache: Path) -> Path:
+    """The plain IDX file for ``path``, unpacked into ``cache`` once when it is gzipped."""
+    if path.suffix != ".gz":
+        return path
+    plain = cache / path.stem
+    if not plain.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        # A private temporary name: workers starting together each unpack
+        # their own copy, and the atomic rename lets any of them win.
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f"{plain.name}.", suffix=".part")
+        try:
+            with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.chmod(tmp, 0o644)  # public data; sandboxed audits read it as another user
+            os.replace(tmp, plain)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    elif not plain.stat().st_mode & 0o004 and plain.stat().st_uid == os.geteuid():
+        os.chmod(plain, 0o644)  # unpacked private by an older version
+    return plain
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -114,10 +123,25 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
-    """(train, test) from the IDX files of the Debian package; nothing is downloaded."""
+def fashion_mnist_dirs(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Where the packaged IDX files are, and where their unpacked copies are cached."""
     root = Path(root or os.environ.get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR)
     cache = Path(cache_dir or os.environ.get("REFINE_AUDIT_DATA_DIR") or Path.home() / ".cache" / "refine-audit") / "fmnist"
+    return root, cache
+
+
+def unpack_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Unpack the packaged files into the cache (once), so each audit need not; returns the cache folder."""
+    root, cache = fashion_mnist_dirs(root, cache_dir)
+    for prefix in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            _unpacked(_find(root, f"{prefix}-{kind}-ubyte"), cache)
+    return cache
+
+
+def load_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) from the IDX files of the Debian package; nothing is downloaded."""
+    root, cache = fashion_mnist_dirs(root, cache_dir)
     sets = []
     for prefix in ("train", "t10k"):
         images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), cache)
@@ -176,13 +200,6 @@ def load_npz(path: str | Path, limits: Limits = Limits()) -> ImageSet:
     return ImageSet(x, y)
 
 
-def _safe_member(name: str) -> PurePosixPath:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or "\\" in name or ":" in (path.parts[0] if path.parts else ""):
-        raise _bad(f"The archive entry {name!r} escapes its folder.", ErrorCode.UNSAFE_ARCHIVE, entry=name)
-    return path
-
-
 def load_image_zip(path: str | Path, limits: Limits = Limits()) -> ImageSet:
     """A zip of ``class_name/image.png`` folders; classes are numbered in sorted order."""
     path = Path(path)
@@ -211,13 +228,14 @@ def load_image_zip(path: str | Path, limits: Limits = Limits()) -> ImageSet:
 def _checked_entries(archive: zipfile.ZipFile, limits: Limits) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
     entries, total = [], 0
     for info in archive.infolist():
-        path = _safe_member(info.filename)
+        reason = unsafe_entry_reason(info)
+        if reason is not None:
+            raise _bad(f"The archive entry {info.filename!r} {reason}.", ErrorCode.UNSAFE_ARCHIVE, entry=info.filename)
+        path = PurePosixPath(info.filename)
         if info.is_dir() or path.name.startswith(".") or "__MACOSX" in path.parts:
             continue
-        if (info.external_attr >> 16) & 0o170000 == 0o120000:
-            raise _bad(f"The archive entry {info.filename!r} is a symbolic link.", ErrorCode.UNSAFE_ARCHIVE)
         total += info.file_size
-        if total > limits.max_bytes or (info.compress_size and info.file_size / info.compress_size > 200):
+        if total > limits.max_bytes or expands_too_much(info):
             raise _bad("The archive expands too much (a decompression bomb?).", ErrorCode.UNSAFE_ARCHIVE)
         if len(path.parts) < 2:
             raise _bad(f"{info.filename!r} is not inside a class folder.", entry=info.filename)

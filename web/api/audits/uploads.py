@@ -1,75 +1,39 @@
 """Early checks of what a user submits, so a bad upload is a 422 now rather than a
 failed audit an hour later.
 
-Everything here reads untrusted bytes without executing them: checkpoints are
-classified by their bytes (``detect_format``) and then loaded the safe way (TorchScript
-and ``torch.export`` archives, safetensors headers, ``torch.load(weights_only=True)``);
-a pickle is refused before any unpickler sees it. Datasets go through ``load_dataset``,
-which checks archive entries for traversal, links and decompression bombs.
+Everything here reads untrusted bytes without executing them. A model file is a
+program, so the web process never deserializes one: checkpoints go through the static
+container checks (``auditor.models.containers``: zip structure, every pickle evaluated
+symbolically against an allowlist, .pt2 payloads and graph, safetensors headers), and
+bare weights that name their architecture are compared with it by declared shapes.
+Loading and every forward pass happen in the worker, inside the sandbox. Datasets go
+through ``load_dataset``, which checks archive entries for traversal, links and
+decompression bombs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 from auditor.blackbox.ssrf import check_url
 from auditor.data.datasets import Limits, load_dataset
 from auditor.errors import AuditError, ErrorCode
-from auditor.models.checkpoints import detect_format, load_checkpoint
+from auditor.models.checkpoints import architecture_from_metadata, check_weights_fit
+from auditor.models.containers import inspect_checkpoint
 from auditor.spec import AuditSpec
-
-#: Formats that carry their own architecture and can be fully loaded without the data.
-SELF_DESCRIBING = ("torchscript", "export")
 
 
 def check_checkpoint(path: Path) -> str:
-    """Refuse anything but a safely loadable checkpoint; returns its format.
+    """Refuse any checkpoint the container checks refuse; returns its format.
 
-    Bare weights (safetensors without an architecture, state dicts) may need the
-    dataset's class count to rebuild their model, so here they are only proven to be
-    plain tensors; the worker checks that they fit the architecture.
+    Bare weights without an architecture in the file may need the dataset's class count
+    to rebuild their model, so the worker checks those against the architecture.
     """
-    kind = detect_format(path)
-    if kind in SELF_DESCRIBING:
-        load_checkpoint(path)
-    elif kind == "safetensors":
-        if "arch" in _safetensors_metadata(path):
-            load_checkpoint(path)
-    else:
-        _read_state_dict(path)
-    return kind
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The header's metadata, after checking the header parses and names tensors."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            if not list(handle.keys()):
-                raise _invalid("The safetensors file holds no tensors.")
-            return handle.metadata() or {}
-    except AuditError:
-        raise
-    except Exception as exc:
-        raise _invalid(f"The safetensors file could not be read: {exc}") from exc
-
-
-def _read_state_dict(path: Path) -> None:
-    """``weights_only=True`` refuses every object that is not a tensor or a container of them."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise _invalid("The checkpoint holds objects other than tensors and was refused without being executed.") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _invalid("The file is not a flat mapping of parameter names to tensors.")
-
-
-def _invalid(message: str) -> AuditError:
-    return AuditError(ErrorCode.INVALID_CHECKPOINT, message)
+    info = inspect_checkpoint(path)
+    arch = architecture_from_metadata(info) if info.tensors is not None else None
+    if arch is not None:
+        check_weights_fit(info.tensors or {}, arch)
+    return info.format
 
 
 def check_dataset(path: Path, max_bytes: int) -> None:
