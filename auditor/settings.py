@@ -22,6 +22,7 @@ DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ENVIRONMENTS = ("development", "test", "production")
 DEVICES = ("auto", "cpu", "cuda")
 BROKER_SCHEMES = ("redis", "rediss", "memory")
+LOG_FORMATS = ("text", "json")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 MIN_SECRET_KEY_LENGTH = 32
 
@@ -60,6 +61,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_FMNIST_DIR", DEFAULT_FMNIST_DIR, "Folder holding the built-in Fashion-MNIST files."),
     Variable("REFINE_AUDIT_AUDIT_TIME_LIMIT_S", "21600", "Hard time limit of one audit, in seconds (6 h)."),
     Variable("REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", "300", "A running audit silent this long is failed with worker_lost."),
+    Variable("REFINE_AUDIT_LOG_FORMAT", "text", "text | json: json writes one object per line, with the audit id while an audit runs."),
 )
 
 
@@ -83,6 +85,7 @@ class Settings:
     fmnist_dir: Path
     audit_time_limit_s: int
     heartbeat_timeout_s: int
+    log_format: str = "text"  # json for log shippers (one object per line); text for people
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -107,6 +110,7 @@ class Settings:
             fmnist_dir=Path(get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR).expanduser(),
             audit_time_limit_s=_positive_int(get, "REFINE_AUDIT_AUDIT_TIME_LIMIT_S", 6 * 3600),
             heartbeat_timeout_s=_positive_int(get, "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S", 300),
+            log_format=_choice("REFINE_AUDIT_LOG_FORMAT", (get("REFINE_AUDIT_LOG_FORMAT") or "text").lower(), LOG_FORMATS),
         )
 
     @property

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from celery import Celery
+from celery.signals import setup_logging
 from kombu import Exchange, Queue
 
+from auditor.logs import configure_logging
 from auditor.settings import Settings, SettingsError
 
 QUEUES = ("gpu", "cpu")
@@ -116,6 +118,12 @@ def create_app(settings: Settings, options: WorkerOptions) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: int | str | None = None, **_: object) -> None:
+    """Our handler instead of Celery's: REFINE_AUDIT_LOG_FORMAT, with the audit id on every line."""
+    configure_logging(SETTINGS.log_format, loglevel or "INFO")
 
 
 SETTINGS = Settings.from_env()
