@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,15 @@ from bench.common import RESULTS, git_commit, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from e2e.processes import BIN, ServiceProcess, service_env, start_process, wait_for  # noqa: E402
+from e2e.processes import (  # noqa: E402
+    BIN,
+    ServiceProcess,
+    answers_ok,
+    free_port,
+    service_env,
+    start_process,
+    wait_for,
+)
 
 OUT = RESULTS / "defended_endpoint.json"
 AUDIT_OUT = RESULTS / "defended_endpoint" / "audit.json"
@@ -55,10 +62,6 @@ STARTUP_S = 180
 EVAL_BATCH = 100  # images per request when measuring BA/ASR
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def predict_path(protocol: str) -> str:
@@ -135,11 +138,6 @@ def ensure_backdoored_model(model_dir: Path, env: dict[str, str], work: Path) ->
     return model_dir / "model.pt"
 
 
-def answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def run_audit(upstream: str, args: argparse.Namespace, env: dict[str, str], work: Path) -> Path:
@@ -162,7 +160,7 @@ def start_defended(upstream: str, defense: Path, protocol: str, env: dict[str, s
         env, work / f"serve-defended-{protocol}.log",
     )
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: answers(url + "/readyz"), STARTUP_S, interval=0.5, message=f"serve-defended {protocol}", process=process)
+    wait_for(lambda: answers_ok(url + "/readyz"), STARTUP_S, interval=0.5, message=f"serve-defended {protocol}", process=process)
     return process, url
 
 
@@ -217,7 +215,7 @@ def main() -> None:
                                                "--port", str(port)], env, args.work / "serve-model.log")
         started.append(server)
         upstream = f"http://127.0.0.1:{port}"
-        wait_for(lambda: answers(upstream + "/v2/health/ready"), STARTUP_S, interval=0.5, message="serve-model", process=server)
+        wait_for(lambda: answers_ok(upstream + "/v2/health/ready"), STARTUP_S, interval=0.5, message="serve-model", process=server)
         defense = run_audit(upstream, args, env, args.work)
         results = []
         for protocol in PROTOCOLS:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 from torch import nn
@@ -60,7 +60,63 @@ class BadRequest(Exception):
     """The client sent something the server cannot run; answered with HTTP 400."""
 
 
-class ModelServer:
+class BackgroundHTTPServer:
+    """A ``ThreadingHTTPServer`` with the lifecycle tests and the CLI share: ``start`` serves from a
+    daemon thread (tests), ``serve_forever`` from the caller (the CLI), ``stop`` ends either."""
+
+    _scheme = "http"
+
+    def __init__(self, host: str, port: int, handler: type[BaseHTTPRequestHandler], thread_name: str):
+        self._httpd = ThreadingHTTPServer((host, port), handler)
+        self._httpd.daemon_threads = True
+        self._httpd.app = self  # type: ignore[attr-defined]  # handlers reach their server's state here
+        self._thread_name = thread_name
+        self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self._scheme}://{host}:{self.port}"
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=self._thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+            self.closed()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.closed()
+
+    def closed(self) -> None:
+        """Release what the subclass holds (connections to other servers); called once serving ended."""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ModelServer(BackgroundHTTPServer):
     """Serve ``module`` ([0, 1] images (N, C, H, W) -> logits) until stopped.
 
     Use as a context manager in tests (port 0 picks a free port; ``.url`` is the base
@@ -102,55 +158,10 @@ class ModelServer:
         self._requests = 0
         self._faults: collections.deque[Fault] = collections.deque()
         self._standing_fault: Fault | None = None
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.model_server = self  # type: ignore[attr-defined]
-        self._scheme = "http"
+        super().__init__(host, port, _Handler, "model-server")
         if ssl_context is not None:
             self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
             self._scheme = "https"
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ------------------------------------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return str(self._httpd.server_address[0])
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self._scheme}://{host}:{self.port}"
-
-    def start(self) -> "ModelServer":
-        """Serve from a background daemon thread (tests, notebooks)."""
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="model-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Serve from the calling thread until interrupted (the CLI)."""
-        try:
-            self._httpd.serve_forever()
-        finally:
-            self._httpd.server_close()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> "ModelServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- stats and faults -----------------------------------------------------------------------------------------
 
@@ -307,7 +318,7 @@ class _Handler(JsonRequestHandler):
 
     @property
     def app(self) -> ModelServer:
-        return self.server.model_server  # type: ignore[attr-defined]
+        return self.server.app  # type: ignore[attr-defined]
 
     # -- GET ------------------------------------------------------------------------------------------------------
 

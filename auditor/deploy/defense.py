@@ -68,7 +68,7 @@ def load_defense(folder: str | Path, overrides: dict[str, Any] | None = None) ->
     report = _read_json(folder / "report.json", required=False)
     mapping = _mapping(meta)
     transform = _transform(folder / "transform.safetensors", meta)
-    image_shape = _image_shape(report, transform)
+    image_shape = _image_shape(meta, report)
     return DefenseBundle(transform, mapping, _api_shape(meta, report, overrides or {}), image_shape,
                          report.get("audit_id") if report else None, folder)
 
@@ -117,11 +117,11 @@ def _transform(path: Path, meta: dict[str, Any]) -> UNet:
     return transform.eval()
 
 
-def _image_shape(report: dict[str, Any], transform: UNet) -> tuple[int, int, int]:
-    shape = ((report.get("inputs") or {}).get("data") or {}).get("image_shape")
+def _image_shape(meta: dict[str, Any], report: dict[str, Any]) -> tuple[int, int, int]:
+    shape = meta.get("image_shape") or ((report.get("inputs") or {}).get("data") or {}).get("image_shape")
     if isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape):
         return tuple(shape)  # type: ignore[return-value]
-    raise _invalid("report.json does not say which image shape the defense was trained on; "
+    raise _invalid("Neither defense.json nor report.json says which image shape the defense was trained on; "
                    "keep the audit's report.json beside transform.safetensors.")
 
 

@@ -23,7 +23,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from http import HTTPStatus
-from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +30,13 @@ import torch
 
 from auditor.blackbox.client import ApiConfig, ApiTransport, decode_response, encode_request
 from auditor.blackbox.defended import transform_images
-from auditor.blackbox.server import BadRequest, JsonRequestHandler, tensor_from_v1, tensor_from_v2
+from auditor.blackbox.server import (
+    BackgroundHTTPServer,
+    BadRequest,
+    JsonRequestHandler,
+    tensor_from_v1,
+    tensor_from_v2,
+)
 from auditor.deploy.defense import ApiShape, DefenseBundle
 from auditor.errors import AuditError, ErrorCode
 
@@ -56,7 +61,7 @@ class EndpointLimits:
             raise ValueError("endpoint limits must be positive")
 
 
-class DefendedEndpoint:
+class DefendedEndpoint(BackgroundHTTPServer):
     """Serve the defense in front of ``upstream`` (an ``ApiConfig`` for the audited API) until stopped."""
 
     def __init__(
@@ -86,48 +91,15 @@ class DefendedEndpoint:
         self._ready_lock = threading.Lock()
         self._ready_at, self._ready = 0.0, False
         self._routes = _inference_routes(upstream, self.api)
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.endpoint = self  # type: ignore[attr-defined]
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ------------------------------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{f'[{host}]' if ':' in str(host) else host}:{port}"
+        super().__init__(host, port, _Handler, "defended-endpoint")
 
     @property
     def predict_path(self) -> str:
         """Where clients POST: the upstream's own inference path."""
         return self._routes[0]
 
-    def start(self) -> "DefendedEndpoint":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="defended-endpoint", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        try:
-            self._httpd.serve_forever()
-        finally:
-            self._httpd.server_close()
-            self._transport.close()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+    def closed(self) -> None:
         self._transport.close()
-
-    def __enter__(self) -> "DefendedEndpoint":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- the defense ----------------------------------------------------------------------------------------------
 
@@ -229,7 +201,7 @@ class _Handler(JsonRequestHandler):
 
     @property
     def endpoint(self) -> DefendedEndpoint:
-        return self.server.endpoint  # type: ignore[attr-defined]
+        return self.server.app  # type: ignore[attr-defined]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         path = self.path.split("?", 1)[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -27,7 +26,7 @@ from shared_fixtures import claimed_redis_db, train_tiny_fmnist_model
 
 from auditor.store.artifacts import S3Credentials, S3Store
 from auditor.store.db import make_engine
-from e2e.processes import BIN, ServiceProcess, service_env, start_gunicorn, start_process, wait_for
+from e2e.processes import BIN, ServiceProcess, free_port, service_env, start_gunicorn, start_process, wait_for
 
 SPEC: dict[str, Any] = {"effort": "tiny", "data": {"train_size": 600, "test_size": 200}, "controls": {"attacks": ["badnets"]}}
 QUERY_BUDGET = 3000
@@ -84,10 +83,6 @@ def fmnist_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Mod
 # --- the processes ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def group_members(pgid: int) -> list[str]:

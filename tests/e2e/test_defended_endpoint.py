@@ -9,7 +9,6 @@ server, and the planted trigger must work far less than on the upstream.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from auditor.blackbox import ApiConfig, HttpModelAPI, defended_api_predict
 from auditor.data import load_fashion_mnist, take
 from auditor.deploy import load_defense
 from auditor.evaluation import accuracy, asr_and_ra
-from e2e.processes import BIN, ServiceProcess, service_env, start_process, wait_for
+from e2e.processes import BIN, ServiceProcess, answers_ok, free_port, service_env, start_process, wait_for
 from shared_fixtures import train_tiny_backdoored_fmnist_model
 
 pytestmark = [pytest.mark.e2e]
@@ -32,17 +31,8 @@ LOOPBACK = ("127.0.0.1",)
 PATHS = {"v1": "/v1/models/model:predict", "v2": "/v2/models/model/infer"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
-def answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def model_server(backdoored, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                             service_env({}), tmp_path_factory.mktemp("logs") / "serve-model.log")
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: answers(url + "/v2/health/ready"), STARTUP_S, interval=0.5, message="serve-model", process=process)
+        wait_for(lambda: answers_ok(url + "/v2/health/ready"), STARTUP_S, interval=0.5, message="serve-model", process=process)
         yield url
     finally:
         process.stop()
@@ -92,7 +82,7 @@ def start_defended(upstream: str, defense: Path, protocol: str, log_dir: Path) -
         "--protocol", protocol, "--allow-host", "127.0.0.1", "--port", str(port),
     ], service_env({}), log_dir / f"serve-defended-{protocol}.log")
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: answers(url + "/readyz"), STARTUP_S, interval=0.5, message="serve-defended", process=process)
+    wait_for(lambda: answers_ok(url + "/readyz"), STARTUP_S, interval=0.5, message="serve-defended", process=process)
     return process, url
 
 
