@@ -36,7 +36,7 @@ EXIT_CODES = {
 }
 FAIL_ON_LEVELS = ("suspicious", "likely_backdoored", "inconclusive")
 #: The ``audit`` command's options that describe the spec (its output and local-run options are not sent).
-LOCAL_ONLY_OPTIONS = frozenset({"model", "allow_host", "device", "out", "quiet", "help"})
+LOCAL_ONLY_OPTIONS = frozenset({"model", "allow_host", "device", "out", "quiet", "help", "plan"})
 
 
 def _exit_code_help() -> str:
