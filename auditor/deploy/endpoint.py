@@ -87,16 +87,16 @@ class DefendedEndpoint(BackgroundHTTPServer):
         self.transform = bundle.transform.to(device).eval()
         self.upstream = upstream
         self._transport = ApiTransport(upstream, allowed_hosts)
-        self._slots = threading.BoundedSemaphore(limits.max_in_flight)
+        self.slots = threading.BoundedSemaphore(limits.max_in_flight)  # requests being worked on
         self._ready_lock = threading.Lock()
         self._ready_at, self._ready = 0.0, False
-        self._routes = _inference_routes(upstream, self.api)
+        self.routes = _inference_routes(upstream, self.api)  # paths clients may POST to
         super().__init__(host, port, _Handler, "defended-endpoint")
 
     @property
     def predict_path(self) -> str:
         """Where clients POST: the upstream's own inference path."""
-        return self._routes[0]
+        return self.routes[0]
 
     def closed(self) -> None:
         self._transport.close()
@@ -220,7 +220,7 @@ class _Handler(JsonRequestHandler):
         body = self.read_body(endpoint.limits.max_request_bytes)
         if body is None:
             return
-        if path not in endpoint._routes:
+        if path not in endpoint.routes:
             return self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no model route {path}; "
                                                           f"POST to {endpoint.predict_path}"})
         try:
@@ -231,7 +231,7 @@ class _Handler(JsonRequestHandler):
         if len(x) > endpoint.limits.max_batch:
             return self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                   {"error": f"batch of {len(x)} images exceeds the limit of {endpoint.limits.max_batch}"})
-        if not endpoint._slots.acquire(timeout=endpoint.limits.queue_timeout_s):
+        if not endpoint.slots.acquire(timeout=endpoint.limits.queue_timeout_s):
             return self.send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "busy; retry shortly"}, (("Retry-After", "1"),))
         try:
             values, output = endpoint.defend(x, input_name)
@@ -240,5 +240,5 @@ class _Handler(JsonRequestHandler):
             status = UPSTREAM_STATUS.get(exc.code, HTTPStatus.BAD_GATEWAY)
             return self.send_json(status, {"error": exc.message, "code": exc.code.value})
         finally:
-            endpoint._slots.release()
+            endpoint.slots.release()
         self.send_json(HTTPStatus.OK, _answer(endpoint.api, values, output, request))
