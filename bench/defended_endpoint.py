@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--throughput-requests", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
+    commit = git_commit()  # the code that runs, not whatever is checked out when the run ends
     args.work.mkdir(parents=True, exist_ok=True)
     env = service_env({"OMP_NUM_THREADS": "1"})
     model = ensure_backdoored_model(args.model_dir or args.work / "badnets", env, args.work)
@@ -227,14 +228,14 @@ def main() -> None:
         for process in started:
             process.stop()
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "bench.defended_endpoint", *sys.argv[1:]])
-    write_json(OUT, {"protocols": results, "command": command, "git_commit": git_commit()})
+    write_json(OUT, {"protocols": results, "command": command, "git_commit": commit})
     report = json.loads((defense / "report.json").read_text())
     write_json(AUDIT_OUT, {
         "effort": args.effort, "query_budget": args.query_budget, "test_size": args.test_size, "attacks": [],
         "queries": report.get("queries"), "utility": {k: report["utility"][k] for k in ("ba_before", "ba_after", "agreement")},
         "surrogate_agreement": (report.get("surrogate") or {}).get("agreement_clean"),
         "verdict": report.get("verdict"), "timings": report.get("timings"), "eval_images": args.eval_images,
-        "load_average": os.getloadavg(), "command": command, "git_commit": git_commit(),
+        "load_average": os.getloadavg(), "command": command, "git_commit": commit,
     })
     print(json.dumps(results, indent=2))
 
