@@ -59,6 +59,8 @@ class LazyGroup(click.Group):
         "token": "web.cli:token",
         "db": "web.cli:db",
         "worker": "worker.cli:worker_command",
+        "remote": "auditor.remote_cli:remote",
+        "serve-defended": "auditor.deploy.cli:serve_defended",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

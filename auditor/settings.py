@@ -27,6 +27,7 @@ UNSAFE_NO_SANDBOX_CONSENT = "i-understand-models-run-unsandboxed"
 #: Thread-count variables of the numeric libraries, passed through to sandboxed audits.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 BROKER_SCHEMES = ("redis", "rediss", "memory")
+LOG_FORMATS = ("text", "json")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgres")
 MIN_SECRET_KEY_LENGTH = 32
 HARD_LIMIT_GRACE_S = 120  # soft time limit -> hard kill: time to record ``time_limit`` and upload nothing more
@@ -87,6 +88,7 @@ VARIABLES: tuple[Variable, ...] = (
              f"Set to `{UNSAFE_NO_SANDBOX_CONSENT}` to let production start without a working sandbox."),
     Variable("REFINE_AUDIT_SANDBOX_MEMORY_MB", "8192", "Memory limit (RLIMIT_DATA) of each process of a sandboxed audit, in MiB."),
     Variable("REFINE_AUDIT_SANDBOX_CPU_S", "(2 x the audit time limit)", "CPU-time limit of a sandboxed audit, in seconds."),
+    Variable("REFINE_AUDIT_LOG_FORMAT", "text", "text | json: json writes one object per line, with the audit id while an audit runs."),
 )
 
 
@@ -123,6 +125,7 @@ class Settings:
     sandbox_memory_mb: int
     sandbox_cpu_s: int
     thread_env: tuple[tuple[str, str], ...]  # THREAD_VARIABLES that are set, for sandboxed audits
+    log_format: str  # json for log shippers (one object per line); text for people
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -163,6 +166,7 @@ class Settings:
             sandbox_memory_mb=_positive_int(get, "REFINE_AUDIT_SANDBOX_MEMORY_MB", 8192),
             sandbox_cpu_s=_positive_int(get, "REFINE_AUDIT_SANDBOX_CPU_S", 2 * time_limit),
             thread_env=tuple((name, value) for name in THREAD_VARIABLES if (value := get(name))),
+            log_format=_choice("REFINE_AUDIT_LOG_FORMAT", (get("REFINE_AUDIT_LOG_FORMAT") or "text").lower(), LOG_FORMATS),
         )
 
     @property

@@ -18,6 +18,7 @@ import torch
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from auditor.attacks import Attack, AttackConfig, train_backdoored_model
 from auditor.data import load_fashion_mnist, take
 from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.store.db import make_engine
@@ -26,6 +27,17 @@ from auditor.training import TrainConfig, train_classifier
 TINY_FMNIST_ARCH = ArchConfig("small_cnn", width=8)
 REDIS_DBS = range(5, 15)  # 15 belongs to test_api_jobs; sessions running side by side each claim a free one
 REDIS_LOCK_KEY = "refine-audit:test-lock"
+
+
+def train_tiny_backdoored_fmnist_model(cache_dir: Path, out_dir: Path) -> tuple[torch.nn.Module, Path, Attack]:
+    """A small CNN with a working BadNets backdoor (target 0), trained 4 epochs on 4,000 images, saved as safetensors."""
+    train, test = load_fashion_mnist(cache_dir=cache_dir)
+    bd = train_backdoored_model(TINY_FMNIST_ARCH, take(train, 4000, seed=0), take(test, 300, seed=0),
+                                AttackConfig("badnets", target=0, seed=0, poison_rate=0.1),
+                                TrainConfig(epochs=4, batch_size=32), device=torch.device("cpu"), seed=0)
+    path = out_dir / "model.safetensors"
+    save_classifier(bd.model, TINY_FMNIST_ARCH, path)
+    return bd.model.eval(), path, bd.attack
 
 
 def train_tiny_fmnist_model(cache_dir: Path, out_dir: Path) -> tuple[torch.nn.Module, Path]:

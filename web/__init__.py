@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from auditor.logs import set_request_audit
 from auditor.settings import Settings
 from auditor.store.artifacts import ArtifactStore, store_from_url
 from auditor.store.db import make_engine, make_session_factory
@@ -40,6 +41,7 @@ def create_app(
     from web.context import Services, install
     from web.errors import register_error_handlers
     from web.inputs import install as install_input_checks
+    from web.metrics import install_metrics
     from web.portal import configure_sessions, portal_blueprint
 
     app = Flask(__name__)
@@ -59,9 +61,18 @@ def create_app(
         ),
     )
     register_error_handlers(app)
+    app.before_request(_log_which_audit)
     app.register_blueprint(api_blueprint())
     app.register_blueprint(portal_blueprint())
+    install_metrics(app)
     return app
+
+
+def _log_which_audit() -> None:
+    """Log lines of a request about one audit carry its id; other requests' lines carry none."""
+    from flask import request
+
+    set_request_audit((request.view_args or {}).get("audit_id"))
 
 
 def default_queue(settings: Settings) -> JobQueue:

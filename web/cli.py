@@ -20,6 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from auditor.sandbox import SandboxUnavailable
+from auditor.logs import configure_logging
 from auditor.settings import Settings, SettingsError
 from auditor.store import users
 from auditor.store.artifacts import ArtifactStore, store_from_url
@@ -75,6 +76,7 @@ def serve(host: str, port: int) -> None:
     from web import create_app
 
     settings = load_settings()
+    configure_logging(settings.log_format)
     upgrade_database(settings.database_url)
     engine = make_engine(settings.database_url)
     store = store_from_url(settings.artifacts_url, settings)

@@ -5,7 +5,10 @@ migrated database (``refine-audit db upgrade`` once per deployment, before the
 web processes start, so several of them never race on migrations).
 """
 
+from auditor.logs import configure_logging
 from auditor.settings import Settings
 from web import create_app
 
-app = create_app(Settings.from_env())
+settings = Settings.from_env()
+configure_logging(settings.log_format)
+app = create_app(settings)

@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import setup_logging
 from kombu import Exchange, Queue
 
 from auditor.sandbox import audit_runner
+from auditor.logs import configure_logging
 from auditor.settings import Settings, SettingsError
 
 QUEUES = ("gpu", "cpu")
@@ -59,6 +61,12 @@ def create_app(settings: Settings) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: int | str | None = None, **_: object) -> None:
+    """Our handler instead of Celery's: REFINE_AUDIT_LOG_FORMAT, with the audit id on every line."""
+    configure_logging(SETTINGS.log_format, loglevel or "INFO")
 
 
 SETTINGS = Settings.from_env()

@@ -47,6 +47,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from auditor.errors import AuditError, ErrorCode
+from auditor.logs import audit_log_context
 from auditor.pipeline import ArtifactFile, AuditInputs, AuditResult, run_audit
 from auditor.settings import Settings
 from auditor.spec import AuditSpec, parse_spec
@@ -123,8 +124,9 @@ def execute_audit(
         engine = make_engine(settings.database_url)
         session_factory = make_session_factory(engine)
     try:
-        executor = AuditExecutor(audit_id, settings, store, session_factory, runner, options)
-        executor.run(final_attempt=final_attempt)
+        with audit_log_context(audit_id):
+            executor = AuditExecutor(audit_id, settings, store, session_factory, runner, options)
+            executor.run(final_attempt=final_attempt)
     finally:
         if engine is not None:
             engine.dispose()

@@ -199,6 +199,103 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class ApiTransport:
+    """JSON over HTTP to one model API endpoint: SSRF-checked and pinned, rate-limited, retried, capped.
+
+    The audit's ``HttpModelAPI`` (which adds the budget, the cache and answer
+    interpretation) and the defended endpoint's upstream client share it, so both
+    reach exactly the address the SSRF guard approved and fail the same way.
+    """
+
+    def __init__(self, config: ApiConfig, allowed_hosts: Sequence[str] = ()):
+        self.config = config
+        self.target = resolve_and_check(config.endpoint(), allowed_hosts)
+        self._request_url, self._host_header = _pinned_url(self.target)
+        self._session = _make_session(self.target)
+        self._bucket = TokenBucket(config.rate_limit_per_s) if config.rate_limit_per_s else None
+        self._lock = threading.Lock()
+        self._counts = {"requests_sent": 0, "retries": 0}
+
+    def counters(self) -> dict[str, int]:
+        """``requests_sent`` (HTTP attempts, retries included) and ``retries``."""
+        with self._lock:
+            return dict(self._counts)
+
+    def post(self, payload: Any) -> Any:
+        """POST ``payload`` as JSON and return the parsed answer, retrying what can heal."""
+        body = json.dumps(payload).encode()
+        attempt = 0
+        while True:
+            if self._bucket is not None:
+                self._bucket.acquire()
+            try:
+                return self._post_once(body)
+            except _Retryable as failure:
+                if attempt >= self.config.max_retries:
+                    raise failure.error from None
+                pause = self._backoff(attempt, failure.retry_after)
+                log.info("model API attempt %d failed (%s); retrying in %.2fs", attempt + 1, failure.error.code.value, pause)
+                with self._lock:
+                    self._counts["retries"] += 1
+                time.sleep(pause)
+                attempt += 1
+
+    def get_status(self, path: str) -> int | None:
+        """HTTP status of one GET to ``path`` on the approved address (readiness probes); None if unreachable."""
+        url = urlunsplit(urlsplit(self._request_url)._replace(path=path, query=""))
+        try:
+            response = self._session.get(url, headers=self._headers(), timeout=(self.config.timeout_s,) * 2,
+                                         allow_redirects=False, verify=self.config.ca_bundle or True)
+            response.close()
+        except requests.RequestException:
+            return None
+        return response.status_code
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "Host": self._host_header}
+        headers.update(dict(self.config.extra_headers))
+        headers.update(self.config.secret_headers())
+        return headers
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff; a server's Retry-After wins when longer, everything capped."""
+        pause = self.config.backoff_base_s * (2**attempt)
+        if retry_after is not None:
+            pause = max(pause, retry_after)
+        return min(pause, self.config.max_backoff_s)
+
+    def _post_once(self, body: bytes) -> Any:
+        """One HTTP attempt -> parsed JSON; classifies every failure as final or retryable."""
+        headers = {"Content-Type": "application/json", **self._headers()}
+        with self._lock:
+            self._counts["requests_sent"] += 1
+        timeout = self.config.timeout_s
+        deadline = time.monotonic() + timeout
+        try:
+            response = self._session.post(
+                self._request_url, data=body, headers=headers, timeout=(timeout, timeout),
+                stream=True, allow_redirects=False, verify=self.config.ca_bundle or True,
+            )
+        except requests.exceptions.SSLError as exc:  # a certificate problem does not heal by retrying
+            raise _error(ErrorCode.API_UNREACHABLE, "The TLS handshake with the model API failed "
+                         "(certificate not trusted or not valid for the host name).", reason="tls") from exc
+        except requests.Timeout as exc:
+            raise _Retryable(_error(ErrorCode.API_TIMEOUT, f"The model API did not answer within {timeout}s.")) from exc
+        except requests.ConnectionError as exc:
+            raise _Retryable(_error(ErrorCode.API_UNREACHABLE, "The model API could not be reached.",
+                                    reason=type(exc).__name__)) from exc
+        with response:
+            _raise_for_status(response, self.config)
+            raw = _read_capped(response, self.config.max_response_bytes, deadline, timeout)
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _error(ErrorCode.API_BAD_RESPONSE, "The model API answered with something that is not JSON.") from exc
+
+
 def image_key(image: torch.Tensor) -> str:
     """sha256 of one image's float32 bytes and shape: the cache key (identical pixels = same key)."""
     data = image.detach().to(torch.float32).contiguous().cpu()
@@ -218,17 +315,14 @@ class HttpModelAPI:
     def __init__(self, config: ApiConfig, *, allowed_hosts: Sequence[str] = ()):
         self.config = config
         self.num_classes = config.num_classes
-        self._target = resolve_and_check(config.endpoint(), allowed_hosts)
-        self._request_url, self._host_header = _pinned_url(self._target)
-        self._session = _make_session(self._target)
-        self._bucket = TokenBucket(config.rate_limit_per_s) if config.rate_limit_per_s else None
+        self._transport = ApiTransport(config, allowed_hosts)
         self._pool = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="model-api")
         self._lock = threading.Lock()  # guards counters and the cache (worker threads write them)
         self._call_lock = threading.Lock()  # one predict at a time: exact budget and no duplicate in-flight images
         self._cache: dict[str, torch.Tensor] = {}
         self._charged: set[str] = set()  # every image ever sent, answered or not: never charged twice
         self._detected: str | None = None if config.output == "auto" else config.output
-        self._counts = {"queries_used": 0, "requests_sent": 0, "cache_hits": 0, "retries": 0}
+        self._counts = {"queries_used": 0, "cache_hits": 0}
         self._seconds = 0.0
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -251,7 +345,7 @@ class HttpModelAPI:
         """``queries_used`` (distinct images sent), ``requests_sent`` (HTTP attempts, retries included),
         ``cache_hits`` (images answered from the cache), ``retries`` and ``seconds_spent`` (wall time in predict)."""
         with self._lock:
-            return {**self._counts, "seconds_spent": round(self._seconds, 3)}
+            return {**self._counts, **self._transport.counters(), "seconds_spent": round(self._seconds, 3)}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities (N, K) for float images in [0, 1] (N, C, H, W), in input order."""
@@ -266,7 +360,7 @@ class HttpModelAPI:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._session.close()
+        self._transport.close()
 
     def __enter__(self) -> "HttpModelAPI":
         return self
@@ -275,7 +369,8 @@ class HttpModelAPI:
         self.close()
 
     def __repr__(self) -> str:
-        return f"HttpModelAPI({self.config.protocol}, {self._target.host}:{self._target.port}, K={self.num_classes})"
+        target = self._transport.target
+        return f"HttpModelAPI({self.config.protocol}, {target.host}:{target.port}, K={self.num_classes})"
 
     # -- batching, cache and budget ------------------------------------------------------------------------------
 
@@ -327,63 +422,11 @@ class HttpModelAPI:
             self._counts["cache_hits"] += len(keys) - len(first)
             return [(index, key) for key, index in first.items()]
 
-    # -- one request with retries --------------------------------------------------------------------------------
+    # -- one request --------------------------------------------------------------------------------------------
 
     def _answer_chunk(self, x: torch.Tensor) -> torch.Tensor:
-        body = json.dumps(_encode_request(self.config, x)).encode()
-        attempt = 0
-        while True:
-            if self._bucket is not None:
-                self._bucket.acquire()
-            try:
-                payload = self._post_once(body)
-                return self._to_probabilities(_decode_response(self.config, payload, len(x)), len(x))
-            except _Retryable as failure:
-                if attempt >= self.config.max_retries:
-                    raise failure.error from None
-                pause = self._backoff(attempt, failure.retry_after)
-                log.info("model API attempt %d failed (%s); retrying in %.2fs", attempt + 1, failure.error.code.value, pause)
-                with self._lock:
-                    self._counts["retries"] += 1
-                time.sleep(pause)
-                attempt += 1
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff; a server's Retry-After wins when longer, everything capped."""
-        pause = self.config.backoff_base_s * (2**attempt)
-        if retry_after is not None:
-            pause = max(pause, retry_after)
-        return min(pause, self.config.max_backoff_s)
-
-    def _post_once(self, body: bytes) -> Any:
-        """One HTTP attempt -> parsed JSON; classifies every failure as final or retryable."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "Host": self._host_header}
-        headers.update(dict(self.config.extra_headers))
-        headers.update(self.config.secret_headers())
-        with self._lock:
-            self._counts["requests_sent"] += 1
-        timeout = self.config.timeout_s
-        deadline = time.monotonic() + timeout
-        try:
-            response = self._session.post(
-                self._request_url, data=body, headers=headers, timeout=(timeout, timeout),
-                stream=True, allow_redirects=False, verify=self.config.ca_bundle or True,
-            )
-        except requests.exceptions.SSLError as exc:  # a certificate problem does not heal by retrying
-            raise _error(ErrorCode.API_UNREACHABLE, "The TLS handshake with the model API failed "
-                         "(certificate not trusted or not valid for the host name).", reason="tls") from exc
-        except requests.Timeout as exc:
-            raise _Retryable(_error(ErrorCode.API_TIMEOUT, f"The model API did not answer within {timeout}s.")) from exc
-        except requests.ConnectionError as exc:
-            raise _Retryable(_error(ErrorCode.API_UNREACHABLE, "The model API could not be reached.",
-                                    reason=type(exc).__name__)) from exc
-        with response:
-            _raise_for_status(response, self.config)
-            raw = _read_capped(response, self.config.max_response_bytes, deadline, timeout)
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _error(ErrorCode.API_BAD_RESPONSE, "The model API answered with something that is not JSON.") from exc
+        payload = self._transport.post(encode_request(self.config, x))
+        return self._to_probabilities(decode_response(self.config, payload, len(x)), len(x))
 
     # -- interpreting answers ------------------------------------------------------------------------------------
 
@@ -455,7 +498,7 @@ def _as_score_rows(values: torch.Tensor, n: int, k: int) -> torch.Tensor:
 # -- wire formats -----------------------------------------------------------------------------------------------
 
 
-def _encode_request(config: ApiConfig, x: torch.Tensor) -> dict[str, Any]:
+def encode_request(config: ApiConfig, x: torch.Tensor) -> dict[str, Any]:
     images = x.permute(0, 2, 3, 1) if config.input_layout == "nhwc" else x
     images = images.detach().to(torch.float32).contiguous().cpu()
     if config.protocol == "v1":
@@ -469,7 +512,7 @@ def _encode_request(config: ApiConfig, x: torch.Tensor) -> dict[str, Any]:
     return body
 
 
-def _decode_response(config: ApiConfig, payload: Any, n: int) -> torch.Tensor:
+def decode_response(config: ApiConfig, payload: Any, n: int) -> torch.Tensor:
     """The numbers of an answer as a tensor (labels (N,) or scores (N, K)), before kind handling."""
     if config.protocol == "v1":
         values = _get_path(payload, "predictions")

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 from torch import nn
@@ -56,11 +56,67 @@ class Fault:
             raise ValueError("status must be an HTTP status code")
 
 
-class _BadRequest(Exception):
+class BadRequest(Exception):
     """The client sent something the server cannot run; answered with HTTP 400."""
 
 
-class ModelServer:
+class BackgroundHTTPServer:
+    """A ``ThreadingHTTPServer`` with the lifecycle tests and the CLI share: ``start`` serves from a
+    daemon thread (tests), ``serve_forever`` from the caller (the CLI), ``stop`` ends either."""
+
+    _scheme = "http"
+
+    def __init__(self, host: str, port: int, handler: type[BaseHTTPRequestHandler], thread_name: str):
+        self._httpd = ThreadingHTTPServer((host, port), handler)
+        self._httpd.daemon_threads = True
+        self._httpd.app = self  # type: ignore[attr-defined]  # handlers reach their server's state here
+        self._thread_name = thread_name
+        self._thread: threading.Thread | None = None
+
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self._scheme}://{host}:{self.port}"
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=self._thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+            self.closed()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.closed()
+
+    def closed(self) -> None:
+        """Release what the subclass holds (connections to other servers); called once serving ended."""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ModelServer(BackgroundHTTPServer):
     """Serve ``module`` ([0, 1] images (N, C, H, W) -> logits) until stopped.
 
     Use as a context manager in tests (port 0 picks a free port; ``.url`` is the base
@@ -102,55 +158,10 @@ class ModelServer:
         self._requests = 0
         self._faults: collections.deque[Fault] = collections.deque()
         self._standing_fault: Fault | None = None
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.model_server = self  # type: ignore[attr-defined]
-        self._scheme = "http"
+        super().__init__(host, port, _Handler, "model-server")
         if ssl_context is not None:
             self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
             self._scheme = "https"
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ------------------------------------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return str(self._httpd.server_address[0])
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self._scheme}://{host}:{self.port}"
-
-    def start(self) -> "ModelServer":
-        """Serve from a background daemon thread (tests, notebooks)."""
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="model-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        """Serve from the calling thread until interrupted (the CLI)."""
-        try:
-            self._httpd.serve_forever()
-        finally:
-            self._httpd.server_close()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> "ModelServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- stats and faults -----------------------------------------------------------------------------------------
 
@@ -178,18 +189,18 @@ class ModelServer:
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Labels (N,) or scores (N, K) for float images (N, C, H, W); counts the images."""
         if x.dim() != 4 or len(x) == 0:
-            raise _BadRequest(f"expected a non-empty batch of images (N, C, H, W), got shape {list(x.shape)}")
+            raise BadRequest(f"expected a non-empty batch of images (N, C, H, W), got shape {list(x.shape)}")
         if len(x) > self.max_batch:
-            raise _BadRequest(f"batch of {len(x)} images exceeds the limit of {self.max_batch}")
+            raise BadRequest(f"batch of {len(x)} images exceeds the limit of {self.max_batch}")
         if not bool(torch.isfinite(x).all()):
-            raise _BadRequest("inputs must be finite numbers")
+            raise BadRequest("inputs must be finite numbers")
         if self.input_layout == "nhwc":
             x = x.permute(0, 3, 1, 2).contiguous()
         with self._model_lock, torch.no_grad():
             try:
                 logits = self.module(x).float()
             except RuntimeError as exc:  # wrong image size or channels for this model
-                raise _BadRequest(f"the model cannot run on inputs of shape {list(x.shape)}: {exc}") from exc
+                raise BadRequest(f"the model cannot run on inputs of shape {list(x.shape)}: {exc}") from exc
         with self._stats_lock:
             self._queries += len(x)
             self._requests += 1
@@ -213,11 +224,11 @@ def _corrupt(values: torch.Tensor, how: Corruption) -> torch.Tensor:
     return values
 
 
-def _v1_body(values: torch.Tensor) -> dict[str, Any]:
+def v1_body(values: torch.Tensor) -> dict[str, Any]:
     return {"predictions": values.tolist()}
 
 
-def _v2_body(values: torch.Tensor, model_name: str) -> dict[str, Any]:
+def v2_body(values: torch.Tensor, model_name: str) -> dict[str, Any]:
     datatype = "FP32" if values.is_floating_point() else "INT64"
     if values.dtype == torch.float64:
         datatype = "FP64"
@@ -225,22 +236,22 @@ def _v2_body(values: torch.Tensor, model_name: str) -> dict[str, Any]:
     return {"model_name": model_name, "outputs": [tensor]}
 
 
-def _tensor_from_v1(body: Any) -> torch.Tensor:
+def tensor_from_v1(body: Any) -> torch.Tensor:
     if not isinstance(body, dict) or not isinstance(body.get("instances"), list):
-        raise _BadRequest('the body must be {"instances": [...]}')
+        raise BadRequest('the body must be {"instances": [...]}')
     return _float_tensor(body["instances"])
 
 
-def _tensor_from_v2(body: Any) -> torch.Tensor:
+def tensor_from_v2(body: Any) -> torch.Tensor:
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise _BadRequest('the body must be {"inputs": [{"name", "shape", "datatype", "data"}]} with one input')
+        raise BadRequest('the body must be {"inputs": [{"name", "shape", "datatype", "data"}]} with one input')
     shape, data = inputs[0].get("shape"), inputs[0].get("data")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise _BadRequest("the input needs a shape of positive integers")
+        raise BadRequest("the input needs a shape of positive integers")
     flat = _float_tensor(data).reshape(-1)
     if flat.numel() != torch.Size(shape).numel():
-        raise _BadRequest(f"the input data does not fill shape {shape}")
+        raise BadRequest(f"the input data does not fill shape {shape}")
     return flat.reshape(shape)
 
 
@@ -248,21 +259,69 @@ def _float_tensor(values: Any) -> torch.Tensor:
     try:
         return torch.tensor(values, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise _BadRequest("inputs must be a regular array of numbers") from exc
+        raise BadRequest("inputs must be a regular array of numbers") from exc
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Routes one request; all state lives on the ``ModelServer``."""
+class JsonRequestHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, JSON in and out, capped bodies, bearer keys: what every inference route here needs.
+
+    ``ModelServer`` and the defended endpoint (``auditor.deploy``) subclass it, so both
+    refuse oversized or length-less bodies and compare keys the same way.
+    """
 
     protocol_version = "HTTP/1.1"  # keep-alive: the client reuses connections
+    timeout = 60  # seconds a client may stall mid-request before its connection is dropped
+    # Headers and body leave in two writes; with Nagle's algorithm the body waits for the
+    # client's delayed ACK of the headers, adding up to 40 ms to every keep-alive answer.
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    def bearer_key_ok(self, key: str | None) -> bool:
+        """No key configured, or ``Authorization: Bearer <key>`` (compared in constant time)."""
+        if key is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+    def read_body(self, limit: int) -> bytes | None:
+        """The whole request body, or None after answering 411/413 (and closing, since the body is unread)."""
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self.send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
+            return None
+        if int(length) > limit:
+            self.close_connection = True
+            self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"request body larger than {limit} bytes"})
+            return None
+        return self.rfile.read(int(length))
+
+    def send_json(self, status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self.send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeouts); nothing to tell it
+            self.close_connection = True
+
+
+class _Handler(JsonRequestHandler):
+    """Routes one request; all state lives on the ``ModelServer``."""
+
     server_version = "refine-audit-model-server/1"
 
     @property
     def app(self) -> ModelServer:
-        return self.server.model_server  # type: ignore[attr-defined]
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
-        log.debug("%s - %s", self.address_string(), format % args)
+        return self.server.app  # type: ignore[attr-defined]
 
     # -- GET ------------------------------------------------------------------------------------------------------
 
@@ -270,18 +329,18 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         app = self.app
         if path == "/stats":
-            return self._send_json(HTTPStatus.OK, app.stats())
+            return self.send_json(HTTPStatus.OK, app.stats())
         if path in ("/v2/health/ready", "/v2/health/live") and app.protocol != "v1":
-            return self._send_json(HTTPStatus.OK, {"ready": True, "live": True})
+            return self.send_json(HTTPStatus.OK, {"ready": True, "live": True})
         if not self._authorized():
-            return self._send_json(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API key"})
+            return self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API key"})
         v1, v2 = V1_METADATA.match(path), V2_METADATA.match(path)
         if v1 and app.protocol != "v2" and v1["name"] == app.model_name:
-            return self._send_json(HTTPStatus.OK, {"model_version_status": [{"version": "1", "state": "AVAILABLE",
+            return self.send_json(HTTPStatus.OK, {"model_version_status": [{"version": "1", "state": "AVAILABLE",
                                                                              "status": {"error_code": "OK"}}]})
         if v2 and app.protocol != "v1" and v2["name"] == app.model_name:
-            return self._send_json(HTTPStatus.OK, self._v2_metadata())
-        return self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no route {path}"})
+            return self.send_json(HTTPStatus.OK, self._v2_metadata())
+        return self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no route {path}"})
 
     def _v2_metadata(self) -> dict[str, Any]:
         out = {"name": "output", "datatype": "INT64" if self.app.labels_only else "FP32",
@@ -294,77 +353,43 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         path = self.path.split("?", 1)[0]
         app = self.app
-        body = self._read_body()
+        body = self.read_body(self.app.max_request_bytes)
         if body is None:
             return
         v1, v2 = V1_PREDICT.match(path), V2_INFER.match(path)
         route = "v1" if v1 and app.protocol != "v2" else "v2" if v2 and app.protocol != "v1" else None
         match = v1 if route == "v1" else v2
         if route is None or match is None or match["name"] != app.model_name:
-            return self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no model route {path}"})
+            return self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no model route {path}"})
         if not self._authorized():
-            return self._send_json(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API key"})
+            return self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong API key"})
         fault = app._next_fault()
         if fault is not None and fault.delay_s:
             time.sleep(fault.delay_s)
         if fault is not None and fault.status is not None:
-            return self._send_json(fault.status, {"error": "injected fault"}, fault.headers)
+            return self.send_json(fault.status, {"error": "injected fault"}, fault.headers)
         try:
             parsed = json.loads(body)
-            x = _tensor_from_v1(parsed) if route == "v1" else _tensor_from_v2(parsed)
+            x = tensor_from_v1(parsed) if route == "v1" else tensor_from_v2(parsed)
             values = app.infer(x)
-        except (ValueError, _BadRequest) as exc:
-            return self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except (ValueError, BadRequest) as exc:
+            return self.send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         self._send_prediction(route, values, fault)
 
     def _send_prediction(self, route: str, values: torch.Tensor, fault: Fault | None) -> None:
         corrupt = fault.corrupt if fault is not None else None
         headers = fault.headers if fault is not None else ()
         if corrupt == "not_json":
-            return self._send_bytes(HTTPStatus.OK, b"<html>upstream error</html>", "text/html", headers)
+            return self.send_bytes(HTTPStatus.OK, b"<html>upstream error</html>", "text/html", headers)
         if corrupt is not None:
             values = _corrupt(values, corrupt)
-        payload = _v1_body(values) if route == "v1" else _v2_body(values, self.app.model_name)
+        payload = v1_body(values) if route == "v1" else v2_body(values, self.app.model_name)
         if corrupt == "huge":
             payload["padding"] = "x" * (4 * 1024 * 1024)
-        self._send_json(HTTPStatus.OK, payload, headers)
-
-    # -- plumbing -------------------------------------------------------------------------------------------------
+        self.send_json(HTTPStatus.OK, payload, headers)
 
     def _authorized(self) -> bool:
-        key = self.app.api_key
-        if key is None:
-            return True
-        given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
-
-    def _read_body(self) -> bytes | None:
-        """The whole request body, or None after answering 411/413 (and closing, since the body is unread)."""
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            self._send_json(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
-            return None
-        if int(length) > self.app.max_request_bytes:
-            self.close_connection = True
-            self._send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "request body too large"})
-            return None
-        return self.rfile.read(int(length))
-
-    def _send_json(self, status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
-
-    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: tuple[tuple[str, str], ...]) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeouts); nothing to tell it
-            self.close_connection = True
+        return self.bearer_key_ok(self.app.api_key)
 
 
 def run_server(

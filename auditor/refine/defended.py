@@ -1,8 +1,6 @@
-"""The defended model M o softmax o f o T as one module, and its export."""
+"""The defended model M o softmax o f o T as one module (its files: ``auditor.refine.export``)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,11 +26,3 @@ class DefendedModel(nn.Module):
         logits = self.model(self.transform(x))
         return torch.log_softmax(logits.float(), dim=1).index_select(1, self.inverse_mapping)
 
-
-def export_defended(defended: DefendedModel, example: torch.Tensor, path: str | Path) -> Path:
-    """TorchScript archive with T, f and M inside; loads with ``torch.jit.load`` anywhere, no project code."""
-    defended = defended.eval().cpu()
-    with torch.no_grad():
-        traced = torch.jit.trace(defended, example.cpu(), check_trace=False)
-    torch.jit.save(traced, str(path))
-    return Path(path)

@@ -2,7 +2,7 @@
 
 Runs inside bubblewrap (``auditor.sandbox.launcher``). Reads the request (spec and
 sandbox paths of the inputs) from stdin, runs ``run_audit`` with callbacks that write
-JSON lines to the inherited pipe, polls the parent's cancel file between batches, and
+JSON lines to the inherited pipe (progress, metrics and the pipeline's log lines), polls the parent's cancel file between batches, and
 ends with one ``result`` line: status, report, summary, artifacts (paths inside the
 sandbox) and error. An exception the pipeline lets through still ends in a result, so
 the parent can tell a failure from a crash.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -45,6 +46,22 @@ class EventPipe:
         self.send({"type": "metrics", "stage": stage, "metrics": metrics})
 
 
+class ForwardedLogs(logging.Handler):
+    """Sends the pipeline's log records (INFO and up) to the parent, which logs them as its own
+    with the audit id stamped on, so operators find a sandboxed audit's lines in the worker's log."""
+
+    def __init__(self, events: EventPipe):
+        super().__init__(logging.INFO)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.events.send({"type": "log", "level": record.levelno, "logger": record.name,
+                              "message": record.getMessage()})
+        except Exception:  # noqa: BLE001 -- a log line must never break the audit
+            self.handleError(record)
+
+
 def _error_of(exc: BaseException) -> dict[str, Any]:
     """An unexpected exception as an audit error: memory exhaustion is the sandbox's limit, not our bug."""
     from auditor.errors import ErrorCode
@@ -70,6 +87,7 @@ def run(request: dict[str, Any], events: EventPipe) -> dict[str, Any]:
         device=raw.get("device"),
     )
     cancel_file = Path(request["cancel_file"])
+    logging.getLogger("auditor").addHandler(ForwardedLogs(events))
     result = run_audit(parse_spec(request["spec"]), inputs, events.progress, cancel_file.exists, events.metrics)
     return {
         "status": result.status,

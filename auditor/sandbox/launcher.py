@@ -68,6 +68,8 @@ ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "pass
 NETWORK_ETC_FILES = ("resolv.conf", "hosts", "host.conf", "gai.conf")
 ARTIFACT_NAME = re.compile(r"^[\w.\-]{1,128}$")
 SUMMARY_SCALARS = (str, int, float, bool, type(None))
+MAX_FORWARDED_LOGS = 20_000  # log lines re-logged per audit; a chatty (or hostile) child cannot flood the log
+MAX_LOG_CHARS = 4_000
 
 
 @dataclass
@@ -347,6 +349,7 @@ class _ChildRun:
         self.on_progress, self.should_cancel, self.on_metrics = on_progress, should_cancel, on_metrics
         self.result: dict[str, Any] | None = None
         self.buffer = b""
+        self.forwarded_logs = 0
 
     def execute(self, request: dict[str, Any], program: list[str] | None = None) -> SandboxOutcome:
         """Run ``program`` (default: the audit child) with ``--events-fd N`` appended."""
@@ -435,8 +438,20 @@ class _ChildRun:
         elif kind == "metrics" and self.on_metrics is not None and isinstance(event.get("metrics"), dict):
             metrics = {str(k)[:64]: v for k, v in list(event["metrics"].items())[:64] if isinstance(v, SUMMARY_SCALARS)}
             self.on_metrics(str(event.get("stage"))[:32], metrics)
+        elif kind == "log" and self.forwarded_logs < MAX_FORWARDED_LOGS:
+            self._forward_log(event)
         elif kind == "result":
             self.result = event
+
+    def _forward_log(self, event: dict[str, Any]) -> None:
+        """Re-log a sandboxed pipeline line here (size-capped: the child is not trusted), under
+        ``sandbox.<its logger>`` so a reader can tell where it came from."""
+        level, name, message = event.get("level"), event.get("logger"), event.get("message")
+        if not (isinstance(level, int) and isinstance(name, str) and isinstance(message, str)):
+            return
+        self.forwarded_logs += 1
+        level = min(max(level, logging.DEBUG), logging.ERROR)
+        logging.getLogger(f"sandbox.{name[:64]}").log(level, "%s", message[:MAX_LOG_CHARS])
 
     def _death(self, returncode: int | None, stderr_tail: str) -> dict[str, Any]:
         """Why the child ended without a result, as the error the audit reports."""

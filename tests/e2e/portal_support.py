@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 from e2e.processes import (
     BIN,
     REPO,
     ServiceProcess,
+    answers_ok,
+    free_port,
     service_env,
     start_process,
     wait_for,
@@ -49,10 +49,6 @@ def browser_missing(message: str) -> None:
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def screenshot_dir() -> Path:
@@ -111,17 +107,12 @@ def portal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
     )
     portal = Portal(f"http://127.0.0.1:{port}", env, process)
     try:
-        wait_for(lambda: _answers(portal.url("/signin")), 120, message="the portal to answer", process=process)
+        wait_for(lambda: answers_ok(portal.url("/signin")), 120, message="the portal to answer", process=process)
         yield portal
     finally:
         process.stop()
 
 
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def answers_ok(url: str, timeout: float = 5.0) -> bool:
+    """Whether ``GET url`` answers 200 now (a readiness poll for ``wait_for``)."""
+    try:
+        return requests.get(url, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def start_process(name: str, argv: list[str], env: Mapping[str, str], log_path: Path) -> ServiceProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
@@ -153,18 +161,9 @@ def start_redis_server(port: int, directory: Path, log_path: Path) -> ServicePro
     return start_process("redis-server", argv, {}, log_path)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def api_healthy(base_url: str) -> bool:
     """Whether the web app at ``base_url`` answers its health check."""
-    try:
-        return requests.get(f"{base_url}/api/v1/health", timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
+    return answers_ok(f"{base_url}/api/v1/health")
 
 
 def start_gunicorn(
