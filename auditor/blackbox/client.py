@@ -37,6 +37,7 @@ from requests.adapters import HTTPAdapter
 
 from auditor.blackbox.ssrf import CheckedURL, resolve_and_check
 from auditor.errors import AuditError, ErrorCode
+from auditor.pipeline.plan import DEFAULT_QUERY_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class ApiConfig:
     max_retries: int = 3  # extra attempts for 429/5xx/timeouts/connection errors
     backoff_base_s: float = 0.5  # first retry waits this, then doubles
     max_backoff_s: float = 30.0  # cap on any single wait, including a server's Retry-After
-    query_budget: int | None = 10_000  # hard cap on distinct images sent per audit; None = no cap
+    query_budget: int | None = DEFAULT_QUERY_BUDGET  # hard cap on distinct images sent per audit; None = no cap
     input_layout: Literal["nchw", "nhwc"] = "nchw"  # how images are nested in the request
     input_name: str = "input"  # v2 input tensor name
     output_name: str | None = None  # v2 output tensor to read / v1 key when predictions are objects
