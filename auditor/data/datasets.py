@@ -22,8 +22,7 @@ import torch
 from PIL import Image
 
 from auditor.errors import AuditError, ErrorCode
-
-DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from auditor.settings import DEFAULT_FMNIST_DIR
 FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -114,10 +113,14 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
-    """(train, test) from the IDX files of the Debian package; nothing is downloaded."""
-    root = Path(root or os.environ.get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR)
-    cache = Path(cache_dir or os.environ.get("REFINE_AUDIT_DATA_DIR") or Path.home() / ".cache" / "refine-audit") / "fmnist"
+def load_fashion_mnist(root: str | Path = DEFAULT_FMNIST_DIR, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) from the IDX files of the Debian package; nothing is downloaded.
+
+    ``root`` is ``Settings.fmnist_dir`` (``REFINE_AUDIT_FMNIST_DIR``); the unpacked copy goes
+    under ``cache_dir`` (``Settings.data_dir``), by default ``~/.cache/refine-audit``.
+    """
+    root = Path(root)
+    cache = Path(cache_dir or Path.home() / ".cache" / "refine-audit") / "fmnist"
     sets = []
     for prefix in ("train", "t10k"):
         images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"), cache)
