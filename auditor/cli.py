@@ -290,7 +290,7 @@ def _print_plan(spec: Any, dataset: Path | None, device: str) -> None:
     """``audit --plan``: every number the audit would run with and the time it should take; nothing is trained."""
     from auditor.pipeline import plan_audit
     from auditor.pipeline.data import data_summary
-    from auditor.pipeline.plan import describe_plan
+    from auditor.pipeline.describe import describe_plan
     from auditor.runtime import resolve_device
 
     try:

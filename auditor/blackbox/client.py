@@ -1,4 +1,5 @@
 """HTTP clients for model APIs: KServe/TF-Serving v1, Open Inference Protocol v2, or a JSON mapping.
+(Over 400 lines: three wire protocols share one budget, cache, retry and validation path.)
 
 Every audit of a black-box model spends a real (often paid, often rate-limited)
 resource, so the client is where the spending is controlled:

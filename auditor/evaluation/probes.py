@@ -1,4 +1,5 @@
 """Trigger probe battery and backdoor suspicion score for a model we know nothing about.
+(Over 400 lines: the battery, its per-probe statistics and the score are one algorithm, read top to bottom.)
 
 The auditor cannot know a submitted model's trigger, so it tries many generic
 ones - patches of several sizes, positions and fills, blends of random

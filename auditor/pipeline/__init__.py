@@ -3,6 +3,7 @@
 A map for a first read, in the order an audit runs:
 
     plan.py       effort presets, defaults, the stage list, and plan_audit(): every number, resolved once
+    describe.py   the plan in words (what --plan, the dry run, the portal and the report show)
     budget.py     how an API audit's query budget is split (and refused when too small)
     estimate.py   seconds per stage, from rates measured by the benchmarks
     data.py       stage data: read the images, resolve the plan, cut pool and test sets

@@ -22,6 +22,7 @@ stage, so ``auditor.spec`` and ``auditor.blackbox`` can read it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -342,10 +343,15 @@ def _refine_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> Refin
 def _probe_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> ProbePlan:
     api = spec.model.source == "api"
     wanted = spec.probes.images or (preset.api_probe_images if api else preset.probe_images)
-    probes = len(build_battery(probe_config(api), data.image_shape))
+    probes = _battery_size(api, data.image_shape)
     return ProbePlan(images=min(wanted, data.test_images), battery="api" if api else "full", probes=probes,
                      after_probes=min(API_AFTER_PROBES, probes) if api else probes,
                      min_images=probe_images_floor(data.num_classes))
+
+
+@functools.cache
+def _battery_size(api: bool, image_shape: tuple[int, int, int]) -> int:
+    return len(build_battery(probe_config(api), image_shape))
 
 
 def probe_config(api: bool, images: int = 1, seed: int = 0) -> ProbeConfig:
@@ -401,34 +407,3 @@ def _spec_error(field_path: str, message: str) -> AuditError:
     return AuditError(ErrorCode.INVALID_SPEC, f"{field_path}: {message}",
                       {"fields": [{"field": field_path, "message": message}]})
 
-
-def describe_plan(plan: AuditPlan) -> list[tuple[str, str]]:
-    """The plan as (item, value) rows in plain words: what ``--plan`` prints and the portal's form shows."""
-    d, r, p, c = plan.data, plan.refine, plan.probes, plan.controls
-    rows = [
-        ("Effort", f"{plan.effort} ({plan.source} audit on {plan.device}{', bf16' if plan.bf16 else ''})"),
-        ("Data", f"{d.pool_images:,} pool images, {d.test_images:,} of {d.test_available:,} test images"
-                 f"{' (stratified)' if d.stratified else ''}; {d.num_classes} classes, {'x'.join(map(str, d.image_shape))}"),
-        ("REFINE", f"{r.epochs} epochs over {r.pool_images:,} images, U-Net width {r.unet_width}, batch {r.batch_size}, "
-                   f"{r.loss} loss"),
-        ("Probes", f"{p.probes} probes ({p.battery} battery) on {p.images} images; the defended model: {p.after_probes}"),
-        ("Positive controls", ", ".join(c.attacks) + f": {c.epochs} epochs on {c.train_images:,} images"
-         if c.attacks else "none"),
-    ]
-    if plan.surrogate is not None and plan.queries is not None:
-        s, q = plan.surrogate, plan.queries
-        rows.append(("Surrogate", f"{s.architecture}, {s.distill_epochs} epochs on {s.distill_queries:,} API answers; "
-                                  f"{s.refit_rounds} refits on {s.refit_queries:,} transformed images"))
-        rows.append(("Queries", f"{q.budget:,}: distillation {q.distillation:,}, refits {q.refits:,}, evaluation "
-                                f"{q.evaluation:,}, probes {q.probes:,}, unused {q.unallocated:,}"))
-    stages = ", ".join(f"{stage} {_duration(s)}" for stage, s in plan.estimate_seconds.items())
-    rows.append(("Estimated time", f"{_duration(plan.total_seconds)} on one CPU core ({stages})"))
-    rows += [("Note", note) for note in plan.notes]
-    return rows
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"

@@ -1,4 +1,5 @@
 """What the report says, as plain text tables, shared by the HTML and the PDF renderer.
+(Over 400 lines: one builder per report section, kept together so HTML, PDF and the portal say the same.)
 
 Formatting numbers and choosing wording once, here, keeps the two documents
 identical in content; the renderers only lay the view out (and escape it).
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
 
-from auditor.pipeline.plan import describe_plan
+from auditor.pipeline.describe import describe_plan
 from auditor.report.schema import Figure, ImageRef, PositiveControl, ProbeEvidence, ProbeResult, Report
 
 ARROW = "\u2192"

@@ -1,4 +1,5 @@
 """The ``report.json`` contract: pydantic models, validation and the exported JSON Schema.
+(Over 400 lines: the whole report.json contract, one model per section, kept in one file to read as one document.)
 
 ``report.json`` is what the REST API serves, what the web portal and the HTML/PDF
 renderers read, and what downstream pipelines parse, so it is versioned
