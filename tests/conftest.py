@@ -25,6 +25,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from auditor.store.artifacts import S3Credentials, S3Store
+from shared_fixtures import service_missing  # noqa: F401 (the CI rule, also for modules importing it from here)
 
 torch.set_num_threads(1)
 from auditor.store.db import make_engine, upgrade_database
@@ -36,14 +37,6 @@ S3_CREDENTIALS = S3Credentials(
     os.environ.get("REFINE_AUDIT_TEST_S3_ACCESS_KEY", "refine-audit-test"),
     os.environ.get("REFINE_AUDIT_TEST_S3_SECRET_KEY", "refine-audit-test-secret"),
 )
-
-
-def service_missing(message: str) -> None:
-    """Fail under CI, skip elsewhere."""
-    hint = f"{message} (run scripts/services.sh start)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(hint, pytrace=False)
-    pytest.skip(hint)
 
 
 def unique_name(prefix: str) -> str:

@@ -1,10 +1,12 @@
-"""Helpers several test folders need: a small trained Fashion-MNIST model and a private Redis database.
+"""Helpers several test folders need: the CI rule for missing services, a small trained Fashion-MNIST
+model and a private Redis database.
 
 Kept as plain functions (not fixtures) so each test module wraps them in the scope it needs.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +21,14 @@ from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.training import TrainConfig, train_classifier
 
 TINY_FMNIST_ARCH = ArchConfig("small_cnn", width=8)
+
+
+def service_missing(message: str, hint: str = "run scripts/services.sh start") -> None:
+    """Fail under CI (``CI=true``), skip elsewhere: CI must never pass by skipping what it could not reach."""
+    text = f"{message} ({hint})" if hint else message
+    if os.environ.get("CI") == "true":
+        pytest.fail(text, pytrace=False)
+    pytest.skip(text)
 REDIS_DBS = range(5, 15)  # 15 belongs to test_api_jobs; sessions running side by side each claim a free one
 REDIS_LOCK_KEY = "refine-audit:test-lock"
 

@@ -28,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -156,11 +156,13 @@ class TokenBucket:
     windows we cannot see, so evenly spaced requests are the safe reading of "N per second".
     """
 
-    def __init__(self, rate: float, capacity: float = 1.0):
+    def __init__(self, rate: float, capacity: float = 1.0, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
         self.rate = rate
         self.capacity = capacity
+        self._clock, self._sleep = clock, sleep  # a test passes a fake clock whose sleep advances it
         self._tokens = self.capacity
-        self._last = time.monotonic()
+        self._last = clock()
         self._lock = threading.Lock()
 
     def acquire(self) -> float:
@@ -168,14 +170,14 @@ class TokenBucket:
         waited = 0.0
         while True:
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
                 self._last = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                if self._tokens >= 1.0 - 1e-9:  # a token refilled up to rounding: waiting 1e-17 s would never end
+                    self._tokens = max(0.0, self._tokens - 1.0)
                     return waited
                 pause = (1.0 - self._tokens) / self.rate
-            time.sleep(pause)
+            self._sleep(pause)
             waited += pause
 
 
@@ -213,12 +215,15 @@ class HttpModelAPI:
     """A ``ModelAPI`` over HTTP. Thread-safe; use one instance per audit (the cache and budget are per audit).
 
     Construction runs the SSRF guard and pins the approved address, so no request can
-    reach an address the guard did not see. ``allowed_hosts`` adds to the operator's
-    ``REFINE_AUDIT_ALLOWED_HOSTS`` (tests pass ``("127.0.0.1",)``).
+    reach an address the guard did not see. ``allowed_hosts`` is the operator's allowlist
+    (``Settings.allowed_hosts``) plus any caller exception (tests pass ``("127.0.0.1",)``).
+    ``sleep`` waits between retries; tests pass one that records the waits instead.
     """
 
-    def __init__(self, config: ApiConfig, *, allowed_hosts: Sequence[str] = ()):
+    def __init__(self, config: ApiConfig, *, allowed_hosts: Sequence[str] = (),
+                 sleep: Callable[[float], None] = time.sleep):
         self.config = config
+        self._sleep = sleep
         self.num_classes = config.num_classes
         self._target = resolve_and_check(config.endpoint(), allowed_hosts)
         self._request_url, self._host_header = _pinned_url(self._target)
@@ -347,7 +352,7 @@ class HttpModelAPI:
                 log.info("model API attempt %d failed (%s); retrying in %.2fs", attempt + 1, failure.error.code.value, pause)
                 with self._lock:
                     self._counts["retries"] += 1
-                time.sleep(pause)
+                self._sleep(pause)
                 attempt += 1
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from sqlalchemy import make_url, text
 
-from shared_fixtures import claimed_redis_db, train_tiny_fmnist_model
+from shared_fixtures import claimed_redis_db, service_missing, train_tiny_fmnist_model
 
 from auditor.blackbox import ModelServer
 from auditor.store.artifacts import S3Credentials, S3Store
@@ -52,14 +52,6 @@ AUDITS_S = 360  # both audits, one after the other on a single worker slot
 CLI_S = 120
 REDIS_URL = os.environ.get("REFINE_AUDIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")  # server only; the db is claimed
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def service_missing(message: str) -> None:
-    """As tests/conftest.py: fail under CI, skip elsewhere."""
-    hint = f"{message} (run scripts/services.sh start)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(hint, pytrace=False)
-    pytest.skip(hint)
 
 
 # --- the services' resources: a database, a Redis database, a bucket -------------------------
@@ -123,17 +115,30 @@ def group_members(pgid: int) -> list[str]:
 
 
 def terminate(process: ServiceProcess) -> list[str]:
-    """Stop a process and its whole group; return what was still alive afterwards (nothing, normally)."""
+    """Stop a process and its whole group; return what outlived even SIGKILL (nothing, normally).
+
+    Children still exiting after the leader are given a grace period, then SIGKILL; only a
+    process that survives that is a leak. Judging at the end of the grace period instead
+    raced with a busy machine, where a pool child can take longer than any fixed wait to exit.
+    """
     process.stop()
-    deadline = time.monotonic() + 10
-    while (left := group_members(process.pid)) and time.monotonic() < deadline:
+    if _wait_for_empty_group(process.pid, grace_s=10):
+        return []
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return []
+    _wait_for_empty_group(process.pid, grace_s=30)
+    return group_members(process.pid)
+
+
+def _wait_for_empty_group(pgid: int, grace_s: float) -> bool:
+    deadline = time.monotonic() + grace_s
+    while group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.2)
-    if left:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left
+    return True
 
 
 @dataclass

@@ -33,12 +33,12 @@ from auditor.pipeline import ArtifactFile, AuditInputs, AuditResult
 from auditor.settings import Settings
 from auditor.spec import AuditSpec
 from auditor.store import audits
-from auditor.store.artifacts import S3Credentials, S3Store
+from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import WORKER_LOST, AuditStatus
 from auditor.store.models import Audit, utcnow
 from auditor.store.webhooks import list_deliveries
-from worker.executor import artifact_key, execute_audit, reap_stale_audits, work_dir_for
+from worker.executor import execute_audit, reap_stale_audits, work_dir_for
 from worker.infra import DatabaseUnavailable, StorageUnavailable
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"

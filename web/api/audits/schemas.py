@@ -14,7 +14,7 @@ from flask import url_for
 from pydantic import BaseModel, Field, RootModel
 
 from auditor.pipeline import AuditPlan
-from auditor.pipeline.plan import describe_plan
+from auditor.pipeline.describe import describe_plan
 from auditor.spec import AuditSpec
 from auditor.store.lifecycle import AuditStatus
 from auditor.store.models import Artifact, Audit, AuditEvent
