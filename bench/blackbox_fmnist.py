@@ -34,7 +34,7 @@ from auditor.runtime import cpu_bf16_pays, resolve_device
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.audits import api_audit, environment, fashion_mnist, make_subject
-from bench.common import RESULTS, finished_parts, pct, provenance, write_json
+from bench.common import RESULTS, ended_otherwise, finished_parts, pct, provenance, write_json
 
 BA_DROP_LIMIT = 0.03  # the bar: defended BA at most 3 points below the undefended API
 ASR_LIMIT = 0.05
@@ -145,8 +145,9 @@ def _curve(subject: Any, args: argparse.Namespace, settings: Settings, trigger_t
 
 def row(entry: dict[str, Any]) -> str:
     a, d = entry["api"], entry["defended"]
-    if entry["status"] != "succeeded":
-        return f"| {entry['attack']} | {entry['output']} | {entry['status']}: {(entry['error'] or {}).get('code')} |"
+    refused = ended_otherwise(entry, entry["attack"], entry["output"])
+    if refused:
+        return refused
     return (f"| {entry['attack']} | {entry['output']} | {entry['queries_used']} | {pct(entry['agreement_clean'])} | "
             f"{pct(a['ba'])} | {pct(a.get('asr'))} | {pct(d['ba'])} | {pct(d.get('asr'))} | {entry['verdict']} |")
 

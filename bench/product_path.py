@@ -33,7 +33,7 @@ from auditor.data import take
 from auditor.runtime import cpu_bf16_pays, resolve_device
 from auditor.settings import Settings
 from bench.audits import api_audit, checkpoint_audit, environment, fashion_mnist, make_subject
-from bench.common import RESULTS, finished_parts, git_commit, pct, provenance, write_json
+from bench.common import RESULTS, ended_otherwise, finished_parts, git_commit, pct, provenance, write_json
 
 EFFORTS = ("quick", "standard", "thorough")
 SOURCES = ("checkpoint", "api")
@@ -107,8 +107,9 @@ def _ordered(runs: Any) -> list[dict[str, Any]]:
 def row(e: dict[str, Any]) -> str:
     b, a = e["before"], e["after"]
     where = e["source"] if e["output"] is None else f"api ({e['output']})"
-    if e["status"] != "succeeded":
-        return f"| {e['attack']} | {e['effort']} | {where} | {e['status']}: {(e['error'] or {}).get('code')} |"
+    refused = ended_otherwise(e, e["attack"], e["effort"], where)
+    if refused:
+        return refused
     return (f"| {e['attack']} | {e['effort']} | {where} | {pct(b['ba'])} / {pct(b['asr'])} | {pct(a['ba'])} / "
             f"{pct(a['asr'])} | {pct(e['agreement_clean'])} | {e['verdict']} | {', '.join(e['gates_tripped']) or '-'} | "
             f"{sum(e['seconds'].values()):.0f} |")

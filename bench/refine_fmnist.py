@@ -30,7 +30,7 @@ from auditor.attacks import attack_names
 from auditor.runtime import cpu_bf16_pays, resolve_device
 from auditor.settings import Settings
 from bench.audits import TRAIN_EPOCHS_BY_ATTACK, checkpoint_audit, environment, fashion_mnist, make_subject
-from bench.common import RESULTS, finished_parts, pct, provenance, write_json
+from bench.common import RESULTS, ended_otherwise, finished_parts, pct, provenance, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def row(entry: dict[str, Any]) -> str:
     b, a = entry["no_defense"], entry["refine"]
-    if entry["status"] != "succeeded":
-        return f"| {entry['attack']} | {entry['status']}: {(entry['error'] or {}).get('code')} |"
+    refused = ended_otherwise(entry, entry["attack"])
+    if refused:
+        return refused
     return (f"| {entry['attack']} | {pct(b['ba'])} | {pct(b['asr'])} | {pct(a['ba'])} | {pct(a['asr'])} | "
             f"{pct(a['ra'])} | {pct(entry['agreement_clean'])} | {entry['verdict']} | "
             f"{entry['attack_train_seconds']:.0f} | {entry['refine_seconds']:.0f} |")
