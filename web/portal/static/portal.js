@@ -147,9 +147,13 @@
     note.classList.toggle("field-error", !!error);
   }
 
+  var PLAN_DATASET_MAX = 16 * 1048576; // larger data sets are planned when submitted, not re-sent on every change
+
   function requestPlan(form, box) {
     var data = new FormData(form);
     data.delete("model");
+    var dataset = form.elements.dataset;
+    if (dataset && dataset.files.length && dataset.files[0].size > PLAN_DATASET_MAX) data.delete("dataset");
     fetch(box.getAttribute("data-plan-url"), {
       method: "POST", body: data, credentials: "same-origin",
       headers: { Accept: "application/json", "X-CSRF-Token": csrfToken() },
