@@ -1,4 +1,5 @@
 """The audit plan: spec, effort, data and budget resolved into every concrete number, once.
+(Over 400 lines: every default lives here beside the resolution that uses it, so one file holds every number.)
 
 Before any work, ``plan_audit(spec, data)`` turns what the user asked for into an
 immutable ``AuditPlan``: epochs, pool and test sizes, U-Net width, batch sizes,

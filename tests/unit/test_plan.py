@@ -135,3 +135,13 @@ def test_stratified_subsample_keeps_each_class_share():
     sample = stratified_take(data, 100, seed=3)
     assert len(sample) == 100
     assert torch.bincount(sample.y).tolist() == [60, 30, 10]
+
+
+def test_the_pipeline_imports_no_web_queue_or_database_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, auditor.pipeline, auditor.pipeline.run; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'celery', 'sqlalchemy', 'boto3', 'redis', 'werkzeug'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
