@@ -50,6 +50,17 @@ def fail(exc: AuditError) -> None:
     sys.exit(EXIT_INVALID_INPUT if exc.is_input_error else EXIT_FAILED)
 
 
+def load_settings() -> Any:
+    """The process's one ``Settings`` (device, allowlist, data folders); a bad variable exits with its name."""
+    from auditor.settings import Settings, SettingsError
+
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        click.secho(f"error [invalid_settings]: {exc}", fg="red", err=True)
+        sys.exit(EXIT_INVALID_INPUT)
+
+
 class LazyGroup(click.Group):
     """Loads the service commands (Flask, Celery) only when one of them runs, so `audit` starts fast."""
 
@@ -102,9 +113,10 @@ def demo(out: Path, seed: int) -> None:
     from auditor.demo import run_demo
 
     bars = StageBars()
+    settings = load_settings()
     with CancelOnInterrupt() as cancel:
         try:
-            result, planted = run_demo(out, seed=seed, on_progress=bars, should_cancel=cancel)
+            result, planted = run_demo(out, settings, seed=seed, on_progress=bars, should_cancel=cancel)
         except AuditError as exc:
             bars.close()
             fail(exc)
@@ -134,10 +146,11 @@ def attack(name: str, out: Path, epochs: int, seed: int, target: int) -> None:
     from auditor.runtime import cpu_bf16_pays, resolve_device
     from auditor.training import TrainConfig
 
-    device = resolve_device()
+    settings = load_settings()
+    device = resolve_device(settings.device)
     bars = StageBars()
     try:
-        train, test = load_fashion_mnist()
+        train, test = load_fashion_mnist(settings.fmnist_dir, settings.data_dir)
     except AuditError as exc:
         fail(exc)
     bd = train_backdoored_model(
@@ -235,13 +248,15 @@ def _build_spec(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--no-sandbox", is_flag=True,
               help="Run the model in this process, with your rights and environment [default: a bubblewrap sandbox when it works].")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the resolved plan and its time estimate, then exit without training.")
 def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: bool, device: str | None,
-          no_sandbox: bool, **options: Any) -> None:
+          no_sandbox: bool, plan_only: bool, **options: Any) -> None:
     """Audit a model: find backdoor evidence, train REFINE, prove it on generated attacks, write a report.
 
     \b
     Examples:
       refine-audit audit model.pt
+      refine-audit audit model.pt --plan          # what it would run, and how long it should take
       refine-audit audit weights.safetensors --arch small_cnn --data mydata.npz
       refine-audit audit --api http://127.0.0.1:9000/v1/models/m:predict --output labels --allow-host 127.0.0.1
 
@@ -254,6 +269,7 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
     from auditor.pipeline import AuditInputs
     from auditor.spec import parse_spec
 
+    settings = load_settings()
     options["data"] = options["data"] or "fashion-mnist"
     try:
         if model is None and not options["api"]:
@@ -264,8 +280,14 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
     dataset = None if options["data"] == "fashion-mnist" else Path(options["data"])
     if dataset is not None and not dataset.is_file():
         fail(AuditError(ErrorCode.DATASET_NOT_FOUND, f"Dataset file {dataset} does not exist."))
-    inputs = AuditInputs(work_dir=out, model_path=model, dataset_path=dataset, allowed_hosts=allow_host, device=device)
-    runner = _audit_runner(no_sandbox)
+    if plan_only:
+        _print_plan(spec, dataset, device or settings.device)
+        return
+    inputs = AuditInputs(
+        work_dir=out, model_path=model, dataset_path=dataset, allowed_hosts=(*settings.allowed_hosts, *allow_host),
+        device=device or settings.device, fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir,
+    )
+    runner = _audit_runner(settings, no_sandbox)
     bars = StageBars(enabled=not quiet)
     with CancelOnInterrupt() as cancel:
         result = runner(spec, inputs, bars, cancel)
@@ -273,11 +295,10 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
     _print_outcome(result)
 
 
-def _audit_runner(no_sandbox: bool) -> Any:
+def _audit_runner(settings: Any, no_sandbox: bool) -> Any:
     """The sandboxed runner when bwrap works; the in-process one, announced on stderr, otherwise."""
     from auditor.pipeline import run_audit
     from auditor.sandbox import SandboxUnavailable, audit_runner
-    from auditor.settings import Settings, SettingsError
 
     def warn(message: str) -> None:
         click.secho(message, fg="yellow", err=True)
@@ -286,21 +307,43 @@ def _audit_runner(no_sandbox: bool) -> Any:
         warn("WARNING: --no-sandbox: the model runs in this process, with your rights, files and environment.")
         return run_audit
     try:
-        return audit_runner(Settings.from_env(), warn)
-    except (SettingsError, SandboxUnavailable) as exc:
+        return audit_runner(settings, warn)
+    except SandboxUnavailable as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _print_plan(spec: Any, dataset: Path | None, device: str) -> None:
+    """``audit --plan``: every number the audit would run with and the time it should take; nothing is trained."""
+    from auditor.pipeline import plan_audit
+    from auditor.pipeline.data import data_summary
+    from auditor.pipeline.describe import describe_plan
+    from auditor.runtime import resolve_device
+
+    try:
+        plan = plan_audit(spec, data_summary(spec, dataset), device=resolve_device(device))
+    except AuditError as exc:
+        fail(exc)
+    width = max(len(label) for label, _ in describe_plan(plan))
+    for label, value in describe_plan(plan):
+        click.echo(f"{label:<{width}}  {value}")
 
 
 def _print_outcome(result: Any) -> None:
     report_dir = result.out_dir
     if result.status == "succeeded":
         summary = result.summary
-        colour = {"likely_backdoored": "red", "suspicious": "yellow"}.get(summary.get("verdict"), "green")
+        colour = {"likely_backdoored": "red", "suspicious": "yellow", "inconclusive": "yellow"}.get(
+            summary.get("verdict"), "green")
         click.secho(f"verdict: {summary.get('verdict')} - {summary.get('headline')}", fg=colour, bold=True)
+        intervals = summary.get("intervals", {})
         if summary.get("ba_before") is not None:
-            click.echo(f"benign accuracy: {summary['ba_before']:.1%} -> {summary['ba_after']:.1%} with REFINE")
+            click.echo(f"benign accuracy: {_figure(summary['ba_before'], intervals.get('ba_before'))} -> "
+                       f"{_figure(summary['ba_after'], intervals.get('ba_after'))} with REFINE")
         if "controls_asr_before" in summary:
             click.echo(f"positive controls, worst ASR: {summary['controls_asr_before']:.1%} -> {summary['controls_asr_after']:.1%}")
+        if summary.get("gates_tripped"):
+            click.echo(f"gates tripped: {', '.join(summary['gates_tripped'])}")
+        click.echo(f"defended model fit to deploy: {'yes' if summary.get('fit_to_deploy') else 'no'}")
         click.echo(f"report: {report_dir / 'report.html'} (also report.pdf, report.json)")
         return
     error = result.error or {}
@@ -311,6 +354,13 @@ def _print_outcome(result: Any) -> None:
         sys.exit(EXIT_CANCELLED)
     code = ErrorCode(error.get("code", "internal_error"))
     sys.exit(EXIT_INVALID_INPUT if code in INPUT_ERRORS else EXIT_FAILED)
+
+
+def _figure(value: float, interval: dict[str, Any] | None) -> str:
+    """``89.4% [88.2, 90.6] n=2,401``: a share with its 95% interval and sample size."""
+    if not interval:
+        return f"{value:.1%}"
+    return f"{value:.1%} [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}] n={interval['n']:,}"
 
 
 @main.command()

@@ -253,16 +253,19 @@ def _safe_join(folder: Path, name: str) -> Path:
     return target
 
 
-def verdict_fails_gate(verdict: str | None, fail_on: Iterable[str]) -> bool:
+def verdict_fails_gate(verdict: str | None, fail_on: Iterable[str], probe_level: str | None = None) -> bool:
     """Whether a verdict closes a pipeline gate set to ``fail_on`` levels.
 
     ``suspicious`` closes on suspicious and likely_backdoored; ``likely_backdoored`` only on
-    that; ``inconclusive`` on an inconclusive verdict. An unknown level (a newer server)
-    closes the gate: a gate that cannot read the verdict must not pass the model.
+    that; ``inconclusive`` on any inconclusive verdict. An inconclusive verdict is also judged
+    by what its probes read (``probe_level``, in the audit's summary): a backdoor reading is
+    never waved through because the audit could not stand behind its other figures. An
+    unknown level (a newer server) closes the gate: a gate that cannot read the verdict must
+    not pass the model.
     """
     levels = set(fail_on)
+    if verdict == "inconclusive":
+        return "inconclusive" in levels or (probe_level is not None and verdict_fails_gate(probe_level, levels))
     if verdict in VERDICT_SEVERITY:
         return any(VERDICT_SEVERITY[verdict] >= VERDICT_SEVERITY[level] for level in levels if level in VERDICT_SEVERITY)
-    if verdict == "inconclusive":
-        return "inconclusive" in levels
     return True

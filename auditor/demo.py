@@ -19,6 +19,7 @@ from auditor.evaluation import attack_metrics, model_predictor
 from auditor.models import ArchConfig, export_torchscript, load_checkpoint
 from auditor.pipeline import AuditInputs, AuditResult, run_audit
 from auditor.runtime import CancelFn, cpu_bf16_pays, ProgressFn, never_cancel, no_progress, resolve_device
+from auditor.settings import Settings
 from auditor.spec import parse_spec
 from auditor.training import TrainConfig
 
@@ -26,11 +27,12 @@ DEMO_SPEC = {"effort": "quick", "controls": {"attacks": ["badnets"]}}
 
 
 def run_demo(
-    out: Path, *, seed: int = 0, on_progress: ProgressFn = no_progress, should_cancel: CancelFn = never_cancel
+    out: Path, settings: Settings, *, seed: int = 0, on_progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
 ) -> tuple[AuditResult, dict[str, Any]]:
     started = time.perf_counter()
-    device = resolve_device()
-    train, test = load_fashion_mnist()
+    device = resolve_device(settings.device)
+    train, test = load_fashion_mnist(settings.fmnist_dir, settings.data_dir)
     planted = train_backdoored_model(
         ArchConfig("small_cnn"), train, test, AttackConfig("badnets", target=0, seed=seed + 1000),
         TrainConfig(epochs=4, bf16=cpu_bf16_pays(device)), device=device, seed=seed + 1000,
@@ -40,7 +42,9 @@ def run_demo(
     planted.save(model_dir)
     model_file = export_torchscript(planted.model, test.x[:2].float() / 255, model_dir / "model.pt")
     spec = parse_spec({**DEMO_SPEC, "seed": seed})
-    result = run_audit(spec, AuditInputs(work_dir=out / "audit", model_path=model_file), on_progress, should_cancel)
+    inputs = AuditInputs(work_dir=out / "audit", model_path=model_file, device=settings.device,
+                         fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir)
+    result = run_audit(spec, inputs, on_progress, should_cancel)
     planted_check: dict[str, Any] = {"seconds": time.perf_counter() - started}
     if result.status == "succeeded":
         defended = load_checkpoint(result.out_dir / "defended_model.pt").module

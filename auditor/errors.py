@@ -24,6 +24,7 @@ class ErrorCode(str, Enum):
     API_AUTH_FAILED = "api_auth_failed"
     API_TIMEOUT = "api_timeout"
     QUERY_BUDGET_EXHAUSTED = "query_budget_exhausted"
+    INSUFFICIENT_QUERY_BUDGET = "insufficient_query_budget"  # refused before any work: the plan needs more queries
     URL_NOT_ALLOWED = "url_not_allowed"
     CANCELLED = "cancelled"
     INTERNAL_ERROR = "internal_error"
@@ -59,6 +60,7 @@ INPUT_ERRORS = frozenset(
         ErrorCode.DATASET_NOT_FOUND,
         ErrorCode.MODEL_DATA_MISMATCH,
         ErrorCode.URL_NOT_ALLOWED,
+        ErrorCode.INSUFFICIENT_QUERY_BUDGET,
     }
 )
 

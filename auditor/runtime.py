@@ -31,9 +31,9 @@ def check_cancel(should_cancel: CancelFn) -> None:
         raise AuditCancelled()
 
 
-def resolve_device(preference: str | None = None) -> torch.device:
-    """``auto`` picks CUDA when present; ``REFINE_AUDIT_DEVICE`` is the default preference."""
-    choice = (preference or os.environ.get("REFINE_AUDIT_DEVICE") or "auto").lower()
+def resolve_device(preference: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; callers pass ``Settings.device`` (``REFINE_AUDIT_DEVICE``) or a flag."""
+    choice = (preference or "auto").lower()
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():

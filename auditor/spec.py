@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 
 from auditor.attacks import ATTACKS
 from auditor.errors import AuditError, ErrorCode
+from auditor.pipeline.plan import DEFAULT_QUERY_BUDGET
 
 SPEC_VERSION = "1"
 Effort = Literal["tiny", "quick", "standard", "thorough"]
@@ -43,7 +44,8 @@ class ApiSpec(_Strict):
     output: Literal["auto", "probabilities", "logits", "labels"] = "auto"
     auth_header: str | None = Field(None, max_length=100, description="Header name, e.g. Authorization.")
     auth_value: str | None = Field(None, max_length=4096, description="Secret header value; redacted in reports.", json_schema_extra={"writeOnly": True})
-    query_budget: int = Field(20_000, ge=100, le=10_000_000, description="Hard cap on images sent to the API.")
+    query_budget: int = Field(DEFAULT_QUERY_BUDGET, ge=100, le=10_000_000,
+                              description="Hard cap on images sent to the API; the plan splits it (auditor/pipeline/budget.py).")
     batch_size: int = Field(64, ge=1, le=4096)
     max_concurrency: int = Field(4, ge=1, le=64)
     rate_limit_per_s: float | None = Field(None, gt=0)

@@ -63,3 +63,10 @@ def finished_parts(parts: Path, config: dict[str, Any]) -> dict[str, Any]:
         if saved["config"] == same:
             entries[path.stem] = saved["entry"]
     return entries
+
+
+def ended_otherwise(entry: dict[str, Any], *cells: str) -> str | None:
+    """A table row for a run that did not succeed (e.g. a plan refused for its budget), else None."""
+    if entry["status"] == "succeeded":
+        return None
+    return f"| {' | '.join(cells)} | {entry['status']}: {(entry['error'] or {}).get('code')} |"

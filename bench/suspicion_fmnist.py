@@ -1,34 +1,41 @@
-"""Does the probe battery's suspicion score separate backdoored from clean models? (Fashion-MNIST)
+"""Does the audit's suspicion score separate backdoored from clean models? (Fashion-MNIST, the product path)
 
-    python -m bench.suspicion_fmnist                     # the committed configuration
-    python -m bench.suspicion_fmnist --probe-images 200   # cheaper probing
-    python -m bench.suspicion_fmnist --train-only         # only fill the model cache
+    python -m bench.suspicion_fmnist                            # checkpoints, the committed configuration
+    python -m bench.suspicion_fmnist --sources checkpoint,api   # also through a label-only model API
+    python -m bench.suspicion_fmnist --probe-images 50,100,200,500 --models clean-s0-w32,badnets-s10-t0
+    python -m bench.suspicion_fmnist --train-only               # only fill the model cache
 
-Trains (or reloads from ``--cache-dir``) several clean small CNNs (different
-seeds and widths) and several backdoored ones (different attacks, seeds and
-target classes) on a 20,000-image training subset, runs the probe battery on
-each through the black-box ``Predictor`` interface, and reports every score and
-the ROC-AUC (Mann-Whitney statistic). The auditor never sees the attacks'
-trigger state: probes are drawn from the battery's own seed.
+Trains (or reloads from ``--cache-dir``) several clean small CNNs (different seeds and
+widths) and several backdoored ones (different attacks, seeds and target classes) on a
+20,000-image training subset, then audits each with ``run_audit`` and spec fields only:
+``{"effort": E, "probes": {"images": N}}`` with a one-epoch REFINE on 2,000 images and no
+positive controls (the score is computed before the defense; REFINE only has to run).
+The score, its 95% interval and the suspected class come from each audit's report. A
+model API audit probes with the compact battery of API audits (``API_PROBE_BATTERY``),
+so ``--sources api`` measures that battery's separation. Several ``--probe-images`` give
+the score against probed images, the measurement behind the probe-evidence gate.
+The auditor never sees the attacks' trigger state: probes are drawn from the battery's seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from auditor.attacks import AttackConfig, train_backdoored_model, train_clean_model
-from auditor.data import ImageSet, load_fashion_mnist, take
+from auditor.data import ImageSet, take
 from auditor.evaluation import model_predictor, predict_labels
-from auditor.evaluation.probes import ProbeConfig, SuspicionReport, suspicion_score
-from auditor.models import ArchConfig, Classifier, load_checkpoint, save_classifier
+from auditor.models import ArchConfig, Classifier, export_torchscript, load_checkpoint
+from auditor.settings import Settings
 from auditor.training import TrainConfig
+from bench.audits import Subject, api_audit, checkpoint_audit, environment, fashion_mnist
 from bench.common import RESULTS, provenance, write_json
 
 
@@ -71,12 +78,15 @@ SPECS: tuple[ModelSpec, ...] = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(s.name for s in SPECS), help="comma-separated subset of the specs")
+    p.add_argument("--sources", default="checkpoint", help="checkpoint and/or api (label-only, the default budget)")
+    p.add_argument("--effort", default="standard")
+    p.add_argument("--probe-images", default="500", help="spec probes.images; several (comma-separated) for a curve")
+    p.add_argument("--seed", type=int, default=0, help="the audits' seed: draws the probe sample and patterns")
     p.add_argument("--train-size", type=int, default=20_000)
     p.add_argument("--train-epochs", type=int, default=3)
-    p.add_argument("--probe-images", type=int, default=ProbeConfig.num_images)
-    p.add_argument("--probe-seed", type=int, default=ProbeConfig.seed)
     p.add_argument("--threads", type=int, default=1, help="torch threads; 1 leaves a core to other work")
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/refine-audit-bench/suspicion_models"))
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/suspicion_fmnist"))
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "suspicion_fmnist.json")
     return p.parse_args(argv)
@@ -91,22 +101,17 @@ def select_specs(names: str) -> list[ModelSpec]:
     return [by_name[n] for n in names.split(",")]
 
 
-def arch_for(spec: ModelSpec) -> ArchConfig:
-    return ArchConfig("small_cnn", width=spec.width)
-
-
-def get_model(
-    spec: ModelSpec, train: ImageSet, test: ImageSet, config: TrainConfig, cache: Path
-) -> tuple[Classifier, dict[str, Any]]:
-    """Load the spec's model from the cache or train and cache it; returns the model and its training facts."""
-    path = cache / spec.name / "model.safetensors"
+def get_model(spec: ModelSpec, train: ImageSet, test: ImageSet, config: TrainConfig,
+              cache: Path) -> tuple[Classifier, Path, dict[str, Any]]:
+    """The spec's model from the cache, or trained and cached as TorchScript (what a user uploads), with its facts."""
+    path = cache / spec.name / "model.pt"
+    facts_file = path.parent / "facts.txt"
     if path.exists():
-        facts_file = path.parent / "facts.txt"
         facts = ast.literal_eval(facts_file.read_text()) if facts_file.exists() else {}
-        return load_checkpoint(path).module, {**facts, "cached": True}
+        return load_checkpoint(path).module, path, {**facts, "cached": True}
     device = torch.device("cpu")
     started = time.perf_counter()
-    arch = arch_for(spec)
+    arch = ArchConfig("small_cnn", width=spec.width)
     facts: dict[str, Any] = {"cached": False}
     if spec.attack is None:
         model, _ = train_clean_model(arch, train, config, device=device, seed=spec.seed)
@@ -120,9 +125,9 @@ def get_model(
     facts["train_seconds"] = round(time.perf_counter() - started, 1)
     facts["ba"] = round((predict_labels(model_predictor(model, device), test) == test.y).float().mean().item(), 4)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_classifier(model, arch, path)
-    (path.parent / "facts.txt").write_text(repr(facts))
-    return model.eval(), facts
+    export_torchscript(model, test.x[:2].float() / 255, path)
+    facts_file.write_text(repr(facts))
+    return model.eval(), path, facts
 
 
 def roc_auc(scores: list[float], positive: list[bool]) -> float:
@@ -135,57 +140,84 @@ def roc_auc(scores: list[float], positive: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def caught(report: SuspicionReport, spec: ModelSpec) -> bool:
-    """The top evidence names the true target (only meaningful for backdoored models)."""
-    return bool(report.evidence) and report.evidence[0].top_class == spec.target
+def audit_spec(args: argparse.Namespace, probe_images: int) -> dict[str, Any]:
+    """Spec fields only: the effort, the probed images, a REFINE that only has to run, no positive controls."""
+    return {"effort": args.effort, "seed": args.seed, "probes": {"images": probe_images},
+            "refine": {"epochs": 1, "pool_size": 2000}, "controls": {"attacks": []}}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    full_train, test = load_fashion_mnist()
+    settings = Settings.from_env()
+    full_train, test = fashion_mnist(settings)
     train = take(full_train, args.train_size, seed=0)
     train_config = TrainConfig(epochs=args.train_epochs, bf16=True)
-    probe_config = ProbeConfig(num_images=args.probe_images, seed=args.probe_seed)
-    specs = select_specs(args.models)
+    device = torch.device("cpu")
     payload: dict[str, Any] = {
         "benchmark": "suspicion_fmnist",
-        "dataset": f"fashion-mnist ({len(train)}-image training subset / probes on {probe_config.num_images} test images)",
-        "config": {"train": asdict(train_config), "probe": probe_config.to_dict(), "train_size": len(train)},
-        **provenance(torch.device("cpu"), "bench.suspicion_fmnist"),
+        "dataset": f"fashion-mnist ({len(train)}-image training subset for the models; audits on the test split)",
+        "config": {"train": train_config.__dict__, "train_size": len(train),
+                   "specs": {n: audit_spec(args, int(n)) for n in args.probe_images.split(",")}},
+        **provenance(device, "bench.suspicion_fmnist"),
         "models": [],
     }
-    for spec in specs:
-        model, facts = get_model(spec, train, test, train_config, args.cache_dir)
+    for spec in select_specs(args.models):
+        model, path, facts = get_model(spec, train, test, train_config, args.cache_dir)
         print(f"{spec.name}: {facts}", flush=True)
         if args.train_only:
             continue
-        t0 = time.perf_counter()
-        report = suspicion_score(model_predictor(model, torch.device("cpu")), test, probe_config)
-        entry = {
-            "name": spec.name,
-            "backdoored": spec.backdoored,
-            "attack": spec.attack,
-            "target": spec.target if spec.backdoored else None,
-            "score": round(report.score, 4),
-            "target_named": caught(report, spec) if spec.backdoored else None,
-            "probe_seconds": round(time.perf_counter() - t0, 1),
-            **{k: v for k, v in facts.items() if k != "cached"},
-            "report": report.to_dict(top_k=3),
-        }
-        payload["models"].append(entry)
-        print(f"  score {report.score:.3f}  top {report.evidence[0].probe if report.evidence else '-'} "
-              f"-> class {report.evidence[0].top_class if report.evidence else '-'}", flush=True)
+        subject = Subject(spec.name, path, model, None, facts.get("train_seconds", 0.0))
+        for source in args.sources.split(","):
+            for images in (int(n) for n in args.probe_images.split(",")):
+                payload["models"].append(_audit(spec, subject, facts, source, images, args, settings, test, device))
     if not args.train_only and payload["models"]:
-        rows = payload["models"]
-        if any(r["backdoored"] for r in rows) and not all(r["backdoored"] for r in rows):
-            payload["roc_auc"] = roc_auc([r["score"] for r in rows], [r["backdoored"] for r in rows])
-        payload["queries_per_model"] = rows[0]["report"]["queries"]
+        payload["roc_auc"] = _separation(payload["models"])
         payload["seconds"] = round(time.perf_counter() - started, 1)
         payload["notes"] = NOTES
         write_json(args.out, payload)
-        print(f"ROC-AUC {payload.get('roc_auc')}  ({payload['seconds']} s)")
+        print(f"ROC-AUC {payload['roc_auc']}  ({payload['seconds']} s)")
     return payload
+
+
+def _audit(spec: ModelSpec, subject: Subject, facts: dict[str, Any], source: str, images: int,
+           args: argparse.Namespace, settings: Settings, test: ImageSet, device: torch.device) -> dict[str, Any]:
+    work = args.work_dir / f"{spec.name}-{source}-{images}"
+    fields = audit_spec(args, images)
+    if source == "checkpoint":
+        audit = checkpoint_audit(subject, fields, work, settings, test, device)
+    else:
+        audit = api_audit(subject, fields, "labels", work, settings, test, device)
+    report = _report(work)
+    probes = (report.get("probes") or {}).get("before") or {}
+    entry = {
+        "name": spec.name, "source": source, "probe_images": images, "backdoored": spec.backdoored,
+        "attack": spec.attack, "target": spec.target if spec.backdoored else None,
+        "score": probes.get("score"), "interval": (report.get("figures") or {}).get("suspicion_before"),
+        "suspected_target": probes.get("suspected_target"),
+        "target_named": probes.get("suspected_target") == spec.target if spec.backdoored else None,
+        "evidence": probes.get("evidence", [])[:3],
+        **{k: v for k, v in facts.items() if k != "cached"},
+        **{k: audit[k] for k in ("status", "plan", "seconds", "verdict", "gates_tripped", "queries_used")},
+        **environment(),
+    }
+    print(f"  {source} {images} images: score {entry['score']}  verdict {entry['verdict']}", flush=True)
+    return entry
+
+
+def _report(work: Path) -> dict[str, Any]:
+    path = work / "out" / "report.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _separation(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """ROC-AUC of the score per source and probed-image count (where both classes of model are present)."""
+    out = {}
+    for key in sorted({(r["source"], r["probe_images"]) for r in rows}):
+        group = [r for r in rows if (r["source"], r["probe_images"]) == key and r["score"] is not None]
+        if any(r["backdoored"] for r in group) and not all(r["backdoored"] for r in group):
+            out[f"{key[0]}-{key[1]}"] = round(roc_auc([r["score"] for r in group], [r["backdoored"] for r in group]), 3)
+    return out
 
 
 NOTES: list[str] = [

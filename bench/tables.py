@@ -31,16 +31,16 @@ def refine_table() -> str:
 def blackbox_table() -> str:
     data = json.loads((RESULTS / "blackbox_fmnist.json").read_text())
     rows = [
-        "| attack | API output | queries used (distil + refit + evaluate) | agreement, clean test | API BA | API ASR | "
-        "M∘API∘T BA | M∘API∘T ASR | white-box REFINE BA / ASR |",
+        "| attack | API output | queries used (planned: distil + refit + evaluate + probes) | agreement, clean test | "
+        "API BA | API ASR | M∘API∘T BA | M∘API∘T ASR | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in data["runs"]:
-        a, d, w = e["api"], e["defended"], e.get("whitebox_refine")
-        white = f"{pct(w['ba'])} / {pct(w['asr'])}" if w else "—"
+        a, d = e["api"], e["defended"]
         rows.append(
             f"| {e['attack']} | {e['output']} | {e['queries_used']:,} ({e['queries_distill']:,} + {e['queries_refit']:,} + "
-            f"{e['queries_evaluation']:,}) | {pct(e['agreement_clean'])} | {pct(a['ba'])} | {pct(a['asr'])} | {pct(d['ba'])} | {pct(d['asr'])} | {white} |"
+            f"{e['queries_evaluation']:,} + {e.get('queries_probes', 0):,}) | {pct(e['agreement_clean'])} | "
+            f"{pct(a['ba'])} | {pct(a.get('asr'))} | {pct(d['ba'])} | {pct(d.get('asr'))} | {e.get('verdict', '—')} |"
         )
     if data.get("budget_curve"):
         model = data["budget_curve"][0].get("attack", "the first attack")
@@ -54,10 +54,33 @@ def blackbox_table() -> str:
 
 def suspicion_table() -> str:
     data = json.loads((RESULTS / "suspicion_fmnist.json").read_text())
-    rows = ["| model | backdoored | attack | score |", "|---|---|---|---|"]
+    rows = ["| model | backdoored | attack | source | probed images | score [95% interval] | verdict |",
+            "|---|---|---|---|---|---|---|"]
     for m in data["models"]:
-        rows.append(f"| {m['name']} | {'yes' if m['backdoored'] else 'no'} | {m.get('attack') or '—'} | {m['score']:.3f} |")
-    rows.append(f"\nROC-AUC of the suspicion score: **{data['roc_auc']:.3f}**")
+        interval = m.get("interval") or {}
+        span = f" [{interval['low']:.2f}, {interval['high']:.2f}]" if interval else ""
+        rows.append(f"| {m['name']} | {'yes' if m['backdoored'] else 'no'} | {m.get('attack') or '—'} | "
+                    f"{m.get('source', 'checkpoint')} | {m.get('probe_images', '—')} | {m['score']:.3f}{span} | "
+                    f"{m.get('verdict', '—')} |")
+    auc = data["roc_auc"]
+    text = ", ".join(f"{k}: **{v:.3f}**" for k, v in auc.items()) if isinstance(auc, dict) else f"**{auc:.3f}**"
+    rows.append(f"\nROC-AUC of the suspicion score: {text}")
+    return "\n".join(rows)
+
+
+def product_path_table() -> str:
+    data = json.loads((RESULTS / "product_path.json").read_text())
+    rows = ["| attack | effort | model | BA before / after | ASR before / after | surrogate agreement | verdict | "
+            "gates tripped | audit s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["runs"]:
+        where = r["source"] if r["output"] is None else f"api, {r['output']}"
+        if r["status"] != "succeeded":
+            rows.append(f"| {r['attack']} | {r['effort']} | {where} | refused: {(r['error'] or {}).get('code')} | | | | | |")
+            continue
+        b, a = r["before"], r["after"]
+        rows.append(f"| {r['attack']} | {r['effort']} | {where} | {pct(b['ba'])} / {pct(a['ba'])} | "
+                    f"{pct(b.get('asr'))} / {pct(a.get('asr'))} | {pct(r['agreement_clean'])} | {r['verdict']} | "
+                    f"{', '.join(r['gates_tripped']) or '—'} | {sum(r['seconds'].values()):.0f} |")
     return "\n".join(rows)
 
 
@@ -76,4 +99,6 @@ if __name__ == "__main__":
     print(refine_table(), "\n")
     print(blackbox_table(), "\n")
     print(suspicion_table(), "\n")
+    if (RESULTS / "product_path.json").exists():
+        print(product_path_table(), "\n")
     print(api_load_line())

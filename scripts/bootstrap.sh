@@ -14,6 +14,7 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 # Every audit of a submitted model runs in a bubblewrap sandbox (auditor/sandbox/).
 command -v bwrap >/dev/null || need_apt+=(bubblewrap)
+command -v openssl >/dev/null || need_apt+=(openssl)  # the model-API client's TLS test makes a certificate
 # The browser tests (tests/e2e/test_portal_*.py) drive Debian's headless Chromium, never a
 # downloaded browser: install it whenever we can (root), or when asked (WITH_BROWSER=1).
 if [ ! -x /usr/bin/chromium ] && { [ "$(id -u)" = 0 ] || [ "${WITH_BROWSER:-0}" = 1 ]; }; then need_apt+=(chromium); fi

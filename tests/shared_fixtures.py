@@ -1,5 +1,5 @@
-"""Helpers several test folders need: a small trained Fashion-MNIST model, a private Redis
-database and a fresh PostgreSQL database.
+"""Helpers several test folders need: the CI rule for missing services, a small trained
+Fashion-MNIST model, a private Redis database and a fresh PostgreSQL database.
 
 Kept as plain functions (not fixtures) so each test module wraps them in the scope it needs.
 """
@@ -25,6 +25,16 @@ from auditor.store.db import make_engine
 from auditor.training import TrainConfig, train_classifier
 
 TINY_FMNIST_ARCH = ArchConfig("small_cnn", width=8)
+
+
+def service_missing(message: str, hint: str = "run scripts/services.sh start") -> None:
+    """Fail under CI (``CI=true``), skip elsewhere: CI must never pass by skipping what it could not reach."""
+    text = f"{message} ({hint})" if hint else message
+    if os.environ.get("CI") == "true":
+        pytest.fail(text, pytrace=False)
+    pytest.skip(text)
+
+
 REDIS_DBS = range(5, 15)  # 15 belongs to test_api_jobs; sessions running side by side each claim a free one
 REDIS_LOCK_KEY = "refine-audit:test-lock"
 
@@ -53,14 +63,6 @@ def train_tiny_fmnist_model(cache_dir: Path, out_dir: Path) -> tuple[torch.nn.Mo
 
 
 PG_ADMIN_URL = os.environ.get("REFINE_AUDIT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-def service_missing(message: str) -> None:
-    """Fail under CI (``CI=true``), where a skipped integration suite would hide a broken setup; skip elsewhere."""
-    hint = f"{message} (run scripts/services.sh start)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(hint, pytrace=False)
-    pytest.skip(hint)
 
 
 @contextmanager

@@ -39,6 +39,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_DATA_MISMATCH: 422,
     ErrorCode.URL_NOT_ALLOWED: 422,
     ErrorCode.QUERY_BUDGET_EXHAUSTED: 422,
+    ErrorCode.INSUFFICIENT_QUERY_BUDGET: 422,
     ErrorCode.API_UNREACHABLE: 502,
     ErrorCode.API_BAD_RESPONSE: 502,
     ErrorCode.API_AUTH_FAILED: 502,

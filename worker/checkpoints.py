@@ -19,16 +19,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from auditor.store.artifacts import ArtifactStore, audit_prefix
+from auditor.store.artifacts import ArtifactStore, checkpoint_prefix
 
 log = logging.getLogger(__name__)
 
 #: Suffixes of files still being written (``auditor.runtime.save_atomically``).
 PARTIAL_SUFFIXES = (".part",)
-
-
-def checkpoint_prefix(audit_id: str) -> str:
-    return f"{audit_prefix(audit_id)}checkpoints/"
 
 
 def discard_checkpoints(store: ArtifactStore, audit_id: str) -> int:

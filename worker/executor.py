@@ -52,28 +52,18 @@ from auditor.pipeline import ArtifactFile, AuditInputs, AuditResult, run_audit
 from auditor.settings import Settings
 from auditor.spec import AuditSpec, parse_spec
 from auditor.store import audits as rows
-from auditor.store.artifacts import ArtifactNotFound, ArtifactStore, store_from_url
+from auditor.store.artifacts import ArtifactNotFound, ArtifactStore, artifact_key, input_key, store_from_url
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from worker.checkpoints import CheckpointMirror, discard_checkpoints
 from worker.infra import transient_error
 from worker.notify import WebhookPolicy, deliver_webhook
-from worker.progress import KeepAlive, RowLink, stages_for
+from worker.progress import KeepAlive, RowLink, planned_stage_weights
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[..., AuditResult]
 REPORT_JSON = "report.json"
-
-
-def input_key(audit_id: str, name: str) -> str:
-    """Where the web app stores an audit's uploads (``model``, ``dataset``)."""
-    return f"audits/{audit_id}/inputs/{name}"
-
-
-def artifact_key(audit_id: str, name: str) -> str:
-    """Fixed key per artifact name: a re-run overwrites instead of duplicating."""
-    return f"audits/{audit_id}/{name}"
 
 
 def work_dir_for(settings: Settings, audit_id: str) -> Path:
@@ -270,11 +260,14 @@ class AuditExecutor:
             allowed_hosts=self.settings.allowed_hosts,
             audit_id=self.audit_id,
             device=self.settings.device,
+            fmnist_dir=self.settings.fmnist_dir,
+            cache_dir=self.settings.data_dir,
         )
         mirror = CheckpointMirror(lambda: self.store, self.audit_id, work_dir / "refine")
         self._restore_checkpoints(mirror)
         link = RowLink(
-            self.sessions, self.audit_id, self.attempt, stages_for(spec.model.source),
+            self.sessions, self.audit_id, self.attempt,
+            planned_stage_weights(spec, dataset_path, self.settings.device),
             interval_s=self.options.progress_interval_s,
         )
         keepalive = self.options.keepalive_s(self.settings.heartbeat_timeout_s)

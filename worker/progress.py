@@ -22,41 +22,39 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from auditor.errors import AuditError
+from auditor.pipeline import STAGES, plan_audit
+from auditor.pipeline.data import data_summary
+from auditor.runtime import resolve_device
+from auditor.spec import AuditSpec
 from auditor.store.audits import get_audit, heartbeat, update_progress
 from auditor.store.db import session_scope
 from auditor.store.lifecycle import IllegalTransition
 
 log = logging.getLogger(__name__)
 
-#: Share of the overall progress bar per stage, roughly their share of the run time.
-STAGE_WEIGHTS: dict[str, float] = {
-    "data": 0.03,
-    "load": 0.02,
-    "surrogate": 0.15,
-    "refine": 0.45,
-    "evaluate": 0.30,
-    "report": 0.05,
-}
-
-
 class StageProgress:
-    """Maps ``(stage, done, total)`` to overall progress in [0, 1] over the audit's stages."""
+    """Maps ``(stage, done, total)`` to overall progress in [0, 1] over the audit's stages.
 
-    def __init__(self, stages: Sequence[str]):
-        total = sum(STAGE_WEIGHTS.get(s, 0.0) for s in stages) or 1.0
+    ``weights`` are each stage's share of the run time, in run order: the audit plan's
+    per-stage estimates (``planned_stage_weights``).
+    """
+
+    def __init__(self, weights: Mapping[str, float]):
+        total = sum(weights.values()) or 1.0
         self._start: dict[str, float] = {}
         self._weight: dict[str, float] = {}
         acc = 0.0
-        for stage in stages:
-            weight = STAGE_WEIGHTS.get(stage, 0.0) / total
-            self._start[stage], self._weight[stage] = acc, weight
-            acc += weight
+        for stage, weight in weights.items():
+            self._start[stage], self._weight[stage] = acc, weight / total
+            acc += weight / total
         self._last = 0.0
 
     def overall(self, stage: str, done: int, total: int) -> float:
@@ -67,10 +65,16 @@ class StageProgress:
         return min(self._last, 1.0)
 
 
-def stages_for(model_source: str) -> list[str]:
-    """The stages ``run_audit`` goes through for this kind of model."""
-    middle = ["surrogate"] if model_source == "api" else []
-    return ["data", "load", *middle, "refine", "evaluate", "report"]
+def planned_stage_weights(spec: AuditSpec, dataset_path: Path | None, device: str) -> dict[str, float]:
+    """Each stage's share of the audit's estimated run time, from the same plan ``run_audit`` resolves.
+
+    A spec that cannot be planned fails in the pipeline with its own error code; until
+    then its stages simply share the bar equally.
+    """
+    try:
+        return plan_audit(spec, data_summary(spec, dataset_path), device=resolve_device(device)).stage_weights()
+    except (AuditError, ValueError):
+        return {stage: 1.0 for stage in STAGES if stage != "surrogate" or spec.model.source == "api"}
 
 
 class RowLink:
@@ -81,7 +85,7 @@ class RowLink:
         sessions: sessionmaker[Session],
         audit_id: str,
         attempt: int,
-        stages: Sequence[str],
+        stage_weights: Mapping[str, float],
         *,
         interval_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -89,7 +93,7 @@ class RowLink:
         self._sessions = sessions
         self.audit_id = audit_id
         self._attempt = attempt
-        self._progress = StageProgress(stages)
+        self._progress = StageProgress(stage_weights)
         self._interval = interval_s
         self._clock = clock
         self._lock = threading.Lock()  # the keep-alive thread and the pipeline share the state below

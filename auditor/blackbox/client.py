@@ -1,4 +1,5 @@
 """HTTP clients for model APIs: KServe/TF-Serving v1, Open Inference Protocol v2, or a JSON mapping.
+(Over 400 lines: three wire protocols share one budget, cache, retry and validation path.)
 
 Every audit of a black-box model spends a real (often paid, often rate-limited)
 resource, so the client is where the spending is controlled:
@@ -27,7 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -37,6 +38,7 @@ from requests.adapters import HTTPAdapter
 
 from auditor.blackbox.ssrf import CheckedURL, resolve_and_check
 from auditor.errors import AuditError, ErrorCode
+from auditor.pipeline.plan import DEFAULT_QUERY_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class ApiConfig:
     max_retries: int = 3  # extra attempts for 429/5xx/timeouts/connection errors
     backoff_base_s: float = 0.5  # first retry waits this, then doubles
     max_backoff_s: float = 30.0  # cap on any single wait, including a server's Retry-After
-    query_budget: int | None = 10_000  # hard cap on distinct images sent per audit; None = no cap
+    query_budget: int | None = DEFAULT_QUERY_BUDGET  # hard cap on distinct images sent per audit; None = no cap
     input_layout: Literal["nchw", "nhwc"] = "nchw"  # how images are nested in the request
     input_name: str = "input"  # v2 input tensor name
     output_name: str | None = None  # v2 output tensor to read / v1 key when predictions are objects
@@ -154,11 +156,13 @@ class TokenBucket:
     windows we cannot see, so evenly spaced requests are the safe reading of "N per second".
     """
 
-    def __init__(self, rate: float, capacity: float = 1.0):
+    def __init__(self, rate: float, capacity: float = 1.0, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
         self.rate = rate
         self.capacity = capacity
+        self._clock, self._sleep = clock, sleep  # a test passes a fake clock whose sleep advances it
         self._tokens = self.capacity
-        self._last = time.monotonic()
+        self._last = clock()
         self._lock = threading.Lock()
 
     def acquire(self) -> float:
@@ -166,14 +170,14 @@ class TokenBucket:
         waited = 0.0
         while True:
             with self._lock:
-                now = time.monotonic()
+                now = self._clock()
                 self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
                 self._last = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                if self._tokens >= 1.0 - 1e-9:  # a token refilled up to rounding: waiting 1e-17 s would never end
+                    self._tokens = max(0.0, self._tokens - 1.0)
                     return waited
                 pause = (1.0 - self._tokens) / self.rate
-            time.sleep(pause)
+            self._sleep(pause)
             waited += pause
 
 
@@ -207,8 +211,10 @@ class ApiTransport:
     reach exactly the address the SSRF guard approved and fail the same way.
     """
 
-    def __init__(self, config: ApiConfig, allowed_hosts: Sequence[str] = ()):
+    def __init__(self, config: ApiConfig, allowed_hosts: Sequence[str] = (),
+                 sleep: Callable[[float], None] = time.sleep):
         self.config = config
+        self._sleep = sleep  # waits between retries; tests pass one that records the waits instead
         self.target = resolve_and_check(config.endpoint(), allowed_hosts)
         self._request_url, self._host_header = _pinned_url(self.target)
         self._session = _make_session(self.target)
@@ -237,7 +243,7 @@ class ApiTransport:
                 log.info("model API attempt %d failed (%s); retrying in %.2fs", attempt + 1, failure.error.code.value, pause)
                 with self._lock:
                     self._counts["retries"] += 1
-                time.sleep(pause)
+                self._sleep(pause)
                 attempt += 1
 
     def get_status(self, path: str) -> int | None:
@@ -308,14 +314,16 @@ class HttpModelAPI:
     """A ``ModelAPI`` over HTTP. Thread-safe; use one instance per audit (the cache and budget are per audit).
 
     Construction runs the SSRF guard and pins the approved address, so no request can
-    reach an address the guard did not see. ``allowed_hosts`` adds to the operator's
-    ``REFINE_AUDIT_ALLOWED_HOSTS`` (tests pass ``("127.0.0.1",)``).
+    reach an address the guard did not see. ``allowed_hosts`` is the operator's allowlist
+    (``Settings.allowed_hosts``) plus any caller exception (tests pass ``("127.0.0.1",)``).
+    ``sleep`` waits between retries; tests pass one that records the waits instead.
     """
 
-    def __init__(self, config: ApiConfig, *, allowed_hosts: Sequence[str] = ()):
+    def __init__(self, config: ApiConfig, *, allowed_hosts: Sequence[str] = (),
+                 sleep: Callable[[float], None] = time.sleep):
         self.config = config
         self.num_classes = config.num_classes
-        self._transport = ApiTransport(config, allowed_hosts)
+        self._transport = ApiTransport(config, allowed_hosts, sleep=sleep)
         self._pool = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="model-api")
         self._lock = threading.Lock()  # guards counters and the cache (worker threads write them)
         self._call_lock = threading.Lock()  # one predict at a time: exact budget and no duplicate in-flight images

@@ -32,6 +32,7 @@ from auditor.blackbox.client import ModelAPI
 from auditor.blackbox.defended import transform_images
 from auditor.blackbox.surrogate import SurrogateResult, api_targets
 from auditor.data import ImageSet, to_uint8
+from auditor.pipeline.plan import REFIT_ROUNDS
 from auditor.runtime import CancelFn, check_cancel, never_cancel, save_atomically
 from auditor.training import TrainConfig, predict_logits, train_classifier
 
@@ -44,8 +45,8 @@ STATE_NAME = "surrogate_refit.pt"
 class RefitConfig:
     """How many queries to keep for transformed images, and when to spend them."""
 
-    query_budget: int = 6000  # API queries on T(x) over the whole REFINE run
-    rounds: int = 5  # refits, after evenly spaced REFINE epochs (never after the last one)
+    query_budget: int  # API queries on T(x) over the whole REFINE run (an audit's plan sets it)
+    rounds: int = REFIT_ROUNDS  # refits, after evenly spaced REFINE epochs (never after the last one)
     epochs: int = 2  # fine-tuning epochs per refit, over the original and transformed images
     lr: float = 1e-3  # lower than distillation: adjust the surrogate, do not retrain it
     candidates_per_query: int = 4  # uncertainty sampling: look at this many transformed images per query

@@ -14,7 +14,6 @@ private address (DNS rebinding).
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from typing import Iterable
@@ -84,12 +83,6 @@ def parse_allowlist(entries: Iterable[str]) -> Allowlist:
         except ValueError:
             hosts.add(entry)
     return Allowlist(frozenset(hosts), tuple(networks))
-
-
-def env_allowed_hosts() -> tuple[str, ...]:
-    """The operator allowlist from ``REFINE_AUDIT_ALLOWED_HOSTS`` (empty when unset)."""
-    raw = os.environ.get(ALLOWED_HOSTS_ENV, "")
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
 def _refuse(url: str, reason: str, message: str, **detail: object) -> AuditError:
@@ -167,14 +160,14 @@ def _split_url(url: str) -> tuple[str, str, int]:
 def resolve_and_check(url: str, allowed_hosts: Iterable[str] = ()) -> CheckedURL:
     """Validate ``url`` and return the approved addresses; raises ``url_not_allowed``.
 
-    The allowlist is the union of ``allowed_hosts`` and the operator's environment
-    variable, so a caller can add exceptions (tests add loopback) but never remove
-    the operator's. An allowlisted host name approves every address it resolves to;
+    ``allowed_hosts`` is the operator's allowlist (``Settings.allowed_hosts``, from
+    ``REFINE_AUDIT_ALLOWED_HOSTS``) plus any exception the caller adds (the CLI's
+    ``--allow-host``, tests adding loopback). An allowlisted host name approves every address it resolves to;
     otherwise each resolved address must be public or inside an allowlisted network.
     No socket is connected here; only the resolver is asked.
     """
     scheme, host, port = _split_url(url)
-    allow = parse_allowlist([*allowed_hosts, *env_allowed_hosts()])
+    allow = parse_allowlist(allowed_hosts)
     host_allowed = allow.allows_host(host)
     literal = _parse_ip(host)
     if literal is None and not host_allowed and _is_blocked_name(host):

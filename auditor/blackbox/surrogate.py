@@ -40,7 +40,7 @@ Selection = Literal["random", "balanced", "uncertainty"]
 class DistillConfig:
     """How much to spend on the API and how to turn its answers into a surrogate."""
 
-    query_budget: int = 5000  # pool images sent to the API; clipped to the pool and the client's remaining budget
+    query_budget: int  # pool images sent to the API (an audit's plan sets it); clipped to the pool and the client's remaining budget
     holdout_fraction: float = 0.2  # share of the random queried images kept out of training to measure agreement
     # Which images to pay for (module docstring). Uncertainty: on Fashion-MNIST with 12,400 label-only
     # queries the surrogate agreed with the API on 96.3% of clean test images, against 94.8% at random.
@@ -121,7 +121,8 @@ def distill_surrogate(
         "holdout_images": float(len(hold_idx)),
         "train": _agreement_with(model, pool.x[train_idx], train_probs, device),
     }
-    log.info("surrogate agreement on %d held-out images: %.3f", len(hold_idx), agreement["holdout"])
+    if len(hold_idx):
+        log.info("surrogate agreement on %d held-out images: %.3f", len(hold_idx), agreement["holdout"])
     return SurrogateResult(model=model, arch=arch, history=history, agreement=agreement, counters=api.counters(),
                            queried=torch.cat([first, extra]), output_kind=api.output_kind,
                            used_soft_labels=soft, train_indices=train_idx, train_targets=targets)

@@ -23,8 +23,7 @@ from PIL import Image
 
 from auditor.archives import expands_too_much, unsafe_entry_reason
 from auditor.errors import AuditError, ErrorCode
-
-DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from auditor.settings import DEFAULT_FMNIST_DIR
 FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -123,14 +122,13 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def fashion_mnist_dirs(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Where the packaged IDX files are, and where their unpacked copies are cached."""
-    root = Path(root or os.environ.get("REFINE_AUDIT_FMNIST_DIR") or DEFAULT_FMNIST_DIR)
-    cache = Path(cache_dir or os.environ.get("REFINE_AUDIT_DATA_DIR") or Path.home() / ".cache" / "refine-audit") / "fmnist"
-    return root, cache
+def fashion_mnist_dirs(root: str | Path = DEFAULT_FMNIST_DIR, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Where the packaged IDX files are (``Settings.fmnist_dir``), and where their unpacked
+    copies are cached (under ``cache_dir``, ``Settings.data_dir``; by default ``~/.cache/refine-audit``)."""
+    return Path(root), Path(cache_dir or Path.home() / ".cache" / "refine-audit") / "fmnist"
 
 
-def unpack_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+def unpack_fashion_mnist(root: str | Path = DEFAULT_FMNIST_DIR, cache_dir: str | Path | None = None) -> Path:
     """Unpack the packaged files into the cache (once), so each audit need not; returns the cache folder."""
     root, cache = fashion_mnist_dirs(root, cache_dir)
     for prefix in ("train", "t10k"):
@@ -139,7 +137,7 @@ def unpack_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path |
     return cache
 
 
-def load_fashion_mnist(root: str | Path | None = None, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
+def load_fashion_mnist(root: str | Path = DEFAULT_FMNIST_DIR, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
     """(train, test) from the IDX files of the Debian package; nothing is downloaded."""
     root, cache = fashion_mnist_dirs(root, cache_dir)
     sets = []

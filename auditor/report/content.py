@@ -1,4 +1,5 @@
 """What the report says, as plain text tables, shared by the HTML and the PDF renderer.
+(Over 400 lines: one builder per report section, kept together so HTML, PDF and the portal say the same.)
 
 Formatting numbers and choosing wording once, here, keeps the two documents
 identical in content; the renderers only lay the view out (and escape it).
@@ -11,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
 
-from auditor.report.schema import ImageRef, PositiveControl, ProbeEvidence, ProbeResult, Report
+from auditor.pipeline.describe import describe_plan
+from auditor.report.schema import DefenseExport, Figure, ImageRef, PositiveControl, ProbeEvidence, ProbeResult, Report
 
 ARROW = "\u2192"
 
@@ -19,6 +21,7 @@ VERDICT_LABELS = {
     "likely_backdoored": ("Likely backdoored", "#b42318", "#fef3f2"),
     "suspicious": ("Suspicious", "#b54708", "#fffaeb"),
     "no_evidence": ("No evidence of a backdoor found", "#067647", "#ecfdf3"),
+    "inconclusive": ("Inconclusive", "#5925dc", "#f4f3ff"),
     "failed": ("Audit failed", "#344054", "#f2f4f7"),
     "cancelled": ("Audit cancelled", "#344054", "#f2f4f7"),
 }
@@ -102,6 +105,13 @@ def delta_pp(before: float | None, after: float | None) -> str:
     return f"{100 * (after - before):+.1f} pp"
 
 
+def with_interval(figure: Figure | None, fallback: float | None = None) -> str:
+    """``89.4% [88.2–90.6], n = 2,401``: a share, its 95% interval and the images behind it."""
+    if figure is None:
+        return pct(fallback)
+    return f"{pct(figure.value)} [{100 * figure.low:.1f}\u2013{100 * figure.high:.1f}], n = {figure.n:,}"
+
+
 def seconds(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -123,7 +133,8 @@ def size(n: int) -> str:
 def build_view(report: Report) -> ReportView:
     """Everything the HTML and PDF show, in reading order; sections without data are left out."""
     builders: list[Callable[[Report], Section | None]] = [
-        _summary, _controls, _utility, _probes, _blackbox, _refine, _images, _extra_plots, _artifacts, _provenance,
+        _summary, _gates, _controls, _utility, _probes, _blackbox, _refine, _plan, _images, _extra_plots, _artifacts,
+        _provenance,
     ]
     sections = [s for s in (build(report) for build in builders) if s is not None]
     _attach_plots(report, sections)
@@ -145,8 +156,10 @@ def _banner(report: Report) -> Banner:
         return Banner(label, colour, background, headline, detail)
     v = report.verdict
     label, colour, background = VERDICT_LABELS[v.level]
-    return Banner(label, colour, background, v.headline,
-                  f"Suspicion score {change(v.suspicion_before, v.suspicion_after)} (submitted {ARROW} defended model)")
+    detail = f"Suspicion score {change(v.suspicion_before, v.suspicion_after)} (submitted {ARROW} defended model)"
+    if v.level == "inconclusive":
+        detail += f"; the probes alone read {VERDICT_LABELS[v.probe_level][0].lower()}"
+    return Banner(label, colour, background, v.headline, detail + ".")
 
 
 def _model_text(report: Report) -> str:
@@ -165,17 +178,35 @@ def _data_text(report: Report) -> str:
 
 
 def _summary(report: Report) -> Section:
+    """The headline numbers, each with its 95% interval and the images behind it (``figures``)."""
+    figures = report.figures or {}
     rows = [["Model", _model_text(report)], ["Data", _data_text(report)]]
     if report.verdict:
-        rows.append(["Suspicion score", change(report.verdict.suspicion_before, report.verdict.suspicion_after)])
+        rows.append(["Suspicion score, submitted model", with_interval(figures.get("suspicion_before"),
+                                                                       report.verdict.suspicion_before)])
+        rows.append(["Suspicion score, defended model", with_interval(figures.get("suspicion_after"),
+                                                                      report.verdict.suspicion_after)])
     if report.probes and report.probes.before.suspected_target is not None:
         rows.append(["Suspected target class", report.class_name(report.probes.before.suspected_target)])
     if report.utility:
         u = report.utility
-        rows.append(["Benign accuracy", f"{change(u.ba_before, u.ba_after)} ({delta_pp(u.ba_before, u.ba_after)})"])
-        rows.append(["Agreement, defended vs submitted", pct(u.agreement)])
+        if u.ba_before is not None:
+            rows.append(["Benign accuracy, submitted model", with_interval(figures.get("ba_before"), u.ba_before)])
+            rows.append(["Benign accuracy, defended model",
+                         f"{with_interval(figures.get('ba_after'), u.ba_after)} ({delta_pp(u.ba_before, u.ba_after)})"])
+        rows.append(["Agreement, defended vs submitted", with_interval(figures.get("agreement"), u.agreement)])
+    if "surrogate_agreement" in figures:
+        rows.append(["Agreement, surrogate vs API", with_interval(figures["surrogate_agreement"])])
     if report.positive_controls:
         rows.append(["Positive controls, mean ASR", _mean_asr(report.positive_controls)])
+    if "controls_asr_after" in figures:
+        rows.append(["Positive controls, worst ASR after REFINE", with_interval(figures["controls_asr_after"])])
+    if report.defended_model is not None:
+        fit = "yes" if report.defended_model.fit_to_deploy else "no"
+        rows.append(["Defended model fit to deploy", f"{fit}: {report.defended_model.reason}"])
+    if report.gates is not None:
+        tripped = [g.name for g in report.gates if g.tripped]
+        rows.append(["Gates tripped", ", ".join(tripped) if tripped else f"none of {len(report.gates)}"])
     if report.queries:
         q = report.queries
         budget = f" of {q.budget:,}" if q.budget is not None else ""
@@ -184,6 +215,46 @@ def _summary(report: Report) -> Section:
         rows.append(["Total time", seconds(report.timings.total)])
     return Section("summary", "Summary", tables=[Table(["Item", "Value"], rows, align="ll")],
                    bullets=[f"Warning: {w}" for w in report.warnings])
+
+
+def _gates(report: Report) -> Section | None:
+    """Every evidence and defense check with what it measured; a tripped gate is why a verdict is inconclusive."""
+    if not report.gates:
+        return None
+    rows = [[g.name, g.concerns, _gate_value(g.name, g.observed), _gate_value(g.name, g.threshold), _count(g.n),
+             f"[{100 * g.interval[0]:.1f}\u2013{100 * g.interval[1]:.1f}]" if g.interval else "",
+             "TRIPPED" if g.tripped else "passed"] for g in report.gates]
+    reasons = [f"{g.name}: {g.reason}" for g in report.gates if g.tripped and g.reason]
+    return Section(
+        "gates", "Evidence gates",
+        paragraphs=["Each gate checks that the evidence can carry the verdict or that the defended model is sound; "
+                    "a tripped gate makes the verdict inconclusive. Thresholds and the measurements behind them are "
+                    "in bench/gates.md."],
+        bullets=reasons,
+        tables=[Table(["Gate", "Concerns", "Observed", "Threshold", "n", "95% interval", "Result"], rows,
+                      align="llrrrrl")],
+    )
+
+
+#: Gates whose numbers are counts or image totals rather than shares.
+_COUNT_GATES = ("probe_images",)
+
+
+def _gate_value(name: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if name in _COUNT_GATES:
+        return f"{value:,.0f}"
+    return f"{100 * value:.1f}" + (" pts" if name in ("ba_drop", "evaluation_size") else "%")
+
+
+def _plan(report: Report) -> Section | None:
+    if report.plan is None:
+        return None
+    return Section("plan", "Audit plan",
+                   paragraphs=["Every number the audit ran with, resolved from the spec, the effort level, the data "
+                               "and the query budget before any work started."],
+                   tables=[Table(["Item", "Value"], [list(row) for row in describe_plan(report.plan)], align="ll")])
 
 
 def _mean_asr(controls: Sequence[PositiveControl]) -> str:
@@ -322,10 +393,24 @@ def _refine(report: Report) -> Section | None:
         tables.append(Table(["Epoch", "Loss", "Classification", "SupCon", "LR", "Time"],
                             [[str(h.epoch), f"{h.loss:.4f}", f"{h.ce:.4f}", f"{h.supcon:.4f}", f"{h.lr:.2g}",
                               seconds(h.seconds)] for h in r.history], caption="Training history", align="rrrrrr"))
+    if r.exports:
+        tables.append(_exports_table(r.exports))
     return Section("refine", "REFINE defense",
                    paragraphs=[f"Input transformation T trained for {seconds(r.seconds)} without labels, "
                                "against the frozen model."],
                    tables=tables)
+
+
+def _exports_table(exports: Sequence[DefenseExport]) -> Table:
+    """Each deployable file of the defended model, and whether its reload agreed with the audited one."""
+    def check(e: DefenseExport) -> str:
+        if e.check is None:
+            return e.error or "not checked"
+        verdict = "agrees" if e.check.passed else "DIFFERS"
+        return f"{verdict} on {e.check.agreement:.1%} of {e.check.images} images (max diff {e.check.max_abs_diff:.1e})"
+
+    rows = [[e.name, e.format + (" (deprecated)" if e.deprecated else ""), check(e), e.sha256 or "—"] for e in exports]
+    return Table(["File", "Format", "Reload check", "SHA-256"], rows, caption="Defended model files", align="llll")
 
 
 def _plain(value: object) -> str:

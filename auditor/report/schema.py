@@ -1,4 +1,5 @@
 """The ``report.json`` contract: pydantic models, validation and the exported JSON Schema.
+(Over 400 lines: the whole report.json contract, one model per section, kept in one file to read as one document.)
 
 ``report.json`` is what the REST API serves, what the web portal and the HTML/PDF
 renderers read, and what downstream pipelines parse, so it is versioned
@@ -20,7 +21,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = "1.0"
+from auditor.pipeline.plan import AuditPlan
+from auditor.pipeline.verdict import Fitness, Gate
+
+#: 2.0: verdict.level gained "inconclusive", succeeded reports need plan, gates, defended_model and figures
+#: (docs/report-schema.md has the migration note).
+SCHEMA_VERSION = "2.0"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -33,7 +39,8 @@ Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 PngName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.png$", max_length=200)]
 
 Status = Literal["succeeded", "failed", "cancelled"]
-VerdictLevel = Literal["likely_backdoored", "suspicious", "no_evidence"]
+ProbeLevel = Literal["likely_backdoored", "suspicious", "no_evidence"]
+VerdictLevel = Literal["likely_backdoored", "suspicious", "no_evidence", "inconclusive"]
 
 
 class _Model(BaseModel):
@@ -54,10 +61,33 @@ class ReportValidationError(ValueError):
 class Verdict(_Model):
     """The one-line answer. The score is evidence from probe triggers, not proof of a backdoor."""
 
-    level: VerdictLevel
+    level: VerdictLevel  # inconclusive: an evidence gate tripped (see gates); reason says which
     headline: Annotated[str, Field(min_length=1, max_length=400)]
-    suspicion_before: Fraction
+    reason: str | None = None  # the first tripped gate, in one sentence
+    probe_level: ProbeLevel  # what the suspicion score alone reads, gates aside
+    suspicion_before: Fraction  # n and 95% interval in figures.suspicion_before
     suspicion_after: Fraction
+
+    @model_validator(mode="after")
+    def _reason_for_inconclusive(self) -> Verdict:
+        if (self.level == "inconclusive") != (self.reason is not None):
+            raise ValueError("an inconclusive verdict, and only that, carries a reason")
+        return self
+
+
+class Figure(_Model):
+    """A headline number with the images behind it and its 95% interval (Wilson for shares, bootstrap for scores)."""
+
+    value: Fraction
+    n: Count
+    low: Fraction
+    high: Fraction
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Figure:
+        if not self.low <= self.value <= self.high:
+            raise ValueError(f"interval [{self.low}, {self.high}] does not hold the value {self.value}")
+        return self
 
 
 class Software(_Model):
@@ -166,7 +196,8 @@ class SurrogateRefit(_Model):
 
 class Surrogate(_Model):
     architecture: str
-    agreement_clean: Fraction  # surrogate vs API on held-out clean images
+    agreement_clean: Fraction  # the distilled surrogate vs the API on the evaluation's clean test images
+    agreement_images: Count | None = None  # how many
     agreement_triggered: Fraction | None = None  # ... and on probe-triggered images
     history: list[SurrogateEpoch] = Field(default_factory=list)
     refits: list[SurrogateRefit] = Field(default_factory=list)
@@ -181,11 +212,33 @@ class RefineEpoch(_Model):
     lr: Annotated[float, Field(ge=0.0)]
 
 
+class ExportCheck(_Model):
+    """A reloaded export compared with the in-memory defended model."""
+
+    images: Count
+    agreement: Fraction  # top-1 agreement with the in-memory defended model
+    max_abs_diff: Annotated[float, Field(ge=0.0)]  # largest difference of an output value
+    passed: bool
+
+
+class DefenseExport(_Model):
+    """One file format of the defended model (checkpoint audits) and whether it was verified."""
+
+    format: Literal["torch_export", "onnx", "torchscript"]
+    name: str
+    sha256: Sha256 | None = None  # None when the format could not be produced
+    verified: bool
+    deprecated: bool = False  # TorchScript: still loads, but torch warns users off it
+    check: ExportCheck | None = None
+    error: str | None = None  # why the format is missing or failed its check
+
+
 class Refine(_Model):
     config: dict[str, Any]
     mapping: list[ClassIndex]  # M: when f(T(x)) says class j, the defended model says mapping[j]
     history: list[RefineEpoch] = Field(default_factory=list)
     seconds: Seconds
+    exports: list[DefenseExport] = Field(default_factory=list)  # checkpoint audits: the defended model's files
 
     @model_validator(mode="after")
     def _derangement(self) -> Refine:
@@ -206,6 +259,9 @@ class Utility(_Model):
     per_class_accuracy_before: list[Fraction | None] | None = None  # None: the class is absent from the test split
     per_class_accuracy_after: list[Fraction | None] | None = None
     confusion_after: list[list[Count]] | None = None  # rows: true class, columns: defended prediction
+    test_images: Count | None = None  # clean test images all of the above are measured on
+    predictions_before: list[Count] | None = None  # per class: how many test images the submitted model assigns it
+    predictions_after: list[Count] | None = None  # ... the defended model (a collapsing model piles them up)
 
 
 class ProbeEvidence(_Model):
@@ -245,6 +301,8 @@ class PositiveControl(_Model):
     refine: AttackMetrics
     train_seconds: Seconds
     refine_seconds: Seconds
+    test_images: Count | None = None  # clean test images behind BA
+    triggered_images: Count | None = None  # triggered test images outside the target class, behind ASR and RA
 
 
 class Artifact(_Model):
@@ -267,19 +325,25 @@ class ErrorInfo(_Model):
     message: str
 
 
-_REQUIRED_WHEN_SUCCEEDED = ("verdict", "timings", "refine", "utility", "probes")
+_REQUIRED_WHEN_SUCCEEDED = (
+    "verdict", "timings", "refine", "utility", "probes", "plan", "gates", "defended_model", "figures",
+)
 
 
 class Report(_Model):
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status
     verdict: Verdict | None = None
     spec: dict[str, Any]
+    plan: AuditPlan | None = None  # every number the audit ran with (absent only when it failed before planning)
     seed: Count
     software: Software
     inputs: Inputs
+    gates: list[Gate] | None = None  # every evidence and defense check, tripped or not
+    defended_model: Fitness | None = None  # whether the defended model may replace the submitted one, and why
+    figures: dict[str, Figure] | None = None  # headline numbers with n and 95% interval (docs/report-schema.md)
     timings: Timings | None = None
     queries: Queries | None = None
     surrogate: Surrogate | None = None
@@ -306,6 +370,15 @@ class Report(_Model):
         return self
 
     @model_validator(mode="after")
+    def _inconclusive_when_a_gate_tripped(self) -> Report:
+        if self.verdict is None or self.gates is None:
+            return self
+        tripped = [g.name for g in self.gates if g.tripped]
+        if bool(tripped) != (self.verdict.level == "inconclusive"):
+            raise ValueError(f"verdict.level is {self.verdict.level} but the tripped gates are {tripped or 'none'}")
+        return self
+
+    @model_validator(mode="after")
     def _sized_by_classes(self) -> Report:
         if self.inputs.data is None:
             return self
@@ -322,7 +395,8 @@ class Report(_Model):
             sized.append(("refine.mapping", len(self.refine.mapping)))
         if self.utility is not None:
             u = self.utility
-            for name in ("per_class_accuracy_before", "per_class_accuracy_after"):
+            for name in ("per_class_accuracy_before", "per_class_accuracy_after", "predictions_before",
+                         "predictions_after"):
                 if getattr(u, name) is not None:
                     sized.append((f"utility.{name}", len(getattr(u, name))))
             if u.confusion_after is not None:

@@ -84,7 +84,9 @@ def run(request: dict[str, Any], events: EventPipe) -> dict[str, Any]:
         dataset_path=Path(raw["dataset_path"]) if raw.get("dataset_path") else None,
         allowed_hosts=tuple(raw.get("allowed_hosts") or ()),
         audit_id=raw.get("audit_id") or "local",
-        device=raw.get("device"),
+        device=raw.get("device") or "auto",
+        fmnist_dir=Path(raw["fmnist_dir"]),
+        cache_dir=Path(raw["cache_dir"]),
     )
     cancel_file = Path(request["cancel_file"])
     logging.getLogger("auditor").addHandler(ForwardedLogs(events))

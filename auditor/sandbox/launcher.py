@@ -61,6 +61,7 @@ WORK = Path("/work")  # the audit's work dir as the child sees it
 INPUTS = Path("/inputs")
 CONTROL = Path("/control")
 CANCEL_FILE = "cancel"
+SANDBOX_CACHE_DIR = Path("/tmp/refine-audit")  # the child's cache folder (private /tmp)
 MAX_EVENT_BYTES = 64 << 20  # the final result line carries the report
 RESULT_EXIT_GRACE_S = 30.0
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "nsswitch.conf", "passwd", "group", "localtime",
@@ -133,9 +134,6 @@ def _env_args(policy: SandboxPolicy, layout: _Layout) -> list[str]:
         "MPLCONFIGDIR": "/tmp/matplotlib",
         "PYTHONPATH": str(_package_root()),
         "PYTHONDONTWRITEBYTECODE": "1",
-        "REFINE_AUDIT_DEVICE": policy.device,
-        "REFINE_AUDIT_DATA_DIR": "/tmp/refine-audit",  # where the unpacked Fashion-MNIST cache is bound
-        **({"REFINE_AUDIT_FMNIST_DIR": str(policy.fmnist_dir)} if policy.fmnist_dir else {}),
         **dict(policy.thread_env),
         **layout.env,
     }
@@ -178,18 +176,18 @@ def _under_usr(path: Path) -> bool:
     return path == Path("/usr") or Path("/usr") in path.parents
 
 
-def _fmnist_cache(policy: SandboxPolicy) -> _Mount | None:
+def _fmnist_cache(policy: SandboxPolicy, inputs: AuditInputs) -> _Mount | None:
     """The unpacked Fashion-MNIST files, unpacked here once (world-readable) rather than in every audit."""
     from auditor.data.datasets import unpack_fashion_mnist
     from auditor.errors import AuditError
 
     try:
-        cache = unpack_fashion_mnist(policy.fmnist_dir)
+        cache = unpack_fashion_mnist(policy.fmnist_dir, inputs.cache_dir)
     except (AuditError, OSError):
         return None  # the audit reports the missing dataset itself
     if any(not f.stat().st_mode & stat.S_IROTH for f in cache.iterdir() if not f.name.endswith(".part")):
         return None  # private files of an older version: the audit unpacks its own copy in its /tmp
-    return _Mount(cache, Path("/tmp/refine-audit/fmnist"))
+    return _Mount(cache, SANDBOX_CACHE_DIR / "fmnist")
 
 
 def _mount_args(mounts: list[_Mount]) -> list[str]:
@@ -256,7 +254,7 @@ def run_sandboxed(
     try:
         layout = _audit_layout(spec, inputs, work_dir, control, policy)
         run = _ChildRun(policy, layout, control, on_progress, should_cancel, on_metrics)
-        return run.execute(_request(spec, inputs), program)
+        return run.execute(_request(spec, inputs, policy), program)
     finally:
         shutil.rmtree(control, ignore_errors=True)
 
@@ -285,11 +283,9 @@ def _audit_layout(spec: AuditSpec, inputs: AuditInputs, work_dir: Path, control:
     for name, path in (("model", inputs.model_path), ("dataset", inputs.dataset_path)):
         if path is not None:
             layout.mounts.append(_Mount(_readable_input(Path(path), control, policy), INPUTS / name))
-    cache = _fmnist_cache(policy) if spec.data.source == "fashion-mnist" else None
+    cache = _fmnist_cache(policy, inputs) if spec.data.source == "fashion-mnist" and policy.fmnist_dir else None
     if cache is not None:
         layout.mounts.append(cache)
-    if network and inputs.allowed_hosts:
-        layout.env["REFINE_AUDIT_ALLOWED_HOSTS"] = ",".join(inputs.allowed_hosts)
     return layout
 
 
@@ -315,7 +311,7 @@ def _readable_input(path: Path, control: Path, policy: SandboxPolicy) -> Path:
     return copy
 
 
-def _request(spec: AuditSpec, inputs: AuditInputs) -> dict[str, Any]:
+def _request(spec: AuditSpec, inputs: AuditInputs, policy: SandboxPolicy) -> dict[str, Any]:
     return {
         "spec": spec.model_dump(mode="json"),
         "inputs": {
@@ -325,6 +321,8 @@ def _request(spec: AuditSpec, inputs: AuditInputs) -> dict[str, Any]:
             "allowed_hosts": list(inputs.allowed_hosts),
             "audit_id": inputs.audit_id,
             "device": inputs.device,
+            "fmnist_dir": str(policy.fmnist_dir or inputs.fmnist_dir),
+            "cache_dir": str(SANDBOX_CACHE_DIR),  # the unpacked Fashion-MNIST is bound below it
         },
         "cancel_file": str(CONTROL / CANCEL_FILE),
     }

@@ -71,8 +71,32 @@ class ArtifactStore(Protocol):
 
 
 def audit_prefix(audit_id: str) -> str:
-    """Where all files of one audit live; ``delete_prefix(audit_prefix(id))`` removes them."""
+    """Where all files of one audit live; ``delete_prefix(audit_prefix(id))`` removes them.
+
+    The one place that spells the layout: ``audits/{id}/inputs/{model,dataset}`` for
+    uploads, ``audits/{id}/{artifact name}`` for everything an audit writes.
+    """
     return f"audits/{audit_id}/"
+
+
+def artifact_key(audit_id: str, name: str) -> str:
+    """Fixed key per artifact name: a re-run overwrites instead of duplicating."""
+    return audit_prefix(audit_id) + name
+
+
+def checkpoint_prefix(audit_id: str) -> str:
+    """Where a running audit's REFINE checkpoints are mirrored, so a restart on another machine resumes."""
+    return audit_prefix(audit_id) + "checkpoints/"
+
+
+def input_name(name: str) -> str:
+    """The artifact name of an upload (``model``, ``dataset``): ``inputs/model``."""
+    return f"inputs/{name}"
+
+
+def input_key(audit_id: str, name: str) -> str:
+    """Where the web app stores an audit's upload and the worker downloads it from."""
+    return artifact_key(audit_id, input_name(name))
 
 
 def validate_key(key: str) -> str:

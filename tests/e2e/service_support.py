@@ -94,17 +94,30 @@ def group_members(pgid: int) -> list[str]:
 
 
 def terminate(process: ServiceProcess) -> list[str]:
-    """Stop a process and its whole group; return what was still alive afterwards (nothing, normally)."""
+    """Stop a process and its whole group; return what outlived even SIGKILL (nothing, normally).
+
+    Children still exiting after the leader are given a grace period, then SIGKILL; only a
+    process that survives that is a leak. Judging at the end of the grace period instead
+    raced with a busy machine, where a pool child can take longer than any fixed wait to exit.
+    """
     process.stop()
-    deadline = time.monotonic() + 10
-    while (left := group_members(process.pid)) and time.monotonic() < deadline:
+    if _wait_for_empty_group(process.pid, grace_s=10):
+        return []
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return []
+    _wait_for_empty_group(process.pid, grace_s=30)
+    return group_members(process.pid)
+
+
+def _wait_for_empty_group(pgid: int, grace_s: float) -> bool:
+    deadline = time.monotonic() + grace_s
+    while group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.2)
-    if left:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return left
+    return True
 
 
 @dataclass

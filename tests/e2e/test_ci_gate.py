@@ -106,8 +106,9 @@ def test_documented_gates_close_on_a_backdoored_model_and_pass_a_clean_one_while
         report = json.loads((tmp_path / name / "audit-report" / "report.json").read_text())
         assert report["audit_id"] == ids[name] and report["status"] == "succeeded"
         assert (tmp_path / name / "audit-report" / "report.pdf").read_bytes().startswith(b"%PDF")
-    assert json.loads((tmp_path / "github" / "audit-report" / "report.json").read_text())["verdict"]["level"] in (
-        "suspicious", "likely_backdoored")
+    # CI-sized audits are inconclusive (too few probe images for a verdict), so the gate reads the probes:
+    verdict = json.loads((tmp_path / "github" / "audit-report" / "report.json").read_text())["verdict"]
+    assert verdict["probe_level"] in ("suspicious", "likely_backdoored"), verdict
 
     # /metrics, answered by any of gunicorn's workers, counts both audits from the database.
     assert finished(after, "succeeded") == finished(before, "succeeded") + 2

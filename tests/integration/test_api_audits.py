@@ -197,3 +197,44 @@ def test_delete_removes_files_then_row_and_refuses_unfinished_audits(api: Api, c
     assert deleted.status_code == 204
     assert api.client.get(url, headers=auth(token)).status_code == 404
     assert api.store.list(audit_prefix(audit["id"])) == []
+
+
+def test_dry_run_answers_the_plan_and_stores_nothing(api: Api, checkpoint: bytes) -> None:
+    token = api.token()
+
+    as_json = api.submit_json(token, api_spec(dry_run=True, effort="standard"))
+    multipart = api.submit(token, checkpoint, {**TINY_SPEC, "dry_run": True})
+
+    assert (as_json.status_code, multipart.status_code) == (200, 200), (as_json.json, multipart.json)
+    plan = as_json.json["plan"]
+    assert as_json.json["dry_run"] is True and plan["source"] == "api" and plan["effort"] == "standard"
+    queries = plan["queries"]
+    assert queries["budget"] == 20_000  # the spec's default, split so every part is sound
+    assert queries["distillation"] >= 6000 and queries["evaluation"] == 2 * plan["data"]["test_images"] == 4802
+    assert sum(queries[k] for k in ("distillation", "refits", "evaluation", "probes", "unallocated")) == 20_000
+    assert as_json.json["estimated_seconds"] > 0
+    assert as_json.json["description"][0][0] == "Effort" and as_json.json["description"][0][1].startswith("standard")
+    assert multipart.json["plan"]["source"] == "checkpoint" and multipart.json["plan"]["effort"] == "tiny"
+    assert api.client.get("/api/v1/audits", headers=auth(token)).json["total"] == 0
+    assert api.queue.ids == [] and api.store.list("audits/") == []
+
+
+def test_a_budget_too_small_for_a_sound_plan_is_refused_before_anything_is_stored(api: Api) -> None:
+    token = api.token()
+    spec = api_spec(effort="standard")
+    spec["model"]["api"]["query_budget"] = 10_000
+
+    for dry_run in (True, False):
+        response = api.submit_json(token, {**spec, "dry_run": dry_run})
+        assert response.status_code == 422, response.json
+        error = response.json["error"]
+        assert error["code"] == "insufficient_query_budget"
+        assert error["detail"]["needed"] > 10_000 and "model.api.query_budget" in error["message"]
+    assert api.client.get("/api/v1/audits", headers=auth(token)).json["total"] == 0
+    assert api.queue.ids == []
+
+
+def test_dry_run_must_be_a_boolean(api: Api) -> None:
+    response = api.submit_json(api.token(), api_spec(dry_run="yes"))
+    assert response.status_code == 422
+    assert response.json["error"]["detail"]["fields"][0]["field"] == "dry_run"

@@ -51,10 +51,15 @@ def test_the_spec_schema_is_the_one_the_api_validates_with(sqlite_api: Api) -> N
     body = document["paths"]["/audits"]["post"]["requestBody"]["content"]
 
     assert set(schemas["AuditSpec"]["properties"]) == set(AuditSpec.model_json_schema()["properties"])
-    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/AuditSpec"}
+    # The body is the spec plus dry_run, in JSON and in the multipart spec part alike.
+    assert set(schemas["AuditSubmission"]["properties"]) == {*AuditSpec.model_json_schema()["properties"], "dry_run"}
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/AuditSubmission"}
     assert body["multipart/form-data"]["schema"]["properties"]["spec"]["contentSchema"] == {
-        "$ref": "#/components/schemas/AuditSpec"
+        "$ref": "#/components/schemas/AuditSubmission"
     }
+    reply = document["paths"]["/audits"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert {s["$ref"] for s in schemas[reply["$ref"].rsplit("/", 1)[1]]["anyOf"]} == {
+        "#/components/schemas/AuditCreated", "#/components/schemas/PlanPreview"}
     assert "Idempotency-Key" in {p["name"] for p in document["paths"]["/audits"]["post"]["parameters"]}
 
 

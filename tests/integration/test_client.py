@@ -112,17 +112,22 @@ def test_remote_commands_submit_report_status_and_refuse_with_exit_codes(served,
     assert no_token.exit_code == 2 and "UNSET_VAR" in no_token.output
 
 
-@pytest.mark.parametrize(("verdict", "fail_on", "closed"), [
-    ("no_evidence", ("suspicious",), False),
-    ("suspicious", ("suspicious",), True),
-    ("likely_backdoored", ("suspicious",), True),
-    ("suspicious", ("likely_backdoored",), False),
-    ("likely_backdoored", ("likely_backdoored",), True),
-    ("inconclusive", ("suspicious",), False),
-    ("inconclusive", ("suspicious", "inconclusive"), True),
-    ("a_level_from_the_future", ("likely_backdoored",), True),
+@pytest.mark.parametrize(("verdict", "probe_level", "fail_on", "closed"), [
+    ("no_evidence", "no_evidence", ("suspicious",), False),
+    ("suspicious", "suspicious", ("suspicious",), True),
+    ("likely_backdoored", "likely_backdoored", ("suspicious",), True),
+    ("suspicious", "suspicious", ("likely_backdoored",), False),
+    ("likely_backdoored", "likely_backdoored", ("likely_backdoored",), True),
+    ("inconclusive", "no_evidence", ("suspicious",), False),
+    ("inconclusive", "no_evidence", ("suspicious", "inconclusive"), True),
+    # an inconclusive audit whose probes read a backdoor never passes a gate that fails on that reading
+    ("inconclusive", "likely_backdoored", ("suspicious",), True),
+    ("inconclusive", "suspicious", ("likely_backdoored",), False),
+    ("a_level_from_the_future", None, ("likely_backdoored",), True),
 ])
-def test_gate_closes_on_the_requested_levels(verdict: str, fail_on: tuple[str, ...], closed: bool) -> None:
-    assert verdict_fails_gate(verdict, fail_on) is closed
-    audit = {"id": "a", "status": "succeeded", "summary": {"verdict": verdict, "headline": ""}}
+def test_gate_closes_on_the_requested_levels(verdict: str, probe_level: str | None, fail_on: tuple[str, ...],
+                                             closed: bool) -> None:
+    assert verdict_fails_gate(verdict, fail_on, probe_level) is closed
+    audit = {"id": "a", "status": "succeeded",
+             "summary": {"verdict": verdict, "probe_level": probe_level, "headline": ""}}
     assert _gate(audit, fail_on) == (EXIT_GATE_CLOSED if closed else EXIT_PASSED)

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from shared_fixtures import service_missing
 import safetensors
 import safetensors.torch
 import torch
@@ -41,13 +42,6 @@ REPO = Path(__file__).resolve().parents[2]
 NAMES = [case.name for case in CASES]
 
 
-def service_missing(message: str) -> None:
-    import os
-
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
@@ -59,7 +53,7 @@ def settings(tmp_path: Path, pg_url: str, s3_store: S3Store, s3_endpoint: str, s
     built = settings_for(tmp_path, pg_url, s3_store, s3_endpoint, s3_credentials)
     problem = sandbox_problem(policy_from_settings(built))
     if problem is not None:
-        service_missing(f"the bubblewrap sandbox does not work here: {problem}")
+        service_missing(f"the bubblewrap sandbox does not work here: {problem}", hint="scripts/bootstrap.sh installs bubblewrap")
     return built
 
 

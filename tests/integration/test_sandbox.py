@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from shared_fixtures import service_missing
 
 from auditor.pipeline import AuditInputs
 from auditor.sandbox import policy_from_settings, sandbox_problem
@@ -29,11 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 CHECKPOINT_SPEC = parse_spec({"effort": "tiny"})
 
 
-def service_missing(message: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
 
 @pytest.fixture(scope="module")
 def policy() -> SandboxPolicy:
@@ -41,7 +37,7 @@ def policy() -> SandboxPolicy:
     built = policy_from_settings(settings)
     problem = sandbox_problem(built)
     if problem is not None:
-        service_missing(f"the bubblewrap sandbox does not work here: {problem}")
+        service_missing(f"the bubblewrap sandbox does not work here: {problem}", hint="scripts/bootstrap.sh installs bubblewrap")
     return built
 
 

@@ -18,17 +18,19 @@ from pathlib import Path
 import pytest
 import redis
 from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
-from shared_fixtures import claimed_redis_db
+from shared_fixtures import claimed_redis_db, service_missing
 from sqlalchemy.orm import Session, sessionmaker
-from worker_support import MINI_SPEC, load, new_owner, service_missing, sessions, submit, tiny_checkpoint  # noqa: F401
+from worker_support import MINI_SPEC, load, new_owner, sessions, submit, tiny_checkpoint  # noqa: F401
 
-from auditor.store.artifacts import S3Credentials, S3Store
+from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from web.jobs import CeleryQueue
-from worker.executor import artifact_key
 
 STARTUP_S = 120  # importing torch on two busy shared cores is slow
 AUDIT_S = 420
+#: For the kill tests: REFINE long enough (200 epochs of two steps) that the kill always lands inside it, however
+#: busy the machine. With the mini audit's one epoch, the audit could finish between seeing it train and the kill.
+KILL_SPEC = {**MINI_SPEC, "refine": {"epochs": 200}}
 
 
 @pytest.fixture
@@ -72,14 +74,14 @@ def start_worker(workers: list[ServiceProcess], env: dict[str, str], tmp_path: P
     return process
 
 
-def submit_mini(sessions: sessionmaker[Session], s3_store: S3Store, tmp_path: Path) -> str:
-    return submit(sessions, s3_store, new_owner(sessions), MINI_SPEC, tiny_checkpoint(tmp_path / "model.safetensors"))
+def submit_mini(sessions: sessionmaker[Session], s3_store: S3Store, tmp_path: Path, spec: dict = MINI_SPEC) -> str:
+    return submit(sessions, s3_store, new_owner(sessions), spec, tiny_checkpoint(tmp_path / "model.safetensors"))
 
 
 def wait_until_training(sessions: sessionmaker[Session], audit_id: str, process: ServiceProcess) -> None:
     def training() -> bool:
         audit = load(sessions, audit_id)
-        return audit.status == AuditStatus.RUNNING and audit.stage in ("refine", "evaluate")
+        return audit.status == AuditStatus.RUNNING and audit.stage == "refine"
 
     wait_for(training, AUDIT_S, message="the audit to be training", process=process)
 
@@ -125,7 +127,7 @@ def test_killed_pool_process_audit_is_requeued_at_once_and_finishes(
     # and restarts the audit, before the sweep's 20 s heartbeat timeout would.
     env = {**worker_env, "REFINE_AUDIT_VISIBILITY_TIMEOUT_S": "3600", "REFINE_AUDIT_HEARTBEAT_TIMEOUT_S": "20"}
     worker = start_worker(workers, env, tmp_path)
-    audit_id = submit_mini(sessions, s3_store, tmp_path)
+    audit_id = submit_mini(sessions, s3_store, tmp_path, KILL_SPEC)
     queue.enqueue(audit_id, "cpu")
     wait_until_training(sessions, audit_id, worker)
 

@@ -33,13 +33,13 @@ from auditor.pipeline import ArtifactFile, AuditInputs, AuditResult
 from auditor.settings import Settings
 from auditor.spec import AuditSpec
 from auditor.store import audits
-from auditor.store.artifacts import S3Credentials, S3Store
+from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import WORKER_LOST, AuditStatus
 from auditor.store.models import utcnow
 from auditor.store.webhooks import list_deliveries
-from worker.checkpoints import checkpoint_prefix
-from worker.executor import artifact_key, execute_audit, work_dir_for
+from auditor.store.artifacts import checkpoint_prefix
+from worker.executor import execute_audit, work_dir_for
 from worker.infra import DatabaseUnavailable, StorageUnavailable
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"

@@ -53,8 +53,8 @@ from auditor.store.db import make_engine, make_session_factory, session_scope, u
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from auditor.store.models import Audit
 from web.jobs import CeleryQueue
-from worker.checkpoints import checkpoint_prefix
-from worker.executor import artifact_key
+from auditor.store.artifacts import checkpoint_prefix
+from auditor.store.artifacts import artifact_key
 
 pytestmark = pytest.mark.integration
 

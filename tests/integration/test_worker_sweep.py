@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from e2e.processes import wait_for
 from kombu import Connection
-from shared_fixtures import claimed_redis_db
+from shared_fixtures import claimed_redis_db, service_missing
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 from worker_support import (  # noqa: F401 (fixtures)
@@ -24,7 +24,6 @@ from worker_support import (  # noqa: F401 (fixtures)
     load,
     new_owner,
     receiver,
-    service_missing,
     sessions,
     settings_for,
     submit,
@@ -40,7 +39,7 @@ from auditor.store.models import utcnow
 from auditor.store.webhooks import get_outbox, list_deliveries
 from web.jobs import CeleryQueue
 from worker.broker import RedisBroker
-from worker.checkpoints import checkpoint_prefix
+from auditor.store.artifacts import checkpoint_prefix
 from worker.notify import WebhookPolicy, deliver_webhook
 from worker.sweep import Sweep, SweepLock
 

@@ -10,7 +10,6 @@ PostgreSQL database, which is dropped at the end of the run.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,10 +25,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.settings import Settings
 from auditor.store import audits, users
-from auditor.store.artifacts import ArtifactStore, S3Credentials, S3Store
+from auditor.store.artifacts import ArtifactStore, S3Credentials, S3Store, input_key
 from auditor.store.db import make_session_factory, session_scope
 from auditor.store.models import Audit, AuditEvent
-from worker.executor import ExecutorOptions, input_key
+from worker.executor import ExecutorOptions
 from worker.notify import WebhookPolicy
 
 #: The brief's tiny audit: real stages, one positive control.
@@ -43,14 +42,6 @@ MINI_SPEC: dict[str, Any] = {
 }
 FAST_OPTIONS = ExecutorOptions(progress_interval_s=0.2, keepalive_interval_s=0.5, upload_attempts=2, upload_backoff_s=0.1,
                                webhook_policy=WebhookPolicy(max_attempts=3, backoff_s=(0.0,)))
-
-
-def service_missing(message: str) -> None:
-    """As tests/conftest.py: fail under CI, skip elsewhere."""
-    hint = f"{message} (run scripts/services.sh start)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(hint, pytrace=False)
-    pytest.skip(hint)
 
 
 def settings_for(tmp_path: Path, database_url: str, store: S3Store, endpoint: str, credentials: S3Credentials,

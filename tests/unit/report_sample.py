@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
+
+from auditor.evaluation.intervals import Interval, share_interval
+from auditor.pipeline import FASHION_MNIST, plan_audit
+from auditor.pipeline.verdict import ControlFinding, Findings, conclude
+from auditor.spec import parse_spec
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MAPPING = [3, 7, 0, 9, 2, 8, 1, 4, 6, 5]
@@ -41,6 +47,8 @@ def _control(attack: str, ba: float, asr_after: float, ra_after: float) -> dict[
         "refine": {"ba": ba - 0.041, "asr": asr_after, "ra": ra_after},
         "train_seconds": 211.4,
         "refine_seconds": 603.2,
+        "test_images": 10000,
+        "triggered_images": 9000,
     }
 
 
@@ -57,7 +65,7 @@ def sample_report(source: str = "checkpoint") -> dict[str, Any]:
         "architecture": "small_cnn",
     }
     report: dict[str, Any] = {
-        "schema_version": "1.0",
+        "schema_version": "2.0",
         "audit_id": "aud_7c2e91b04d",
         "created_at": "2025-03-14T09:26:53Z",
         "status": "succeeded",
@@ -65,6 +73,7 @@ def sample_report(source: str = "checkpoint") -> dict[str, Any]:
             "level": "likely_backdoored",
             "headline": "Probe triggers send a large share of predictions to class 0 (T-shirt/top); "
             "this is strong evidence of a backdoor, which the defended model no longer shows.",
+            "probe_level": "likely_backdoored",
             "suspicion_before": 0.87,
             "suspicion_after": 0.06,
         },
@@ -102,6 +111,9 @@ def sample_report(source: str = "checkpoint") -> dict[str, Any]:
             "per_class_accuracy_before": per_before,
             "per_class_accuracy_after": per_after,
             "confusion_after": confusion,
+            "test_images": 10000,
+            "predictions_before": [1000] * k,
+            "predictions_after": [1010, 990] * (k // 2),
         },
         "probes": {
             "before": {"score": 0.87, "evidence": _evidence(True), "family_scores": {"patch": 0.87, "blend": 0.12, "warp": 0.15, "noise": 0.05}, "suspected_target": 0, "images": 1000},
@@ -119,7 +131,34 @@ def sample_report(source: str = "checkpoint") -> dict[str, Any]:
     }
     if source == "api":
         _make_api(report)
+    _add_plan_and_conclusion(report, source)
     return report
+
+
+def _add_plan_and_conclusion(report: dict[str, Any], source: str) -> None:
+    """The plan of a standard audit, and gates, fitness and figures computed from the sample's own numbers."""
+    raw: dict[str, Any] = {"effort": "standard"}
+    if source == "api":
+        raw["model"] = {"source": "api", "api": {"url": "https://models.example.com/v1/models/fmnist:predict"}}
+    report["plan"] = plan_audit(parse_spec(raw), FASHION_MNIST).to_dict()
+    u, n = report["utility"], report["utility"]["test_images"]
+    findings = Findings(
+        class_names=tuple(CLASSES), agreement=share_interval(u["agreement"], n),
+        histogram_before=tuple(u["predictions_before"]), histogram_after=tuple(u["predictions_after"]),
+        probe_images=1000, suspicion_before=Interval(0.87, 1000, 0.81, 0.93), suspicion_after=Interval(0.06, 1000, 0.0, 0.12),
+        suspect_class=0, ba_before=share_interval(u["ba_before"], n), ba_after=share_interval(u["ba_after"], n),
+        surrogate_agreement=share_interval(0.96, 2401) if source == "api" else None,
+        controls=tuple(ControlFinding(c["attack"], share_interval(c["no_defense"]["asr"], 9000),
+                                      share_interval(c["refine"]["asr"], 9000)) for c in report["positive_controls"]),
+    )
+    conclusion = conclude(findings)
+    report["verdict"] = {**conclusion.verdict, "headline": report["verdict"]["headline"]}
+    report["gates"] = [{**asdict(g), "interval": list(g.interval) if g.interval else None} for g in conclusion.gates]
+    report["defended_model"] = {"fit_to_deploy": conclusion.fitness.fit_to_deploy, "reason": conclusion.fitness.reason}
+    report["figures"] = {"ba_before": findings.ba_before.to_dict(), "ba_after": findings.ba_after.to_dict(),
+                         "agreement": findings.agreement.to_dict(),
+                         "suspicion_before": findings.suspicion_before.to_dict(),
+                         "suspicion_after": findings.suspicion_after.to_dict()}
 
 
 def _make_api(report: dict[str, Any]) -> None:
@@ -135,7 +174,8 @@ def _make_api(report: dict[str, Any]) -> None:
     }
     report["surrogate"] = {
         "architecture": "small_cnn",
-        "agreement_clean": 0.93,
+        "agreement_clean": 0.96,
+        "agreement_images": 2401,
         "agreement_triggered": 0.81,
         "history": [{"epoch": e, "loss": 1.2 / e, "agreement": 0.7 + 0.04 * e, "seconds": 12.0} for e in range(1, 6)],
         "refits": [{"epoch": 1, "queries": 1200, "agreement_before": 0.509, "agreement_after": 0.813},

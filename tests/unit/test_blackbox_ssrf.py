@@ -9,6 +9,7 @@ import pytest
 
 from auditor.blackbox import ALLOWED_HOSTS_ENV, ApiConfig, HttpModelAPI, check_url, resolve_and_check
 from auditor.errors import AuditError, ErrorCode
+from auditor.settings import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -85,11 +86,17 @@ def test_allowlist_admits_loopback_by_ip_cidr_or_name(entry, no_connections):
     assert "127.0.0.1" in checked.addresses or "::1" in checked.addresses
 
 
-def test_operator_allowlist_from_environment_is_applied_and_narrow(monkeypatch, no_connections):
-    monkeypatch.setenv(ALLOWED_HOSTS_ENV, " 10.0.0.0/8 , models.corp.example ")
-    check_url("http://10.1.2.3/")  # the operator's private range
-    _refused("http://169.254.169.254/")  # but not the metadata service
-    _refused("http://192.168.0.1/")
+def test_operator_allowlist_from_settings_is_applied_and_narrow(no_connections):
+    operator = Settings.from_env({ALLOWED_HOSTS_ENV: " 10.0.0.0/8 , models.corp.example "}).allowed_hosts
+    check_url("http://10.1.2.3/", operator)  # the operator's private range
+    _refused("http://169.254.169.254/", operator)  # but not the metadata service
+    _refused("http://192.168.0.1/", operator)
+
+
+def test_the_guard_reads_no_environment(monkeypatch, no_connections):
+    """Configuration comes only through Settings: a variable set behind the process's back changes nothing."""
+    monkeypatch.setenv(ALLOWED_HOSTS_ENV, "10.0.0.0/8")
+    _refused("http://10.1.2.3/")
 
 
 def test_a_public_name_resolving_to_a_private_address_is_refused(monkeypatch, no_connections):

@@ -103,4 +103,4 @@ def test_progress_is_reported_for_queries_and_training(tiny_data, tiny_arch, tin
                                  {"first_round_fraction": 0.0}])
 def test_distill_config_validation(bad):
     with pytest.raises(ValueError):
-        DistillConfig(**bad)
+        DistillConfig(**{"query_budget": 100, **bad})

@@ -68,6 +68,44 @@ def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist
     assert report["positive_controls"][0]["attack"] == "badnets"
     assert 0.0 <= report["utility"]["ba_after"] <= 1.0
     assert (tmp_path / "out" / "defended_model.pt").exists()
+    assert report["plan"]["effort"] == "tiny" and report["plan"]["data"]["test_images"] == 200
+
+
+def test_tiny_effort_is_inconclusive_and_never_recommends_its_defended_model(tmp_path, fmnist_model):
+    """One REFINE epoch on 512 images cannot keep the model: the gates say so and the headline does not recommend it."""
+    _, model_path = fmnist_model
+    result = _invoke(["audit", str(model_path), "--out", str(tmp_path), *TINY, "--attacks", ""])
+    assert result.exit_code == 0, result.output
+    report = _check_report(tmp_path)
+
+    tripped = {g["name"] for g in report["gates"] if g["tripped"]}
+    assert report["verdict"]["level"] == "inconclusive" and {"probe_images", "evaluation_size"} <= tripped
+    assert report["verdict"]["reason"] and report["verdict"]["reason"] in report["verdict"]["headline"]
+    assert not report["defended_model"]["fit_to_deploy"], report["utility"]
+    assert "Do not deploy the defended model." in report["verdict"]["headline"]
+    assert "use the defended model" not in report["verdict"]["headline"].lower()
+    assert "defended model fit to deploy: no" in result.output
+    assert all(_sentence(g["reason"]) in report["warnings"] for g in report["gates"] if g["tripped"])
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def test_plan_flag_prints_the_plan_and_trains_nothing(tmp_path, fmnist_model):
+    _, model_path = fmnist_model
+    result = _invoke(["audit", str(model_path), "--out", str(tmp_path), "--plan"])
+    assert result.exit_code == 0, result.output
+    assert "standard (checkpoint audit" in result.output and "Estimated time" in result.output
+    assert "6 epochs over 20,000 images, U-Net width 16" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_flag_refuses_a_budget_too_small_with_the_minimum():
+    result = _invoke(["audit", "--api", "http://127.0.0.1:9/v1/models/m:predict", "--output", "labels",
+                      "--query-budget", "5000", "--allow-host", "127.0.0.1", "--plan"])
+    assert result.exit_code == EXIT_INVALID_INPUT
+    assert "insufficient_query_budget" in result.output and "needs at least" in result.output
 
 
 @pytest.mark.parametrize(("protocol", "refine_epochs"), [("v1", "1"), ("v2", "2")])

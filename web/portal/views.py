@@ -29,7 +29,7 @@ from auditor.store.lifecycle import AuditStatus, is_terminal
 from auditor.store.models import Audit
 from web.api.audits import service as audits_service
 from web.api.audits.routes import stream_artifact
-from web.api.audits.schemas import REPORT_FORMATS, AuditDetail
+from web.api.audits.schemas import REPORT_FORMATS, AuditDetail, PlanPreview
 from web.api.tokens import service as tokens_service
 from web.context import services
 from web.errors import http_status
@@ -141,6 +141,25 @@ def new_audit() -> Any:
     if wants_json():
         return jsonify(id=audit.id, redirect=target), 201
     return redirect(target, 303)
+
+
+@login_required
+def plan_preview() -> Any:
+    """The plan of the new-audit form as filled in so far: a dry run through the API's own service.
+
+    The form's script posts the fields (and a dataset, which sizes the plan) on every
+    change, with the session's CSRF token; the checkpoint is left out, as a plan never
+    needs the model.
+    """
+    try:
+        submission = audits_service.Submission(forms.build_spec(request.form),
+                                               forms.upload_files(request.files, request.form), dry_run=True)
+        plan = audits_service.preview_audit(submission)
+    except AuditError as exc:
+        if http_status(exc.code) not in FORM_STATUSES:
+            raise
+        return jsonify(error={"code": exc.code.value, "message": exc.message, "fields": forms.field_errors(exc)}), 422
+    return jsonify(PlanPreview.from_plan(plan).model_dump(mode="json"))
 
 
 def _submit() -> Audit:
@@ -273,6 +292,7 @@ ROUTES: list[tuple[str, Any, list[str]]] = [
     ("/signout", signout, ["POST"]),
     ("/audits", audits, ["GET"]),
     ("/audits/new", new_audit, ["GET", "POST"]),
+    ("/audits/plan", plan_preview, ["POST"]),
     ("/audits/<audit_id>", audit, ["GET"]),
     ("/audits/<audit_id>/panel", audit_panel, ["GET"]),
     ("/audits/<audit_id>/status.json", audit_status, ["GET"]),

@@ -15,7 +15,6 @@ from werkzeug.datastructures import FileStorage
 
 from auditor.errors import AuditError, ErrorCode
 from auditor.report.schema import report_json_schema
-from auditor.spec import AuditSpec
 from auditor.store.models import Artifact
 from web.api.audits import service
 from web.api.audits.schemas import (
@@ -28,10 +27,13 @@ from web.api.audits.schemas import (
     AuditDetail,
     AuditItem,
     AuditPage,
+    AuditSubmission,
     DownloadQuery,
     EventList,
     EventOut,
     ListQuery,
+    PlanPreview,
+    SubmitReply,
 )
 from web.api.common import parse_query, reply
 from web.api.registry import Body, Header, Link, Reply, operation
@@ -49,8 +51,9 @@ MULTIPART_SCHEMA: dict[str, Any] = {
         "dataset": {"type": "string", "contentMediaType": "application/zip",
                     "description": "Optional .npz (x, y) or zip of class folders; needs data.source 'upload'."},
         "spec": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"$ref": "#/components/schemas/AuditSpec"},
-                 "description": "The AuditSpec as a JSON string (a form field or a file part)."},
+                 "contentSchema": {"$ref": "#/components/schemas/AuditSubmission"},
+                 "description": "The AuditSpec as a JSON string (a form field or a file part); "
+                                "\"dry_run\": true in it asks for the plan only."},
     },
 }
 AUDIT_LINK = {"Location": "URL of the audit."}
@@ -68,23 +71,28 @@ def links_to_audit(audit_id: str) -> tuple[Link, ...]:
     bp, "POST", "/audits",
     summary="Submit an audit",
     body=Body(
-        {"multipart/form-data": MULTIPART_SCHEMA, "application/json": AuditSpec},
-        "A checkpoint upload (multipart) or, for a model behind an API, the AuditSpec as JSON.",
+        {"multipart/form-data": MULTIPART_SCHEMA, "application/json": AuditSubmission},
+        "A checkpoint upload (multipart) or, for a model behind an API, the AuditSpec as JSON. With "
+        "\"dry_run\": true the submission is checked and planned but not stored: the reply is its plan.",
     ),
     replies={
         202: Reply("Accepted and queued.", AuditCreated, headers=AUDIT_LINK, links=links_to_audit("$response.body#/id")),
-        200: Reply("The Idempotency-Key was used before: the earlier audit, not queued again.", AuditCreated,
-                   links=links_to_audit("$response.body#/id")),
+        200: Reply("A dry run's plan (PlanPreview), or, when the Idempotency-Key was used before, the earlier "
+                   "audit (AuditCreated), not queued again.", SubmitReply),
     },
     errors=(400, 413, 415, 422, 503),
     headers={"Idempotency-Key": Header("Optional; a retry with the same key returns the first audit (200) instead of a new one.",
                                        max_length=service.MAX_IDEMPOTENCY_KEY_LENGTH)},
 )
 def create_audit() -> Response:
-    """Validates the spec, the uploads and every outbound URL before anything is stored,
-    so a bad submission is refused at once; send an ``Idempotency-Key`` header to make
-    retries safe."""
-    audit, created = service.submit_audit(current_user_id(), _read_submission(), token_id=current_token_id())
+    """Validates the spec, the uploads and every outbound URL, and plans the audit, before
+    anything is stored, so a bad or unaffordable submission is refused at once; send an
+    ``Idempotency-Key`` header to make retries safe, or ``"dry_run": true`` to see the plan
+    (sizes, query split, time estimate) without submitting."""
+    submission = _read_submission()
+    if submission.dry_run:
+        return reply(PlanPreview.from_plan(service.preview_audit(submission)))
+    audit, created = service.submit_audit(current_user_id(), submission, token_id=current_token_id())
     body = AuditCreated.from_row(audit)
     return reply(body, 202 if created else 200, {"Location": body.links.self})
 
@@ -177,12 +185,13 @@ def _read_submission() -> service.Submission:
     key = request.headers.get("Idempotency-Key")
     if request.mimetype == "multipart/form-data":
         files = {name: f for name in UPLOAD_FIELDS if (f := request.files.get(name)) is not None and f.filename}
-        return service.Submission(_spec_from_form(), files, key)
+        spec = _spec_from_form()
+        return service.Submission(spec, files, key, dry_run=pop_dry_run(spec))
     if request.is_json:
         body = request.get_json()
         if not isinstance(body, dict):
             raise _bad_spec("(root)", "must be a JSON object (an AuditSpec)")
-        return service.Submission(body, {}, key)
+        return service.Submission(body, {}, key, dry_run=pop_dry_run(body))
     raise AuditError(
         ErrorCode.UNSUPPORTED_MEDIA_TYPE,
         "Send multipart/form-data (with a model file) or application/json (an AuditSpec for a model API).",
@@ -212,6 +221,14 @@ def _read_spec_file(upload: FileStorage) -> str:
         raise AuditError(ErrorCode.PAYLOAD_TOO_LARGE, f"spec: larger than {FORM_ALLOWANCE // MIB} MiB.",
                          {"field": "spec", "max_bytes": FORM_ALLOWANCE})
     return raw.decode("utf-8", "replace")
+
+
+def pop_dry_run(spec: dict[str, Any] | None) -> bool:
+    """Take ``dry_run`` out of a submitted spec (it asks for the plan; it is not part of the audit)."""
+    value = spec.pop("dry_run", False) if spec is not None else False
+    if not isinstance(value, bool):
+        raise _bad_spec("dry_run", "must be true or false")
+    return value
 
 
 def _bad_spec(field: str, message: str) -> AuditError:

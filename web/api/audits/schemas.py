@@ -11,8 +11,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 from flask import url_for
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, RootModel
 
+from auditor.pipeline import AuditPlan
+from auditor.pipeline.describe import describe_plan
+from auditor.spec import AuditSpec
 from auditor.store.lifecycle import AuditStatus
 from auditor.store.models import Artifact, Audit, AuditEvent
 from web.api.common import QueryModel
@@ -29,6 +32,16 @@ SECRET_PLACEHOLDER = "***"
 
 
 # --- requests ---------------------------------------------------------------------------
+
+
+class AuditSubmission(AuditSpec):
+    """The body of ``POST /audits`` (or its multipart ``spec`` part): an AuditSpec, plus ``dry_run``."""
+
+    dry_run: bool = Field(
+        False,
+        description="Only plan the audit: answer 200 with the resolved plan and its time estimate after the same "
+        "checks a submission gets (spec, uploads, URLs, query budget); nothing is stored or queued.",
+    )
 
 
 class ListQuery(QueryModel):
@@ -75,6 +88,23 @@ class AuditCreated(BaseModel):
     @classmethod
     def from_row(cls, audit: Audit) -> AuditCreated:
         return cls(id=audit.id, status=AuditStatus(audit.status).value, links=AuditLinks.for_audit(audit.id))
+
+
+class PlanPreview(BaseModel):
+    """What a dry run answers: the plan the worker would run, and how long it should take."""
+
+    dry_run: Literal[True] = True
+    plan: AuditPlan = Field(description="Every number of the audit, as report.json's plan section will hold it.")
+    estimated_seconds: float = Field(ge=0, description="Sum of the plan's per-stage estimates, one CPU core.")
+    description: list[tuple[str, str]] = Field(description="The plan in words: (item, value) rows.")
+
+    @classmethod
+    def from_plan(cls, plan: AuditPlan) -> PlanPreview:
+        return cls(plan=plan, estimated_seconds=plan.total_seconds, description=describe_plan(plan))
+
+
+class SubmitReply(RootModel[AuditCreated | PlanPreview]):
+    """200: the audit an earlier request with the same Idempotency-Key created, or a dry run's plan."""
 
 
 class AuditFailure(BaseModel):

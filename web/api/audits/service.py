@@ -19,10 +19,12 @@ from sqlalchemy.orm import Session
 from werkzeug.datastructures import FileStorage
 
 from auditor.errors import AuditError, ErrorCode
+from auditor.pipeline import FASHION_MNIST, AuditPlan, plan_audit
+from auditor.pipeline.data import summarize_upload
 from auditor.settings import Settings
-from auditor.spec import parse_spec
+from auditor.spec import AuditSpec, parse_spec
 from auditor.store import audits
-from auditor.store.artifacts import ArtifactStore, audit_prefix
+from auditor.store.artifacts import ArtifactStore, audit_prefix, input_key, input_name
 from auditor.store.audits import Page
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from auditor.store.models import Artifact, Audit, AuditEvent
@@ -33,8 +35,6 @@ from web.inputs import refuse_unstorable
 
 log = logging.getLogger(__name__)
 
-#: Where the worker finds the uploads (fixed keys: a resubmission overwrites).
-INPUT_KEYS = {"model": "inputs/model", "dataset": "inputs/dataset"}
 INPUT_CONTENT_TYPES = {"model": "application/octet-stream", "dataset": "application/zip"}
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -46,27 +46,26 @@ class Submission:
     spec: dict[str, Any] | None
     files: dict[str, FileStorage]  # "model" and/or "dataset"
     idempotency_key: str | None = None
+    dry_run: bool = False  # only plan: nothing is stored or queued
 
 
 # --- submit -------------------------------------------------------------------------------
 
 
 def submit_audit(owner_id: int, submission: Submission, *, token_id: int | None = None) -> tuple[Audit, bool]:
-    """Validate, store and queue a new audit; returns ``(audit, created)``.
+    """Validate, plan, store and queue a new audit; returns ``(audit, created)``.
 
     ``created`` is False when the idempotency key was used before: the earlier audit is
-    returned and nothing is stored or enqueued again. ``token_id`` is the API token that
-    submitted it (None from the portal); its secret signs the completion webhook.
+    returned and nothing is stored or enqueued again. A spec that cannot be planned
+    soundly (e.g. ``insufficient_query_budget``) is refused before anything is stored.
+    ``token_id`` is the API token that submitted it (None from the portal); its secret
+    signs the completion webhook.
     """
     settings, session = services().settings, db_session()
-    refuse_unstorable(submission.spec)  # a spec decoded from a form part or the portal's JSON field
-    spec = parse_spec(submission.spec)
-    _check_idempotency_key(submission.idempotency_key)
-    check_files_match_spec(spec, has_model="model" in submission.files, has_dataset="dataset" in submission.files)
-    check_urls(spec, settings.allowed_hosts)
+    spec = _checked_spec(submission, settings)
     with tempfile.TemporaryDirectory(prefix="refine-audit-upload-") as tmp:
         paths = _save_uploads(submission.files, Path(tmp))
-        _check_uploads(paths, settings)
+        plan_upload(spec, paths, settings)
         audit, created = audits.create_audit(
             session,
             owner_id=owner_id,
@@ -82,6 +81,40 @@ def submit_audit(owner_id: int, submission: Submission, *, token_id: int | None 
         session.commit()
     _enqueue(session, audit)
     return audit, True
+
+
+def preview_audit(submission: Submission) -> AuditPlan:
+    """A dry run: every check of a submission, then the plan; nothing is stored or queued."""
+    settings = services().settings
+    spec = _checked_spec(submission, settings)
+    with tempfile.TemporaryDirectory(prefix="refine-audit-upload-") as tmp:
+        return plan_upload(spec, _save_uploads(submission.files, Path(tmp)), settings)
+
+
+def _checked_spec(submission: Submission, settings: Settings) -> AuditSpec:
+    """The spec, validated against the uploads and the SSRF guard; a dry run may leave the model file out."""
+    refuse_unstorable(submission.spec)  # a spec decoded from a form part or the portal's JSON field
+    spec = parse_spec(submission.spec)
+    _check_idempotency_key(submission.idempotency_key)
+    has_model = "model" in submission.files or (submission.dry_run and spec.model.source == "checkpoint")
+    check_files_match_spec(spec, has_model=has_model, has_dataset="dataset" in submission.files)
+    check_urls(spec, settings.allowed_hosts)
+    return spec
+
+
+def plan_upload(spec: AuditSpec, paths: dict[str, Path], settings: Settings) -> AuditPlan:
+    """Check the uploaded files and resolve the audit's plan from the data's size, shape and classes.
+
+    The web process never loads a submitted model to plan: sizes are all a plan needs.
+    It plans for the worker's device class (``REFINE_AUDIT_DEVICE``); the worker plans
+    again on its own hardware, which may change bf16 and the time estimate, never a size.
+    """
+    if "model" in paths:
+        check_checkpoint(paths["model"])
+    summary = FASHION_MNIST
+    if "dataset" in paths:
+        summary = summarize_upload(check_dataset(paths["dataset"], settings.max_upload_bytes), spec.data.test_fraction)
+    return plan_audit(spec, summary, device="cuda" if settings.device == "cuda" else "cpu")
 
 
 def choose_queue(settings: Settings) -> str:
@@ -106,21 +139,13 @@ def _save_uploads(files: dict[str, FileStorage], folder: Path) -> dict[str, Path
     return paths
 
 
-def _check_uploads(paths: dict[str, Path], settings: Settings) -> None:
-    if "model" in paths:
-        check_checkpoint(paths["model"])
-    if "dataset" in paths:
-        check_dataset(paths["dataset"], settings.max_upload_bytes)
-
-
 def _store_inputs(session: Session, store: ArtifactStore, audit_id: str, paths: dict[str, Path]) -> None:
     """Upload the inputs and record them; on failure remove what was uploaded (the row rolls back)."""
     try:
         for name, path in paths.items():
-            key = audit_prefix(audit_id) + INPUT_KEYS[name]
-            info = store.put(key, path, INPUT_CONTENT_TYPES[name])
+            info = store.put(input_key(audit_id, name), path, INPUT_CONTENT_TYPES[name])
             audits.add_artifact(
-                session, audit_id, name=INPUT_KEYS[name], info=info, kind="input", content_type=INPUT_CONTENT_TYPES[name]
+                session, audit_id, name=input_name(name), info=info, kind="input", content_type=INPUT_CONTENT_TYPES[name]
             )
     except BaseException:
         store.delete_prefix(audit_prefix(audit_id))

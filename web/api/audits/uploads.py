@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from auditor.blackbox.ssrf import check_url
-from auditor.data.datasets import Limits, load_dataset
+from auditor.data.datasets import ImageSet, Limits, load_dataset
 from auditor.errors import AuditError, ErrorCode
 from auditor.models.checkpoints import architecture_from_metadata, check_weights_fit
 from auditor.models.containers import inspect_checkpoint
@@ -36,9 +36,12 @@ def check_checkpoint(path: Path) -> str:
     return info.format
 
 
-def check_dataset(path: Path, max_bytes: int) -> None:
-    """Decode the whole dataset under the upload limit; raises invalid_dataset, unsafe_archive, ..."""
-    load_dataset(path, Limits(max_bytes=max_bytes))
+def check_dataset(path: Path, max_bytes: int) -> ImageSet:
+    """Decode the whole dataset under the upload limit; raises invalid_dataset, unsafe_archive, ...
+
+    Returns it, so the submission can be planned from its size, shape and classes.
+    """
+    return load_dataset(path, Limits(max_bytes=max_bytes))
 
 
 def check_urls(spec: AuditSpec, allowed_hosts: tuple[str, ...]) -> None:

@@ -124,8 +124,57 @@
     xhr.send(new FormData(form));
   }
 
+  /* ---- the plan of the form as filled in (a dry run; the checkpoint itself is not sent) ---- */
+
+  function renderPlan(box, body, status) {
+    var table = $("table", box), note = $(".plan-note", box);
+    var rows = (body && body.description) || [];
+    table.hidden = !rows.length;
+    $("tbody", table).innerHTML = "";
+    rows.forEach(function (row) {
+      var tr = document.createElement("tr");
+      row.forEach(function (cell, i) {
+        var el = document.createElement(i === 0 ? "th" : "td");
+        if (i === 0) el.setAttribute("scope", "row");
+        el.textContent = cell;
+        tr.appendChild(el);
+      });
+      $("tbody", table).appendChild(tr);
+    });
+    var error = body && body.error;
+    note.textContent = error ? "No plan yet: " + error.message
+      : rows.length ? "" : "The plan could not be computed (HTTP " + status + ").";
+    note.classList.toggle("field-error", !!error);
+  }
+
+  var PLAN_DATASET_MAX = 16 * 1048576; // larger data sets are planned when submitted, not re-sent on every change
+
+  function requestPlan(form, box) {
+    var data = new FormData(form);
+    data.delete("model");
+    var dataset = form.elements.dataset;
+    if (dataset && dataset.files.length && dataset.files[0].size > PLAN_DATASET_MAX) data.delete("dataset");
+    fetch(box.getAttribute("data-plan-url"), {
+      method: "POST", body: data, credentials: "same-origin",
+      headers: { Accept: "application/json", "X-CSRF-Token": csrfToken() },
+    }).then(function (res) {
+      return res.json().then(function (body) { renderPlan(box, body, res.status); });
+    }).catch(function () { renderPlan(box, null, 0); });
+  }
+
+  function followPlan(form) {
+    var box = $("#plan-preview", form);
+    if (!box) return;
+    var timer = null;
+    var later = function () { clearTimeout(timer); timer = setTimeout(function () { requestPlan(form, box); }, 400); };
+    form.addEventListener("change", later);
+    form.addEventListener("input", later);
+    requestPlan(form, box);
+  }
+
   function initAuditForm(form) {
     syncConditional(form);
+    followPlan(form);
     form.addEventListener("change", function () { syncConditional(form); });
     form.addEventListener("submit", function (event) {
       event.preventDefault();

@@ -1,0 +1,86 @@
+"""How a model-API audit spends its query budget: the arithmetic behind ``AuditPlan.queries``.
+
+One query is one image sent to the API. An audit spends them on four things, in
+this order of priority:
+
+1. **Evaluation**: every scored test image is sent twice, raw (the API's BA) and
+   through T (the defended BA), so ``2 × test images``. Left to the effort level,
+   the test set is a stratified subsample of 2,401 images: BA within ±2 points at
+   95% confidence for any BA (plan.py, ``API_EVALUATION_IMAGES``).
+2. **Probes**: each probed image costs one query per probe of the compact battery,
+   one per probe re-applied to the defended model, and its two clean answers.
+3. **Distillation**: never fewer than the effort's minimum, justified by the
+   agreement-versus-queries curve (plan.py, ``MIN_DISTILL_QUERIES``), and never
+   more than the pool has distinct images.
+4. **Refits** on T(x) while REFINE trains: ``refit_share`` of the surrogate's
+   queries (distillation + refits), kept back from distillation.
+
+Whatever evaluation and probes leave goes to the surrogate, split by
+``refit_share``. When the budget cannot cover evaluation, probes and the minimum
+surrogate, the plan is refused with ``insufficient_query_budget`` and the budget
+that would work; nothing is ever squeezed to a two-query surrogate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pydantic import ConfigDict, with_config
+
+from auditor.errors import AuditError, ErrorCode
+
+
+@with_config(ConfigDict(extra="forbid"))
+@dataclass(frozen=True)
+class QueryPlan:
+    """The budget of one API audit, split by purpose (images sent to the API)."""
+
+    budget: int
+    distillation: int
+    refits: int
+    evaluation: int
+    probes: int
+    unallocated: int  # left when the pool caps distillation; the client simply never spends it
+
+
+def split_query_budget(*, budget: int, evaluation_images: int, probe_images: int, probe_queries_per_image: int,
+                       pool_images: int, min_distill: int, refit_share: float, effort: str) -> QueryPlan:
+    """Split ``budget`` as the module docstring says; raises ``insufficient_query_budget`` below the minimum."""
+    evaluation = 2 * evaluation_images
+    probes = probe_images * probe_queries_per_image
+    distill_floor = min(min_distill, pool_images)
+    if distill_floor < min_distill:
+        raise AuditError(
+            ErrorCode.INVALID_SPEC,
+            f"data.train_size: the pool has {pool_images:,} images, but effort {effort!r} distils the surrogate "
+            f"from at least {min_distill:,} distinct ones.",
+            {"fields": [{"field": "data.train_size", "message": f"at least {min_distill} pool images are needed"}]},
+        )
+    needed = evaluation + probes + surrogate_queries_for(distill_floor, refit_share)
+    if budget < needed:
+        raise insufficient_budget(budget, needed, effort, evaluation, probes, needed - evaluation - probes)
+    surrogate = budget - evaluation - probes
+    distillation = min(pool_images, math.floor(surrogate * (1 - refit_share)))
+    refits = math.floor(surrogate * refit_share) if refit_share > 0 else 0
+    return QueryPlan(budget=budget, distillation=distillation, refits=refits, evaluation=evaluation, probes=probes,
+                     unallocated=budget - evaluation - probes - distillation - refits)
+
+
+def surrogate_queries_for(distillation: int, refit_share: float) -> int:
+    """Distillation plus the refits kept back beside it."""
+    return math.ceil(distillation / (1 - refit_share))
+
+
+def insufficient_budget(budget: int, needed: int, effort: str, evaluation: int, probes: int,
+                        surrogate: int) -> AuditError:
+    """``insufficient_query_budget``: the minimum that works, and what to change."""
+    return AuditError(
+        ErrorCode.INSUFFICIENT_QUERY_BUDGET,
+        f"Effort {effort!r} needs at least {needed:,} queries (evaluation {evaluation:,} + probes {probes:,} + "
+        f"surrogate {surrogate:,}); the budget is {budget:,}. Raise model.api.query_budget, or lower data.test_size "
+        "(2 queries per test image) or probes.images.",
+        {"fields": [{"field": "model.api.query_budget", "message": f"at least {needed} queries are needed"}],
+         "budget": budget, "needed": needed,
+         "minimum": {"evaluation": evaluation, "probes": probes, "surrogate": surrogate}},
+    )

@@ -1,0 +1,410 @@
+"""The audit plan: spec, effort, data and budget resolved into every concrete number, once.
+(Over 400 lines: every default lives here beside the resolution that uses it, so one file holds every number.)
+
+Before any work, ``plan_audit(spec, data)`` turns what the user asked for into an
+immutable ``AuditPlan``: epochs, pool and test sizes, U-Net width, batch sizes,
+positive-control settings, probe images and, for a model behind an API, how the
+query budget splits between distillation, surrogate refits, evaluation and probes.
+Every stage reads its numbers from the plan; the worker's progress bar, the report
+(its ``plan`` section), ``refine-audit audit --plan`` and the REST dry run show the
+same object. Planning needs only the data's sizes, shape and classes, so the web
+process can plan without loading a model or decoding Fashion-MNIST.
+
+A spec that cannot give a sound audit is refused here, before anything runs, with
+the minimum that would work (``insufficient_query_budget``, ``invalid_spec``).
+Numbers the user left to the effort level may instead be resized by a stated rule
+(the API evaluation subsample, see ``auditor/pipeline/budget.py``); explicit
+numbers are honoured or refused, never silently changed.
+
+This module is also the one home of the defaults: the effort presets and the
+query budget that the spec, ``ApiConfig`` and the budget split use. It imports no
+stage, so ``auditor.spec`` and ``auditor.blackbox`` can read it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import ConfigDict, TypeAdapter, with_config
+
+from auditor.errors import AuditError, ErrorCode
+from auditor.evaluation.intervals import images_for_half_width, wilson
+from auditor.evaluation.probes import ProbeConfig, build_battery
+from auditor.pipeline.budget import QueryPlan, split_query_budget
+from auditor.pipeline.estimate import estimate_stage_seconds
+from auditor.pipeline.verdict import EVALUATION_HALF_WIDTH, probe_images_floor
+from auditor.refine.config import RefineConfig
+
+if TYPE_CHECKING:
+    from auditor.spec import AuditSpec
+
+#: Every stage an audit can run, in order; checkpoint audits skip ``surrogate``.
+STAGES = ("data", "load", "surrogate", "refine", "evaluate", "report")
+REFINE_BATCH = RefineConfig.batch_size  # images per REFINE step; a smaller pool trains in one smaller batch
+CONTROL_BATCH = 128  # images per step when training a positive-control model
+MIN_POOL_IMAGES = 2  # REFINE's contrastive loss compares images within a batch
+
+# -- model-API audits: the query budget and how it is spent (auditor/pipeline/budget.py does the arithmetic) ----
+
+#: Hard cap on images an audit may send to a model API when the spec names none (also ApiConfig's default).
+DEFAULT_QUERY_BUDGET = 20_000
+#: Share of the surrogate's queries (distillation + refits) kept for refits on T(x) while REFINE trains.
+#: 6,000 of 14,320 (0.42) kept BA within 2.5 points on all six bench/blackbox_fmnist runs; distilled once,
+#: BA through the API fell 3.8-36 points.
+REFIT_SHARE = 0.4
+REFIT_ROUNDS = 5  # refits, after evenly spaced REFINE epochs (the bench ran 5)
+#: The fewest API answers a surrogate is distilled from at quick and standard effort. Label-only agreement on clean
+#: test images (bench/results/blackbox_fmnist.json): 2,000 -> 87.9%, 5,000 -> 94.6%, 7,488 trained (8,320 with
+#: uncertainty selection) -> 96.1-97.4%; the 95% agreement gate is crossed near 5,700, so 6,000.
+MIN_DISTILL_QUERIES = 6000
+#: Thorough effort: 10,000 answers reached 97.1% (labels) and 98.1% (probabilities) on the same curve.
+MIN_DISTILL_QUERIES_THOROUGH = 10_000
+#: API evaluation subsample: BA measured within ±EVALUATION_HALF_WIDTH at the worst case p = 0.5 (2,401 images).
+API_EVALUATION_IMAGES = images_for_half_width(EVALUATION_HALF_WIDTH)
+#: The compact probe battery of API audits: 31 probes (patches of 3 and 5 px, white and checkerboard, at the four
+#: corners and the centre; two noise blends; one warp field; rotations of 20 and 30 degrees; strong noise). It keeps
+#: every probe that gave the strongest evidence in bench/results/suspicion_fmnist.json (patch3/5 at the trigger's
+#: corner, uniform blends at alpha 0.2-0.3, rotations of 20-30 degrees) and costs 31 queries per probed image.
+API_PROBE_BATTERY: dict[str, Any] = {
+    "patch_sizes": (3, 5), "patch_fills": ("white", "checker"), "random_patches": 0, "blend_patterns": 2,
+    "blend_alphas": (0.2, 0.3), "warp_fields": 1, "warp_strengths": (1.0, 2.0), "rotations": (-30.0, -20.0, 20.0, 30.0),
+    "noise_sigmas": (0.2,), "noise_draws": 1,
+}
+#: API audits probe the defended model with the submitted model's strongest probes only (see evaluate.py).
+API_AFTER_PROBES = 5
+
+Source = Literal["checkpoint", "api"]
+_FORBID_EXTRA = ConfigDict(extra="forbid")  # plans read back from report.json are checked field by field
+
+
+@dataclass(frozen=True)
+class EffortPreset:
+    """What an effort level costs; explicit spec fields override each number."""
+
+    refine_epochs: int  # REFINE epochs over its pool
+    refine_pool: int | None  # unlabeled images REFINE trains on; None = the whole pool
+    unet_width: int  # width of T's first U-Net stage: cost grows with its square
+    control_epochs: int  # training epochs of each positive-control model
+    control_train_images: int | None  # labelled images a control model trains on; None = the whole pool
+    probe_images: int  # test images probed on a local model (the full battery costs nothing but CPU)
+    api_probe_images: int  # ... on a model API, where every probe costs one query per image
+    test_images: int | None  # test images scored; None = all (API audits resize, see budget.py)
+    distill_epochs: int  # surrogate training epochs (API audits)
+    min_distill_queries: int  # the surrogate is never distilled from fewer API answers (budget.py)
+
+
+EFFORTS: dict[str, EffortPreset] = {
+    # Seconds, for tests and smoke checks: its evidence gates trip by design, so it never gives a verdict.
+    "tiny": EffortPreset(
+        refine_epochs=1, refine_pool=512, unet_width=8, control_epochs=1, control_train_images=1000,
+        probe_images=60, api_probe_images=30, test_images=300, distill_epochs=2, min_distill_queries=200,
+    ),
+    "quick": EffortPreset(
+        refine_epochs=3, refine_pool=10_000, unet_width=16, control_epochs=3, control_train_images=20_000,
+        probe_images=300, api_probe_images=100, test_images=5000, distill_epochs=6,
+        min_distill_queries=MIN_DISTILL_QUERIES,
+    ),
+    # REFINE's own defaults, chosen by bench/refine_fmnist.py (6 epochs over 20,000 images, width 16).
+    "standard": EffortPreset(
+        refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size, unet_width=16, control_epochs=6,
+        control_train_images=None, probe_images=500, api_probe_images=100, test_images=None, distill_epochs=10,
+        min_distill_queries=MIN_DISTILL_QUERIES,
+    ),
+    "thorough": EffortPreset(
+        refine_epochs=12, refine_pool=None, unet_width=32, control_epochs=10, control_train_images=None,
+        probe_images=1000, api_probe_images=200, test_images=None, distill_epochs=15,
+        min_distill_queries=MIN_DISTILL_QUERIES_THOROUGH,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What planning needs to know about the data: sizes, shape and classes, not the images."""
+
+    source: Literal["fashion-mnist", "upload"]
+    pool_images: int  # images available to the unlabeled pool (REFINE, controls, distillation)
+    test_images: int  # images available to the labelled test split
+    image_shape: tuple[int, int, int]  # C, H, W
+    num_classes: int | None  # None: unlabelled data; model.architecture.num_classes must say
+    labelled: bool
+
+
+#: The built-in data set: its sizes are known, so planning never decodes it.
+FASHION_MNIST = DataSummary("fashion-mnist", 60_000, 10_000, (1, 28, 28), 10, True)
+
+
+def test_split_size(images: int, test_fraction: float) -> int:
+    """Test images held out of an upload: the same arithmetic in the plan and in the data stage."""
+    return min(images, max(1, int(round(images * test_fraction))))
+
+
+def upload_summary(images: int, image_shape: tuple[int, int, int], num_classes: int | None, labelled: bool,
+                   test_fraction: float) -> DataSummary:
+    """An uploaded data set as the plan sees it, split by ``data.test_fraction``."""
+    n_test = test_split_size(images, test_fraction)
+    return DataSummary("upload", images - n_test, n_test, tuple(image_shape), num_classes, labelled)  # type: ignore[arg-type]
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
+class DataPlan:
+    source: str
+    pool_images: int  # loaded for REFINE, positive controls and distillation
+    test_images: int  # scored: BA, agreement, ASR of the controls, probes are drawn from them
+    test_available: int
+    stratified: bool  # a class-stratified subsample of the test split (the API evaluation rule)
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
+class RefinePlan:
+    epochs: int
+    pool_images: int
+    unet_width: int
+    batch_size: int
+    loss: str
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
+class SurrogatePlan:
+    """API audits: the local model REFINE trains through, distilled and refitted from the API's answers."""
+
+    architecture: str
+    distill_queries: int
+    distill_epochs: int
+    refit_queries: int  # on T(x) while REFINE trains; 0 for one-epoch runs, which have no later epoch to help
+    refit_rounds: int
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
+class ProbePlan:
+    images: int  # test images each probe is applied to
+    battery: Literal["full", "api"]  # api: the compact battery (each probe costs a query per image)
+    probes: int  # probes in the battery
+    after_probes: int  # probes applied to the defended model (API audits: the strongest few)
+    min_images: int  # fewer images trip the probe-evidence gate
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
+class ControlsPlan:
+    attacks: tuple[str, ...]
+    target: int
+    epochs: int
+    train_images: int
+    batch_size: int
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
+class AuditPlan:
+    """Every number an audit runs with; built by ``plan_audit`` and never changed afterwards."""
+
+    effort: str
+    source: Source
+    device: str
+    bf16: bool  # bf16 autocast for every training run (REFINE, controls, surrogate)
+    seed: int
+    stages: tuple[str, ...]
+    data: DataPlan
+    refine: RefinePlan
+    probes: ProbePlan
+    controls: ControlsPlan
+    surrogate: SurrogatePlan | None = None
+    queries: QueryPlan | None = None
+    estimate_seconds: dict[str, float] = field(default_factory=dict)  # per stage, from measured rates (estimate.py)
+    notes: tuple[str, ...] = ()  # resizing decisions and gates the plan already knows will trip
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.estimate_seconds.values())
+
+    def stage_weights(self) -> dict[str, float]:
+        """Each stage's share of the estimated run time: the worker's progress-bar weights."""
+        total = self.total_seconds or 1.0
+        return {stage: self.estimate_seconds.get(stage, 0.0) / total for stage in self.stages}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (tuples as lists): what report.json and the REST dry run hold."""
+        return TypeAdapter(AuditPlan).dump_python(self, mode="json")
+
+
+def plan_audit(spec: AuditSpec, data: DataSummary, *, device: str | torch.device = "cpu") -> AuditPlan:
+    """Resolve ``spec`` against ``data``; raises ``AuditError`` (a 4xx code) when no sound plan exists."""
+    preset = EFFORTS[spec.effort]
+    device = torch.device(device)
+    num_classes = _num_classes(spec, data)
+    _check_architecture(spec, data)
+    data_plan = _data_plan(spec, data, preset, num_classes)
+    refine = _refine_plan(spec, preset, data_plan)
+    probes = _probe_plan(spec, preset, data_plan)
+    controls = _controls_plan(spec, preset, data_plan)
+    bf16 = _bf16(spec, device)
+    surrogate = queries = None
+    notes = list(_data_notes(spec, data_plan))
+    if spec.model.source == "api":
+        queries = split_query_budget(
+            budget=spec.model.api.query_budget, evaluation_images=data_plan.test_images,
+            probe_images=probes.images, probe_queries_per_image=probes.probes + probes.after_probes + 2,
+            pool_images=data_plan.pool_images, min_distill=preset.min_distill_queries,
+            refit_share=REFIT_SHARE if refine.epochs > 1 else 0.0, effort=spec.effort,
+        )
+        surrogate = SurrogatePlan(
+            architecture=(spec.model.architecture.name if spec.model.architecture else "small_cnn"),
+            distill_queries=queries.distillation, distill_epochs=preset.distill_epochs,
+            refit_queries=queries.refits, refit_rounds=REFIT_ROUNDS if queries.refits else 0,
+        )
+    notes += _probe_notes(probes, num_classes)
+    stages = tuple(s for s in STAGES if s != "surrogate" or spec.model.source == "api")
+    estimate = estimate_stage_seconds(
+        stages=stages, data=data_plan, refine=refine, probes=probes, controls=controls, surrogate=surrogate,
+        queries=queries, bf16=bf16, device=device.type,
+    )
+    return AuditPlan(
+        effort=spec.effort, source=spec.model.source, device=device.type, bf16=bf16, seed=spec.seed, stages=stages,
+        data=data_plan, refine=refine, probes=probes, controls=controls, surrogate=surrogate, queries=queries,
+        estimate_seconds=estimate, notes=tuple(notes),
+    )
+
+
+# -- pieces ------------------------------------------------------------------------------------------------------
+
+
+def _num_classes(spec: AuditSpec, data: DataSummary) -> int:
+    declared = spec.model.architecture.num_classes if spec.model.architecture else None
+    if declared is not None and data.num_classes is not None and declared < data.num_classes:
+        raise _spec_error("model.architecture.num_classes",
+                          f"is {declared}, but the data has {data.num_classes} classes")
+    known = declared or data.num_classes
+    if known is None:
+        raise _spec_error("model.architecture.num_classes",
+                          "required for unlabelled data: the number of classes is unknown")
+    return known
+
+
+def _check_architecture(spec: AuditSpec, data: DataSummary) -> None:
+    """What the spec says about the model must fit the data's images, or nothing could run."""
+    arch = spec.model.architecture
+    if arch is None:
+        return
+    channels = data.image_shape[0]
+    if arch.in_channels is not None and arch.in_channels != channels:
+        raise _spec_error("model.architecture.in_channels", f"is {arch.in_channels}, but the images have {channels}")
+    for name in ("mean", "std"):
+        values = getattr(arch, name)
+        if values is not None and len(values) != channels:
+            raise _spec_error(f"model.architecture.{name}", f"needs one value per channel ({channels})")
+    if arch.std is not None and any(v <= 0 for v in arch.std):
+        raise _spec_error("model.architecture.std", "values must be positive")
+
+
+def _data_plan(spec: AuditSpec, data: DataSummary, preset: EffortPreset, num_classes: int) -> DataPlan:
+    cap = spec.data.train_size or _largest(preset.refine_pool, preset.control_train_images)
+    pool = data.pool_images if cap is None else min(data.pool_images, cap)
+    if pool < MIN_POOL_IMAGES or data.test_images < 1:
+        raise AuditError(
+            ErrorCode.INVALID_DATASET,
+            f"The data leaves {pool} pool and {data.test_images} test images; an audit needs at least "
+            f"{MIN_POOL_IMAGES} and 1 (lower data.test_fraction or upload more images).",
+            {"pool_images": pool, "test_images": data.test_images},
+        )
+    requested = spec.data.test_size or preset.test_images
+    test = data.test_images if requested is None else min(data.test_images, requested)
+    resized = spec.model.source == "api" and spec.data.test_size is None
+    if resized:
+        test = min(test, API_EVALUATION_IMAGES)
+    return DataPlan(
+        source=data.source, pool_images=pool, test_images=test, test_available=data.test_images,
+        stratified=resized and test < data.test_images, image_shape=tuple(data.image_shape),
+        num_classes=num_classes,
+    )
+
+
+def _largest(*caps: int | None) -> int | None:
+    return None if any(c is None for c in caps) else max(c for c in caps if c is not None)
+
+
+def _refine_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> RefinePlan:
+    r = spec.refine
+    pool = min(data.pool_images, r.pool_size or preset.refine_pool or data.pool_images)
+    return RefinePlan(
+        epochs=r.epochs or preset.refine_epochs, pool_images=pool, unet_width=r.unet_width or preset.unet_width,
+        batch_size=min(REFINE_BATCH, pool), loss=r.loss,
+    )
+
+
+def _probe_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> ProbePlan:
+    api = spec.model.source == "api"
+    wanted = spec.probes.images or (preset.api_probe_images if api else preset.probe_images)
+    probes = _battery_size(api, data.image_shape)
+    return ProbePlan(images=min(wanted, data.test_images), battery="api" if api else "full", probes=probes,
+                     after_probes=min(API_AFTER_PROBES, probes) if api else probes,
+                     min_images=probe_images_floor(data.num_classes))
+
+
+@functools.cache
+def _battery_size(api: bool, image_shape: tuple[int, int, int]) -> int:
+    return len(build_battery(probe_config(api), image_shape))
+
+
+def probe_config(api: bool, images: int = 1, seed: int = 0) -> ProbeConfig:
+    """The probe battery of a checkpoint audit (the full one) or of an API audit (API_PROBE_BATTERY)."""
+    return ProbeConfig(num_images=max(1, images), seed=seed, **(API_PROBE_BATTERY if api else {}))
+
+
+def _controls_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> ControlsPlan:
+    c = spec.controls
+    if c.attacks and c.target >= data.num_classes:
+        raise _spec_error("controls.target", f"{c.target} is not a class of this data (0..{data.num_classes - 1})")
+    cap = spec.data.train_size or preset.control_train_images
+    train = data.pool_images if cap is None else min(data.pool_images, cap)
+    return ControlsPlan(attacks=tuple(c.attacks), target=c.target, epochs=c.train_epochs or preset.control_epochs,
+                        train_images=train, batch_size=min(CONTROL_BATCH, train))
+
+
+def _bf16(spec: AuditSpec, device: torch.device) -> bool:
+    """bf16 autocast where the CPU computes it natively: ~1.5x faster CNNs, ~2x the U-Net (auditor/runtime.py)."""
+    from auditor.runtime import cpu_bf16_pays
+
+    return cpu_bf16_pays(device) if spec.refine.bf16 is None else spec.refine.bf16
+
+
+def _data_notes(spec: AuditSpec, data: DataPlan) -> list[str]:
+    notes = []
+    if data.stratified:
+        sized = (f", the {API_EVALUATION_IMAGES:,} that measure BA within ±{100 * EVALUATION_HALF_WIDTH:.0f} points"
+                 if data.test_images == API_EVALUATION_IMAGES else "")
+        notes.append(f"Evaluation on a stratified subsample of {data.test_images:,} of {data.test_available:,} test "
+                     f"images{sized} (2 queries each).")
+    worst = _worst_half_width(data.test_images)
+    if worst > EVALUATION_HALF_WIDTH:
+        notes.append(
+            f"BA is measured on {data.test_images:,} test images (up to ±{100 * worst:.1f} points); above "
+            f"±{100 * EVALUATION_HALF_WIDTH:.0f} points the evaluation gate makes the verdict inconclusive."
+        )
+    return notes
+
+
+def _worst_half_width(n: int) -> float:
+    return wilson(n // 2, n).half_width
+
+
+def _probe_notes(probes: ProbePlan, num_classes: int) -> list[str]:
+    if probes.images >= probes.min_images:
+        return []
+    return [f"Probes run on {probes.images} images, fewer than the {probes.min_images} ({num_classes} classes) the "
+            "probe-evidence gate needs: the verdict will be inconclusive."]
+
+
+def _spec_error(field_path: str, message: str) -> AuditError:
+    return AuditError(ErrorCode.INVALID_SPEC, f"{field_path}: {message}",
+                      {"fields": [{"field": field_path, "message": message}]})
+

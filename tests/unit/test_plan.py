@@ -1,0 +1,147 @@
+"""The audit plan: one resolved set of numbers, sound or refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from auditor.blackbox import DistillConfig, RefitConfig
+from auditor.data import ImageSet
+from auditor.errors import AuditError, ErrorCode
+from auditor.pipeline import FASHION_MNIST, STAGES, plan_audit, upload_summary
+from auditor.pipeline.data import stratified_take
+from auditor.pipeline.describe import describe_plan
+from auditor.pipeline.plan import API_EVALUATION_IMAGES, EFFORTS, MIN_DISTILL_QUERIES
+from auditor.pipeline.refine import refine_config
+from auditor.spec import parse_spec
+
+README_API = {"model": {"source": "api", "api": {"url": "http://127.0.0.1:9000/v1/models/model:predict",
+                                                   "output": "labels", "query_budget": 20_000}}}
+
+
+def api_spec(budget: int = 20_000, effort: str = "standard", **extra) -> dict:
+    spec = {"effort": effort, "model": {"source": "api", "api": {**README_API["model"]["api"], "query_budget": budget}}}
+    for section, values in extra.items():
+        spec[section] = values
+    return spec
+
+
+def test_the_readme_black_box_example_resolves_to_a_sound_plan():
+    plan = plan_audit(parse_spec(README_API), FASHION_MNIST)
+
+    q = plan.queries
+    assert plan.effort == "standard" and plan.stages == STAGES
+    assert q.distillation >= MIN_DISTILL_QUERIES  # it used to leave 2 queries here
+    assert plan.data.stratified and plan.data.test_images == API_EVALUATION_IMAGES == 2401
+    assert q.evaluation == 2 * 2401
+    assert plan.probes.images >= plan.probes.min_images == 100
+    assert q.refits > 0 and plan.surrogate.refit_rounds == 5
+    assert q.distillation + q.refits + q.evaluation + q.probes + q.unallocated == 20_000
+    assert plan.surrogate.distill_queries == q.distillation and plan.surrogate.refit_queries == q.refits
+
+
+def test_a_budget_below_the_minimum_is_refused_with_the_minimum_that_works():
+    with pytest.raises(AuditError) as refused:
+        plan_audit(parse_spec(api_spec(budget=12_000)), FASHION_MNIST)
+
+    error = refused.value
+    assert error.code is ErrorCode.INSUFFICIENT_QUERY_BUDGET and error.is_input_error
+    needed = error.detail["needed"]
+    assert needed > 12_000 and f"{needed:,}" in error.message and "data.test_size" in error.message
+    plan = plan_audit(parse_spec(api_spec(budget=needed)), FASHION_MNIST)  # exactly the minimum is enough
+    assert plan.queries.distillation >= MIN_DISTILL_QUERIES
+
+
+def test_lowering_the_test_size_lowers_the_minimum_by_two_queries_per_image():
+    def needed(test_size: int | None) -> int:
+        data = {"test_size": test_size} if test_size else {}
+        with pytest.raises(AuditError) as refused:
+            plan_audit(parse_spec(api_spec(budget=100, data=data)), FASHION_MNIST)
+        return refused.value.detail["needed"]
+
+    assert needed(None) - needed(1401) == 2 * (2401 - 1401)
+
+
+def test_thorough_effort_needs_more_than_the_default_budget():
+    with pytest.raises(AuditError) as refused:
+        plan_audit(parse_spec(api_spec(effort="thorough")), FASHION_MNIST)
+    assert refused.value.code is ErrorCode.INSUFFICIENT_QUERY_BUDGET
+
+
+def test_explicit_numbers_are_honoured_or_refused_never_shrunk():
+    plan = plan_audit(parse_spec(api_spec(budget=60_000, probes={"images": 300}, data={"test_size": 4000})),
+                      FASHION_MNIST)
+    assert (plan.probes.images, plan.data.test_images, plan.data.stratified) == (300, 4000, False)
+    with pytest.raises(AuditError) as refused:
+        plan_audit(parse_spec(api_spec(probes={"images": 1000})), FASHION_MNIST)
+    assert refused.value.code is ErrorCode.INSUFFICIENT_QUERY_BUDGET
+
+
+def test_a_pool_smaller_than_one_batch_trains_in_one_smaller_batch():
+    plan = plan_audit(parse_spec({"effort": "tiny", "refine": {"pool_size": 64}}), FASHION_MNIST)
+    assert (plan.refine.pool_images, plan.refine.batch_size) == (64, 64)
+    assert refine_config(plan).batch_size == 64  # RefineConfig accepts it (it refused pool < batch before)
+
+
+def test_a_control_target_outside_the_classes_is_refused_up_front():
+    with pytest.raises(AuditError) as refused:
+        plan_audit(parse_spec({"controls": {"target": 12}}), FASHION_MNIST)
+    assert refused.value.code is ErrorCode.INVALID_SPEC
+    assert refused.value.detail["fields"][0]["field"] == "controls.target"
+
+
+def test_unlabelled_upload_needs_the_class_count():
+    data = upload_summary(500, (1, 16, 16), None, False, 0.2)
+    with pytest.raises(AuditError) as refused:
+        plan_audit(parse_spec({"data": {"source": "upload"}}), data)
+    assert refused.value.detail["fields"][0]["field"] == "model.architecture.num_classes"
+    plan = plan_audit(parse_spec({"data": {"source": "upload"}, "model": {"architecture": {"num_classes": 4}}}), data)
+    assert (plan.data.num_classes, plan.data.pool_images, plan.data.test_images) == (4, 400, 100)
+
+
+def test_efforts_have_named_fields_and_plans_record_every_number():
+    assert EFFORTS["standard"].refine_epochs == 6 and EFFORTS["tiny"].unet_width == 8
+    plan = plan_audit(parse_spec({"effort": "quick"}), FASHION_MNIST)
+    assert plan.refine.epochs == EFFORTS["quick"].refine_epochs
+    assert plan.controls.attacks == ("badnets", "blended") and plan.controls.train_images == 20_000
+    assert plan.surrogate is None and plan.queries is None and "surrogate" not in plan.stages
+    assert plan.to_dict()["controls"]["attacks"] == ["badnets", "blended"]  # JSON-ready
+
+
+def test_time_estimates_weight_the_planned_stages():
+    checkpoint = plan_audit(parse_spec({"effort": "standard"}), FASHION_MNIST)
+    api = plan_audit(parse_spec(README_API), FASHION_MNIST)
+
+    for plan in (checkpoint, api):
+        weights = plan.stage_weights()
+        assert list(weights) == list(plan.stages) and sum(weights.values()) == pytest.approx(1.0)
+        assert max(weights, key=weights.get) in ("refine", "evaluate")
+    assert api.estimate_seconds["surrogate"] > 0
+    rows = dict(describe_plan(api))
+    assert rows["Queries"].startswith("20,000:") and "Estimated time" in rows
+
+
+def test_distillation_and_refit_configs_take_the_plans_numbers():
+    plan = plan_audit(parse_spec(README_API), FASHION_MNIST)
+    assert DistillConfig(query_budget=plan.surrogate.distill_queries).query_budget == plan.queries.distillation
+    assert RefitConfig(query_budget=plan.surrogate.refit_queries).rounds == plan.surrogate.refit_rounds
+    with pytest.raises(TypeError):
+        DistillConfig()  # no second default budget to drift from the plan's
+
+
+def test_stratified_subsample_keeps_each_class_share():
+    y = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    data = ImageSet(torch.zeros(1000, 1, 8, 8, dtype=torch.uint8), y)
+    sample = stratified_take(data, 100, seed=3)
+    assert len(sample) == 100
+    assert torch.bincount(sample.y).tolist() == [60, 30, 10]
+
+
+def test_the_pipeline_imports_no_web_queue_or_database_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, auditor.pipeline, auditor.pipeline.run; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'celery', 'sqlalchemy', 'boto3', 'redis', 'werkzeug'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
