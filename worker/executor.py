@@ -2,7 +2,7 @@
 
 The Celery task (``worker.tasks.run_audit``) and the web app's in-process queue both
 call ``execute_audit(audit_id, settings)``; everything that makes a run safe to repeat
-lives here, in the order STYLE.md asks for:
+lives here, in this order (short sessions around long work, record then re-raise):
 
 1. **Claim** (short session): only a ``queued`` row is claimed (``mark_running``,
    attempts + 1), so of two messages for one audit only the first runs it. A terminal

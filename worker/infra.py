@@ -1,6 +1,6 @@
 """Which failures are the infrastructure's fault, and therefore worth retrying.
 
-STYLE.md's rule: retry transient infrastructure errors (an S3 endpoint or the database
+The rule: retry transient infrastructure errors (an S3 endpoint or the database
 briefly unreachable), never a training failure. This module draws that line in one
 place: ``transient_error(exc)`` turns a boto/botocore or SQLAlchemy connection-level
 exception into a ``TransientInfraError`` carrying the error code to store if retries
