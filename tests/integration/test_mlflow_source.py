@@ -32,7 +32,7 @@ from auditor.pipeline import AuditInputs, run_audit
 from auditor.registry.source import MlflowConfig, registry_runner
 from auditor.spec import parse_spec
 
-START_TIMEOUT_S = 180  # a cold start imports a lot; the shared CI machine is slow
+START_TIMEOUT_S = 300  # a cold start migrates a fresh SQLite registry: about a minute on a loaded 2-core machine
 TINY_MLFLOW_SPEC: dict[str, Any] = {"effort": "tiny", "data": {"train_size": 600, "test_size": 200},
                                     "controls": {"attacks": []}}
 
@@ -210,3 +210,17 @@ def test_the_rest_api_refuses_a_malformed_reference_or_a_service_without_mlflow(
     assert accepted.status_code == 202, accepted.get_json()
     both = configured.submit(token, b"weights", {"effort": "tiny", "model": {"mlflow": {"uri": "models:/x/1"}}})
     assert both.status_code == 422 and both.get_json()["error"]["detail"]["fields"][0]["field"] == "model.mlflow"
+
+
+def test_the_cli_reads_mlflow_references_from_the_configured_server(tmp_path: Path, mlflow_server: str) -> None:
+    from click.testing import CliRunner
+
+    from auditor.cli import EXIT_INVALID_INPUT, main
+
+    env = {"REFINE_AUDIT_MLFLOW_TRACKING_URI": mlflow_server, "REFINE_AUDIT_DATA_DIR": str(tmp_path / "data")}
+    args = ["audit", "--mlflow", "models:/no-such-model/1", "--no-sandbox", "--quiet", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+    assert result.exit_code == EXIT_INVALID_INPUT, result.output
+    assert "[mlflow_not_found]" in result.output and "no-such-model" in result.output
+    refused = CliRunner().invoke(main, ["audit", "--mlflow", "runs:/x/../m", "--out", str(tmp_path / "out")], env=env)
+    assert refused.exit_code == EXIT_INVALID_INPUT and "model.mlflow.uri" in refused.output
