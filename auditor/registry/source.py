@@ -118,7 +118,7 @@ def audit_from_mlflow(runner: Runner, config: MlflowConfig, spec: Any, inputs: A
                         exc.message)
             result = AuditResult("failed", out, summary={"status": "failed"}, error=exc.to_dict())
             if exc.code not in UNTAGGABLE and spec.model.mlflow.write_back:  # the model exists: say why it was refused
-                _write_back_quietly(client, FetchedModel(reference, target, "", reference.run_id), result,
+                write_back_quietly(client, FetchedModel(reference, target, "", reference.run_id), result,
                                     inputs.audit_id)
             return result
         if should_cancel():
@@ -129,7 +129,7 @@ def audit_from_mlflow(runner: Runner, config: MlflowConfig, spec: Any, inputs: A
         spec = spec.model_copy(update={"model": spec.model.model_copy(update={"mlflow": mlflow})})
         result = runner(spec, replace(inputs, model_path=fetched.path), on_progress, should_cancel, on_metrics)
         if spec.model.mlflow.write_back:
-            _write_back_quietly(client, fetched, result, inputs.audit_id)
+            write_back_quietly(client, fetched, result, inputs.audit_id)
         return result
     finally:
         client.close()
@@ -215,7 +215,7 @@ def _join(*parts: str) -> str:
 # ---------------------------------------------------------------------------- write back
 
 
-def _write_back_quietly(client: MlflowClient, fetched: FetchedModel, result: Any, audit_id: str) -> None:
+def write_back_quietly(client: MlflowClient, fetched: FetchedModel, result: Any, audit_id: str) -> None:
     """``write_back``; whatever fails becomes a warning in the logs and the report, never the audit's failure."""
     for warning in write_back(client, fetched, result, audit_id):
         log.warning("audit %s: %s", audit_id, warning)

@@ -224,3 +224,26 @@ def test_the_cli_reads_mlflow_references_from_the_configured_server(tmp_path: Pa
     assert "[mlflow_not_found]" in result.output and "no-such-model" in result.output
     refused = CliRunner().invoke(main, ["audit", "--mlflow", "runs:/x/../m", "--out", str(tmp_path / "out")], env=env)
     assert refused.exit_code == EXIT_INVALID_INPUT and "model.mlflow.uri" in refused.output
+
+
+def test_a_failed_write_back_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    from auditor.pipeline import ArtifactFile, AuditResult
+    from auditor.registry.mlflow import MlflowClient
+    from auditor.registry.source import FetchedModel, write_back_quietly
+    from auditor.registry.uri import parse_mlflow_uri
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "audit.log").write_text("")
+    (out / "report.html").write_text("<html></html>")
+    result = AuditResult("succeeded", out, None, {"status": "succeeded", "verdict": "no_evidence"},
+                         [ArtifactFile("report.html", out / "report.html", "report", "text/html")])
+    down = MlflowClient(f"http://127.0.0.1:{_free_port()}", timeout_s=2, retries=0)
+    fetched = FetchedModel(parse_mlflow_uri("models:/m/1"), tmp_path / "model", "model.safetensors", "r1")
+
+    write_back_quietly(down, fetched, result, "audit-9")
+
+    assert result.status == "succeeded"
+    lines = (out / "audit.log").read_text().splitlines()
+    assert len(lines) == 2 and all("WARNING" in line and "MLflow write-back" in line for line in lines)
+    assert "report files were not logged to run r1" in lines[0] and "tags were not set on models:/m/1" in lines[1]
