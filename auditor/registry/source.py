@@ -260,14 +260,25 @@ def outcome_tags(result: Any, audit_id: str, report_link: str | None) -> dict[st
     values: dict[str, Any] = {"audit_id": audit_id, "status": result.status,
                               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     values.update({key: summary[key] for key in SUMMARY_TAGS if summary.get(key) is not None})
-    if summary.get("gates_tripped") is not None:
-        values["gates_tripped"] = ",".join(summary["gates_tripped"]) or "none"
+    gates = _tripped_gates(summary, result.report)
+    if gates is not None:
+        values["gates_tripped"] = ",".join(gates) or "none"
     if result.error:
         values["error_code"] = result.error.get("code")
         values["error_message"] = result.error.get("message")
     if report_link:
         values["report"] = report_link
     return {TAG_PREFIX + key: _tag_value(value) for key, value in values.items() if value is not None}
+
+
+def _tripped_gates(summary: dict[str, Any], report: dict[str, Any] | None) -> list[str] | None:
+    """From the summary, or from the report (a sandboxed audit's summary keeps scalars only)."""
+    if isinstance(summary.get("gates_tripped"), list):
+        return [str(name) for name in summary["gates_tripped"]]
+    gates = (report or {}).get("gates")
+    if not isinstance(gates, list):
+        return None
+    return [str(g.get("name")) for g in gates if isinstance(g, dict) and g.get("tripped")]
 
 
 def _tag_value(value: Any) -> str:

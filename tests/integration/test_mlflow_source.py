@@ -141,6 +141,7 @@ def test_a_registered_safetensors_version_is_audited_and_tagged_with_its_verdict
     assert float(tags["refine_audit.ba_before"]) == pytest.approx(result.summary["ba_before"], abs=1e-4)
     assert float(tags["refine_audit.ba_after"]) == pytest.approx(result.summary["ba_after"], abs=1e-4)
     assert float(tags["refine_audit.suspicion_before"]) == pytest.approx(result.summary["suspicion_before"], abs=1e-4)
+    assert tags["refine_audit.gates_tripped"] == ",".join(result.summary["gates_tripped"])
     assert tags["refine_audit.report"] == f"runs:/{run_id}/refine-audit/mlflow-audit-1/"
     assert "refine_audit.error_code" not in tags
     logged = {f.path: f.file_size for f in registry.list_artifacts(run_id, "refine-audit/mlflow-audit-1")}
