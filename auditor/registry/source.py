@@ -138,6 +138,23 @@ def audit_from_mlflow(runner: Runner, config: MlflowConfig, spec: Any, inputs: A
 # ---------------------------------------------------------------------------- fetch
 
 
+def check_reference(tracking_uri: str, uri: str, timeout_s: float = 10.0) -> None:
+    """At submission: the model version (or run) exists, so a typo is a 422 now rather than a failed audit later.
+
+    Only metadata is read; the file is fetched (and checked) by the worker.
+    """
+    reference = parse_mlflow_uri(uri)
+    client = MlflowClient(tracking_uri, timeout_s=timeout_s, retries=0)
+    try:
+        if reference.is_model_version:
+            client.model_version(reference.name, reference.version)
+        else:
+            client.run_info(reference.run_id)
+    finally:
+        client.close()
+
+
+
 def fetch_model(client: MlflowClient, reference: MlflowReference, path: str | None, target: Path,
                 max_bytes: int) -> FetchedModel:
     """Download the reference's checkpoint to ``target`` (plus its extension) and check its container."""

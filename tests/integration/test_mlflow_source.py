@@ -198,20 +198,32 @@ def test_server_failures_have_stable_codes(tmp_path: Path, mlflow_server: str) -
     assert unset.error["code"] == "mlflow_unreachable" and "REFINE_AUDIT_MLFLOW_TRACKING_URI" in unset.error["message"]
 
 
-def test_the_rest_api_refuses_a_malformed_reference_or_a_service_without_mlflow(
-        sqlite_api: Api, tmp_path: Path, api_factory: Any, sqlite_engine: Any) -> None:  # noqa: F811
-    token = sqlite_api.token()
-    bad = sqlite_api.submit_json(token, {"effort": "tiny", "model": {"mlflow": {"uri": "models:/x/../1"}}})
+def test_the_rest_api_checks_the_reference_at_submission(
+        sqlite_api: Api, tmp_path: Path, api_factory: Any, sqlite_engine: Any,  # noqa: F811
+        mlflow_server: str, registry: Any) -> None:
+    def submit(api: Api, uri: str) -> Any:
+        return api.submit_json(api.token(), {"effort": "tiny", "model": {"mlflow": {"uri": uri}}})
+
+    bad = submit(sqlite_api, "models:/x/../1")
     assert bad.status_code == 422 and bad.get_json()["error"]["code"] == "invalid_spec"
     assert bad.get_json()["error"]["detail"]["fields"][0]["field"] == "model.mlflow.uri"
-    unconfigured = sqlite_api.submit_json(token, {"effort": "tiny", "model": {"mlflow": {"uri": "models:/x/1"}}})
+    unconfigured = submit(sqlite_api, "models:/x/1")
     assert unconfigured.status_code == 422 and "REFINE_AUDIT_MLFLOW_TRACKING_URI" in unconfigured.get_json()["error"]["message"]
-    configured = api_factory(sqlite_engine, REFINE_AUDIT_MLFLOW_TRACKING_URI="http://127.0.0.1:9")
-    token = configured.token()
-    accepted = configured.submit_json(token, {"effort": "tiny", "model": {"mlflow": {"uri": "models:/x/1"}}})
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"checked by the worker, not at submission")
+    _, version = _register(registry, "rest-classifier", {"model.safetensors": weights})
+    configured = api_factory(sqlite_engine, REFINE_AUDIT_MLFLOW_TRACKING_URI=mlflow_server)
+
+    accepted = submit(configured, f"models:/rest-classifier/{version}")
+    unknown = submit(configured, "models:/rest-classifier/99")
+    both = configured.submit(configured.token(), b"weights", {"model": {"mlflow": {"uri": "models:/rest-classifier/1"}}})
+    down = submit(api_factory(sqlite_engine, REFINE_AUDIT_MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}"),
+                  "models:/rest-classifier/1")
+
     assert accepted.status_code == 202, accepted.get_json()
-    both = configured.submit(token, b"weights", {"effort": "tiny", "model": {"mlflow": {"uri": "models:/x/1"}}})
+    assert unknown.status_code == 422 and unknown.get_json()["error"]["code"] == "mlflow_not_found"
     assert both.status_code == 422 and both.get_json()["error"]["detail"]["fields"][0]["field"] == "model.mlflow"
+    assert down.status_code == 502 and down.get_json()["error"]["code"] == "mlflow_unreachable"
 
 
 def test_the_cli_reads_mlflow_references_from_the_configured_server(tmp_path: Path, mlflow_server: str) -> None:

@@ -80,7 +80,7 @@ def links_to_audit(audit_id: str) -> tuple[Link, ...]:
         200: Reply("A dry run's plan (PlanPreview), or, when the Idempotency-Key was used before, the earlier "
                    "audit (AuditCreated), not queued again.", SubmitReply),
     },
-    errors=(400, 413, 415, 422, 503),
+    errors=(400, 413, 415, 422, 502, 503),
     headers={"Idempotency-Key": Header("Optional; a retry with the same key returns the first audit (200) instead of a new one.",
                                        max_length=service.MAX_IDEMPOTENCY_KEY_LENGTH)},
 )

@@ -20,6 +20,7 @@ from auditor.data.datasets import ImageSet, Limits, load_dataset
 from auditor.errors import AuditError, ErrorCode
 from auditor.models.checkpoints import architecture_from_metadata, check_weights_fit
 from auditor.models.containers import inspect_checkpoint
+from auditor.registry.source import check_reference
 from auditor.spec import AuditSpec
 
 
@@ -63,10 +64,14 @@ def _outbound_urls(spec: AuditSpec) -> list[tuple[str, str]]:
 
 
 def check_mlflow_source(spec: AuditSpec, tracking_uri: str | None) -> None:
-    """A ``model.mlflow`` reference needs the operator's tracking server; its shape was checked with the spec."""
-    if spec.model.mlflow is not None and tracking_uri is None:
+    """A ``model.mlflow`` reference needs the operator's tracking server, and must name a version (or run)
+    it has: ``mlflow_not_found`` (422) now rather than a failed audit later. Its shape was checked with the spec."""
+    if spec.model.mlflow is None:
+        return
+    if tracking_uri is None:
         raise _spec_field("model.mlflow", "this service has no MLflow tracking server configured "
                                           "(REFINE_AUDIT_MLFLOW_TRACKING_URI); upload the checkpoint instead")
+    check_reference(tracking_uri, spec.model.mlflow.uri)
 
 
 def check_files_match_spec(spec: AuditSpec, *, has_model: bool, has_dataset: bool) -> None:
