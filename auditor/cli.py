@@ -206,6 +206,13 @@ def _build_spec(options: dict[str, Any]) -> dict[str, Any]:
             if options["auth_env"] not in os.environ:
                 raise click.BadParameter(f"environment variable {options['auth_env']} is not set", param_hint="--auth-env")
             api["auth_value"] = os.environ[options["auth_env"]]
+    if options["mlflow"]:
+        mlflow = section("model").setdefault("mlflow", {})
+        mlflow["uri"] = options["mlflow"]
+        if options["mlflow_path"]:
+            mlflow["path"] = options["mlflow_path"]
+        if options["no_write_back"]:
+            mlflow["write_back"] = False
     if options["arch"]:
         section("model")["architecture"] = {"name": options["arch"], **({"width": options["width"]} if options["width"] else {})}
     if options["data"] != "fashion-mnist":
@@ -231,6 +238,9 @@ def _build_spec(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--query-budget", type=int, default=None, help="Hard cap on images sent to the API [default: 20000].")
 @click.option("--auth-header", default=None, help="Header carrying the API secret, e.g. Authorization.")
 @click.option("--auth-env", default=None, metavar="VAR", help="Environment variable holding that header's value.")
+@click.option("--mlflow", metavar="URI", help="Audit a checkpoint from the MLflow tracking server (REFINE_AUDIT_MLFLOW_TRACKING_URI): models:/NAME/VERSION or runs:/RUN_ID/PATH.")
+@click.option("--mlflow-path", metavar="PATH", help="The checkpoint file inside those artifacts [default: the one file with a checkpoint extension].")
+@click.option("--no-write-back", is_flag=True, help="Do not tag the MLflow model version or log the report to its run.")
 @click.option("--allow-host", multiple=True, help="Allow an API host the SSRF guard would refuse (e.g. 127.0.0.1).")
 @click.option("--data", default="fashion-mnist", show_default=True, help="fashion-mnist, or a .npz (x, optional y) / zip of class folders.")
 @click.option("--arch", type=click.Choice(["small_cnn", "resnet18"]), default=None, help="Architecture of bare weights (safetensors without metadata, state dicts).")
@@ -259,6 +269,7 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
       refine-audit audit model.pt --plan          # what it would run, and how long it should take
       refine-audit audit weights.safetensors --arch small_cnn --data mydata.npz
       refine-audit audit --api http://127.0.0.1:9000/v1/models/m:predict --output labels --allow-host 127.0.0.1
+      refine-audit audit --mlflow models:/classifier/3   # from MLflow; verdict tags and report written back
 
     The model runs in a bubblewrap sandbox (no network for checkpoints, none of your files or
     environment) when bwrap works here; otherwise, or with --no-sandbox, it runs in this
@@ -272,8 +283,10 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
     settings = load_settings()
     options["data"] = options["data"] or "fashion-mnist"
     try:
-        if model is None and not options["api"]:
-            raise click.UsageError("name a MODEL file or an --api URL")
+        if model is None and not options["api"] and not options["mlflow"]:
+            raise click.UsageError("name a MODEL file, an --api URL or an --mlflow reference")
+        if options["mlflow"] and (model is not None or options["api"]):
+            raise click.UsageError("--mlflow names the model: give no MODEL file or --api with it")
         spec = parse_spec(_build_spec(options))
     except AuditError as exc:
         fail(exc)
@@ -304,8 +317,10 @@ def _audit_runner(settings: Any, no_sandbox: bool) -> Any:
         click.secho(message, fg="yellow", err=True)
 
     if no_sandbox:
+        from auditor.registry.source import mlflow_config, registry_runner
+
         warn("WARNING: --no-sandbox: the model runs in this process, with your rights, files and environment.")
-        return run_audit
+        return registry_runner(run_audit, mlflow_config(settings))
     try:
         return audit_runner(settings, warn)
     except SandboxUnavailable as exc:

@@ -26,6 +26,11 @@ class ErrorCode(str, Enum):
     QUERY_BUDGET_EXHAUSTED = "query_budget_exhausted"
     INSUFFICIENT_QUERY_BUDGET = "insufficient_query_budget"  # refused before any work: the plan needs more queries
     URL_NOT_ALLOWED = "url_not_allowed"
+    # A model read from the operator's MLflow tracking server (model.mlflow in the spec).
+    MLFLOW_UNREACHABLE = "mlflow_unreachable"  # no server configured, connection refused, timeout or 5xx
+    MLFLOW_NOT_FOUND = "mlflow_not_found"  # no such registered model, version, run or artifact
+    MLFLOW_AUTH_FAILED = "mlflow_auth_failed"  # the server refused our credentials (401/403)
+    MLFLOW_BAD_RESPONSE = "mlflow_bad_response"  # an answer we cannot use, e.g. artifacts the server does not proxy
     CANCELLED = "cancelled"
     INTERNAL_ERROR = "internal_error"
     # Service-level codes (the REST API and the worker); web/errors.py maps each to an HTTP status.
@@ -61,6 +66,7 @@ INPUT_ERRORS = frozenset(
         ErrorCode.MODEL_DATA_MISMATCH,
         ErrorCode.URL_NOT_ALLOWED,
         ErrorCode.INSUFFICIENT_QUERY_BUDGET,
+        ErrorCode.MLFLOW_NOT_FOUND,
     }
 )
 

@@ -89,6 +89,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_SANDBOX_MEMORY_MB", "8192", "Memory limit (RLIMIT_DATA) of each process of a sandboxed audit, in MiB."),
     Variable("REFINE_AUDIT_SANDBOX_CPU_S", "(2 x the audit time limit)", "CPU-time limit of a sandboxed audit, in seconds."),
     Variable("REFINE_AUDIT_LOG_FORMAT", "text", "text | json: json writes one object per line, with the audit id while an audit runs."),
+    Variable("REFINE_AUDIT_MLFLOW_TRACKING_URI", "(unset: no MLflow source)",
+             "http(s):// URL of the MLflow tracking server that `model.mlflow` references (models:/, runs:/) are read "
+             "from and audit results written back to; user:password@ in it is sent as basic auth."),
 )
 
 
@@ -126,6 +129,7 @@ class Settings:
     sandbox_cpu_s: int
     thread_env: tuple[tuple[str, str], ...]  # THREAD_VARIABLES that are set, for sandboxed audits
     log_format: str  # json for log shippers (one object per line); text for people
+    mlflow_tracking_uri: str | None = field(default=None, repr=False)  # may carry credentials
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -167,6 +171,7 @@ class Settings:
             sandbox_cpu_s=_positive_int(get, "REFINE_AUDIT_SANDBOX_CPU_S", 2 * time_limit),
             thread_env=tuple((name, value) for name in THREAD_VARIABLES if (value := get(name))),
             log_format=_choice("REFINE_AUDIT_LOG_FORMAT", (get("REFINE_AUDIT_LOG_FORMAT") or "text").lower(), LOG_FORMATS),
+            mlflow_tracking_uri=_mlflow_tracking_uri(get("REFINE_AUDIT_MLFLOW_TRACKING_URI")),
         )
 
     @property
@@ -265,6 +270,17 @@ def _http_url(name: str, url: str | None) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SettingsError(name, f"must be an http(s):// URL, not {url!r}")
     return url
+
+
+def _mlflow_tracking_uri(url: str | None) -> str | None:
+    """Only a server we talk to over HTTP: file stores and ``databricks`` profiles need the mlflow package."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # the value may hold a password: name the problem, not the value
+        raise SettingsError("REFINE_AUDIT_MLFLOW_TRACKING_URI", "must be the http(s):// URL of an MLflow tracking server")
+    return url.rstrip("/")
 
 
 def _secret_key(value: str | None, *, production: bool) -> str:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, mod
 from auditor.attacks import ATTACKS
 from auditor.errors import AuditError, ErrorCode
 from auditor.pipeline.plan import DEFAULT_QUERY_BUDGET
+from auditor.registry.uri import PATH_PATTERN, URI_HELP, URI_PATTERN, check_artifact_path, parse_mlflow_uri
 
 SPEC_VERSION = "1"
 Effort = Literal["tiny", "quick", "standard", "thorough"]
@@ -61,10 +62,40 @@ class ApiSpec(_Strict):
         return out
 
 
+class MlflowSpec(_Strict):
+    """A checkpoint read from the operator's MLflow tracking server instead of an upload.
+
+    The file is downloaded by the worker (never by the sandbox), checked like an upload and
+    loaded only in the sandbox; results are written back to the model version (or run).
+    """
+
+    uri: str = Field(..., max_length=2000, description=f"{URI_HELP}, on the server REFINE_AUDIT_MLFLOW_TRACKING_URI names.",
+                     json_schema_extra={"pattern": URI_PATTERN})
+    path: str | None = Field(None, max_length=1000,
+                             description="The checkpoint file inside those artifacts, e.g. data/model.safetensors; "
+                                         "by default the one file with a checkpoint extension.",
+                             json_schema_extra={"pattern": PATH_PATTERN})
+    write_back: bool = Field(True, description="Tag the model version (or run) with the outcome and log the report "
+                                               "files to its run under refine-audit/<audit id>/.")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_form(cls, uri: str) -> str:
+        parse_mlflow_uri(uri)
+        return uri
+
+    @field_validator("path")
+    @classmethod
+    def _inside_artifacts(cls, path: str | None) -> str | None:
+        return None if path is None else check_artifact_path(path)
+
+
 class ModelSpec(_Strict):
-    source: Literal["checkpoint", "api"] = "checkpoint"
+    source: Literal["checkpoint", "api"] = Field(
+        "checkpoint", description="checkpoint: an uploaded file, or one read from MLflow (model.mlflow); api: a prediction API.")
     architecture: ArchitectureSpec | None = Field(None, description="For bare weights; the surrogate's architecture for API models.")
     api: ApiSpec | None = None
+    mlflow: MlflowSpec | None = Field(None, description="Read the checkpoint from MLflow instead of uploading it.")
 
     @model_validator(mode="after")
     def _api_needs_description(self) -> "ModelSpec":
@@ -72,6 +103,8 @@ class ModelSpec(_Strict):
             raise ValueError("model.api is required when model.source is 'api'")
         if self.source == "checkpoint" and self.api is not None:
             raise ValueError("model.api is only for model.source 'api'")
+        if self.source == "api" and self.mlflow is not None:
+            raise ValueError("model.mlflow names a checkpoint; it is only for model.source 'checkpoint'")
         return self
 
 

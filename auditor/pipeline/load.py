@@ -22,6 +22,9 @@ def stage_load(state: AuditState) -> None:
         connect_api(state)
         return
     if state.inputs.model_path is None:
+        if state.spec.model.mlflow is not None:  # fetched by the runner around run_audit (auditor.registry)
+            raise AuditError(ErrorCode.INVALID_CHECKPOINT, "The MLflow model was not fetched: run MLflow references "
+                                                           "through auditor.sandbox.audit_runner.")
         raise AuditError(ErrorCode.INVALID_CHECKPOINT, "A checkpoint audit needs a model file.")
     fallback = arch_for(state)
     explicit = fallback if state.spec.model.architecture is not None else None

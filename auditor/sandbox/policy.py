@@ -57,15 +57,20 @@ def policy_from_settings(settings: Settings) -> SandboxPolicy:
 
 
 def audit_runner(settings: Settings, warn: Callable[[str], None]) -> Runner:
-    """``run_audit``'s drop-in for this process: sandboxed when possible, refused in production when not."""
+    """``run_audit``'s drop-in for this process: sandboxed when possible, refused in production when not.
+
+    Checkpoints named by an MLflow reference are fetched here, on the trusted side, before
+    the sandbox starts, and the outcome is written back after it (``auditor.registry``).
+    """
     from auditor.pipeline import run_audit
+    from auditor.registry.source import mlflow_config, registry_runner
 
     policy = sandbox_policy(settings, warn)
     if policy is None:
-        return run_audit
+        return registry_runner(run_audit, mlflow_config(settings))
     from auditor.sandbox.launcher import run_audit_sandboxed
 
-    return functools.partial(run_audit_sandboxed, policy=policy)
+    return registry_runner(functools.partial(run_audit_sandboxed, policy=policy), mlflow_config(settings))
 
 
 def sandbox_policy(settings: Settings, warn: Callable[[str], None]) -> SandboxPolicy | None:

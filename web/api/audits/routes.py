@@ -72,15 +72,15 @@ def links_to_audit(audit_id: str) -> tuple[Link, ...]:
     summary="Submit an audit",
     body=Body(
         {"multipart/form-data": MULTIPART_SCHEMA, "application/json": AuditSubmission},
-        "A checkpoint upload (multipart) or, for a model behind an API, the AuditSpec as JSON. With "
-        "\"dry_run\": true the submission is checked and planned but not stored: the reply is its plan.",
+        "A checkpoint upload (multipart) or, for a model behind an API or in MLflow (model.mlflow), the AuditSpec "
+        "as JSON. With \"dry_run\": true the submission is checked and planned but not stored: the reply is its plan.",
     ),
     replies={
         202: Reply("Accepted and queued.", AuditCreated, headers=AUDIT_LINK, links=links_to_audit("$response.body#/id")),
         200: Reply("A dry run's plan (PlanPreview), or, when the Idempotency-Key was used before, the earlier "
                    "audit (AuditCreated), not queued again.", SubmitReply),
     },
-    errors=(400, 413, 415, 422, 503),
+    errors=(400, 413, 415, 422, 502, 503),
     headers={"Idempotency-Key": Header("Optional; a retry with the same key returns the first audit (200) instead of a new one.",
                                        max_length=service.MAX_IDEMPOTENCY_KEY_LENGTH)},
 )
@@ -194,7 +194,8 @@ def _read_submission() -> service.Submission:
         return service.Submission(body, {}, key, dry_run=pop_dry_run(body))
     raise AuditError(
         ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-        "Send multipart/form-data (with a model file) or application/json (an AuditSpec for a model API).",
+        "Send multipart/form-data (with a model file) or application/json (an AuditSpec for a model API or an "
+        "MLflow model).",
         {"content_type": request.mimetype},
     )
 

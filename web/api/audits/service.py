@@ -28,7 +28,13 @@ from auditor.store.artifacts import ArtifactStore, audit_prefix, input_key, inpu
 from auditor.store.audits import Page
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from auditor.store.models import Artifact, Audit, AuditEvent
-from web.api.audits.uploads import check_checkpoint, check_dataset, check_files_match_spec, check_urls
+from web.api.audits.uploads import (
+    check_checkpoint,
+    check_dataset,
+    check_files_match_spec,
+    check_mlflow_source,
+    check_urls,
+)
 from web.context import db_session, services
 from web.errors import not_found
 from web.inputs import refuse_unstorable
@@ -96,8 +102,10 @@ def _checked_spec(submission: Submission, settings: Settings) -> AuditSpec:
     refuse_unstorable(submission.spec)  # a spec decoded from a form part or the portal's JSON field
     spec = parse_spec(submission.spec)
     _check_idempotency_key(submission.idempotency_key)
-    has_model = "model" in submission.files or (submission.dry_run and spec.model.source == "checkpoint")
+    uploaded_later = submission.dry_run and spec.model.source == "checkpoint" and spec.model.mlflow is None
+    has_model = "model" in submission.files or uploaded_later
     check_files_match_spec(spec, has_model=has_model, has_dataset="dataset" in submission.files)
+    check_mlflow_source(spec, settings.mlflow_tracking_uri)
     check_urls(spec, settings.allowed_hosts)
     return spec
 

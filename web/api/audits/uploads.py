@@ -20,6 +20,7 @@ from auditor.data.datasets import ImageSet, Limits, load_dataset
 from auditor.errors import AuditError, ErrorCode
 from auditor.models.checkpoints import architecture_from_metadata, check_weights_fit
 from auditor.models.containers import inspect_checkpoint
+from auditor.registry.source import check_reference
 from auditor.spec import AuditSpec
 
 
@@ -62,12 +63,26 @@ def _outbound_urls(spec: AuditSpec) -> list[tuple[str, str]]:
     return urls
 
 
+def check_mlflow_source(spec: AuditSpec, tracking_uri: str | None) -> None:
+    """A ``model.mlflow`` reference needs the operator's tracking server, and must name a version (or run)
+    it has: ``mlflow_not_found`` (422) now rather than a failed audit later. Its shape was checked with the spec."""
+    if spec.model.mlflow is None:
+        return
+    if tracking_uri is None:
+        raise _spec_field("model.mlflow", "this service has no MLflow tracking server configured "
+                                          "(REFINE_AUDIT_MLFLOW_TRACKING_URI); upload the checkpoint instead")
+    check_reference(tracking_uri, spec.model.mlflow.uri)
+
+
 def check_files_match_spec(spec: AuditSpec, *, has_model: bool, has_dataset: bool) -> None:
     """The spec says what is uploaded; a mismatch is a mistake worth reporting, not guessing."""
-    if spec.model.source == "checkpoint" and not has_model:
+    if spec.model.mlflow is not None and has_model:
+        raise _spec_field("model.mlflow", "a model file was uploaded as well; send the file or the MLflow reference")
+    if spec.model.source == "checkpoint" and spec.model.mlflow is None and not has_model:
         raise AuditError(
             ErrorCode.INVALID_CHECKPOINT,
-            "A checkpoint audit needs a 'model' file: send multipart/form-data, or use model.source 'api'.",
+            "A checkpoint audit needs a 'model' file (send multipart/form-data) or an MLflow reference in "
+            "model.mlflow; or use model.source 'api'.",
             {"field": "model"},
         )
     if spec.model.source == "api" and has_model:
