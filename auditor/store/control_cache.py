@@ -18,10 +18,16 @@ worker's executor, the CLI) therefore
    the child.
 
 Nothing here may fail an audit: a store that is down means controls are trained, as
-without a cache. What a cache cannot prove is that a well-formed entry was trained
-honestly; the pipeline re-scores every reused control on the audit's own images, so a
-bad entry can make a control fail its gate, never fake a removed backdoor it did not
-measure.
+without a cache.
+
+What hashes cannot prove is that a well-formed entry was trained honestly. The
+pipeline re-scores every reused control on the audit's own images, so no reported
+figure is copied from the cache; but a sandbox taken over by a hostile model could
+publish bogus weights under its own audit's keys (a REFINE transform that blanks every
+image "removes" a backdoor, visible only as the control's collapsed BA). Publishing is
+therefore confined to the groups the trusted side planned for that audit, and
+provenance is stamped here; training controls in a sandbox that never loads the
+submitted model would close the gap.
 """
 
 from __future__ import annotations

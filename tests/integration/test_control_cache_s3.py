@@ -32,7 +32,7 @@ SPEC: dict[str, Any] = {"effort": "tiny", "data": {"train_size": 300, "test_size
 @pytest.fixture
 def settings(tmp_path: Path, pg_url: str, s3_store: S3Store, s3_endpoint: str, s3_credentials: S3Credentials) -> Settings:
     return settings_for(tmp_path, pg_url, s3_store, s3_endpoint, s3_credentials, REFINE_AUDIT_HEARTBEAT_TIMEOUT_S="60",
-                        REFINE_AUDIT_AUDIT_TIME_LIMIT_S="600")
+                        REFINE_AUDIT_AUDIT_TIME_LIMIT_S="600", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture

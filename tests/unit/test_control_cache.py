@@ -136,3 +136,15 @@ def test_a_second_audit_reuses_the_cached_control_and_a_tampered_entry_is_detect
     rebuilt = json.loads((entry / cc.MANIFEST).read_text())
     assert rebuilt["created_by"]["audit_id"] == "third"
     cc.verify_entry(entry, key)  # the store holds a sound entry again
+
+
+def test_the_cli_puts_the_cache_around_its_runner_unless_turned_off(tmp_path):
+    from auditor.cli import _with_control_cache
+    from auditor.settings import Settings
+
+    on = Settings.from_env({"REFINE_AUDIT_DATA_DIR": str(tmp_path), "REFINE_AUDIT_CONTROL_CACHE": "on"})
+    wrapped = _with_control_cache(on, run_audit)
+    assert wrapped.func is run_with_control_cache and wrapped.args[0] is run_audit
+    assert isinstance(wrapped.args[1], LocalStore) and wrapped.args[1].root == tmp_path / "artifacts"
+    off = Settings.from_env({"REFINE_AUDIT_DATA_DIR": str(tmp_path), "REFINE_AUDIT_CONTROL_CACHE": "off"})
+    assert _with_control_cache(off, run_audit) is run_audit
