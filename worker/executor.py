@@ -52,8 +52,8 @@ from auditor.pipeline import ArtifactFile, AuditInputs, AuditResult, run_audit
 from auditor.settings import Settings
 from auditor.spec import AuditSpec, parse_spec
 from auditor.store import audits as rows
-from auditor.store.control_cache import run_with_control_cache
 from auditor.store.artifacts import ArtifactNotFound, ArtifactStore, artifact_key, input_key, store_from_url
+from auditor.store.control_cache import run_with_control_cache
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from worker.checkpoints import CheckpointMirror, discard_checkpoints
