@@ -86,9 +86,9 @@ def test_keys_cover_what_a_control_depends_on():
 # -- audits sharing a local-folder store ---------------------------------------------------------------------------
 
 
-def _audit(tmp_path: Path, name: str, store: LocalStore, model: Path) -> dict:
+def _audit(tmp_path: Path, name: str, store: LocalStore, model: Path, **changes: dict) -> dict:
     inputs = AuditInputs(tmp_path / name, model_path=model, audit_id=name, device="cpu")
-    result = run_with_control_cache(run_audit, store, parse_spec(SPEC), inputs)
+    result = run_with_control_cache(run_audit, store, parse_spec({**SPEC, **changes}), inputs)
     assert result.status == "succeeded", result.error
     jsonschema.validate(result.report, report_json_schema())
     assert not (tmp_path / name / "control-cache").exists()  # the local copy goes once published
@@ -124,6 +124,12 @@ def test_a_second_audit_reuses_the_cached_control_and_a_tampered_entry_is_detect
     assert second["cache"]["created_by"] == "first"
     assert second["train_seconds"] == 0.0 and second["refine_seconds"] == 0.0  # nothing was trained
     assert second["no_defense"] == first["no_defense"] and second["refine"] == first["refine"]  # re-scored alike
+    assert "reused from audit first" in (tmp_path / "second" / "out" / "report.html").read_text()
+
+    other_refine = _control(_audit(tmp_path, "other-refine", store, model_file, refine={"epochs": 2}))
+    assert other_refine["origin"] == "reused" and other_refine["train_seconds"] == 0.0
+    assert other_refine["cache"]["refine_origin"] == "trained" and other_refine["refine_seconds"] > 0
+    assert other_refine["cache"]["refine_key"] != refine_key  # a second REFINE entry beside the same control
 
     model = entry / "model.safetensors"
     data = bytearray(model.read_bytes())
