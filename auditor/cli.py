@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import signal
@@ -300,12 +301,27 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
         work_dir=out, model_path=model, dataset_path=dataset, allowed_hosts=(*settings.allowed_hosts, *allow_host),
         device=device or settings.device, fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir,
     )
-    runner = _audit_runner(settings, no_sandbox)
+    runner = _with_control_cache(settings, _audit_runner(settings, no_sandbox))
     bars = StageBars(enabled=not quiet)
     with CancelOnInterrupt() as cancel:
         result = runner(spec, inputs, bars, cancel)
     bars.close()
     _print_outcome(result)
+
+
+def _with_control_cache(settings: Any, runner: Any) -> Any:
+    """Positive controls reused from (and published to) the artifact store, unless REFINE_AUDIT_CONTROL_CACHE=off."""
+    if not settings.control_cache:
+        return runner
+    from auditor.store.artifacts import store_from_url
+    from auditor.store.control_cache import run_with_control_cache
+
+    try:
+        store = store_from_url(settings.artifacts_url, settings)
+    except Exception as exc:  # noqa: BLE001 -- an unreachable store means training the controls, as before
+        click.secho(f"control cache unavailable ({exc}); positive controls will be trained", fg="yellow", err=True)
+        return runner
+    return functools.partial(run_with_control_cache, runner, store)
 
 
 def _audit_runner(settings: Any, no_sandbox: bool) -> Any:

@@ -88,6 +88,9 @@ VARIABLES: tuple[Variable, ...] = (
              f"Set to `{UNSAFE_NO_SANDBOX_CONSENT}` to let production start without a working sandbox."),
     Variable("REFINE_AUDIT_SANDBOX_MEMORY_MB", "8192", "Memory limit (RLIMIT_DATA) of each process of a sandboxed audit, in MiB."),
     Variable("REFINE_AUDIT_SANDBOX_CPU_S", "(2 x the audit time limit)", "CPU-time limit of a sandboxed audit, in seconds."),
+    Variable("REFINE_AUDIT_CONTROL_CACHE", "on",
+             "on | off: reuse positive controls trained by earlier audits (kept in the artifact store under "
+             "control-cache/), instead of training them again."),
     Variable("REFINE_AUDIT_LOG_FORMAT", "text", "text | json: json writes one object per line, with the audit id while an audit runs."),
     Variable("REFINE_AUDIT_MLFLOW_TRACKING_URI", "(unset: no MLflow source)",
              "http(s):// URL of the MLflow tracking server that `model.mlflow` references (models:/, runs:/) are read "
@@ -130,6 +133,7 @@ class Settings:
     thread_env: tuple[tuple[str, str], ...]  # THREAD_VARIABLES that are set, for sandboxed audits
     log_format: str  # json for log shippers (one object per line); text for people
     mlflow_tracking_uri: str | None = field(default=None, repr=False)  # may carry credentials
+    control_cache: bool = True  # reuse cached positive controls (auditor/store/control_cache.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -172,6 +176,8 @@ class Settings:
             thread_env=tuple((name, value) for name in THREAD_VARIABLES if (value := get(name))),
             log_format=_choice("REFINE_AUDIT_LOG_FORMAT", (get("REFINE_AUDIT_LOG_FORMAT") or "text").lower(), LOG_FORMATS),
             mlflow_tracking_uri=_mlflow_tracking_uri(get("REFINE_AUDIT_MLFLOW_TRACKING_URI")),
+            control_cache=_choice("REFINE_AUDIT_CONTROL_CACHE", (get("REFINE_AUDIT_CONTROL_CACHE") or "on").lower(),
+                                  ("on", "off")) == "on",
         )
 
     @property

@@ -16,6 +16,9 @@ from pathlib import Path
 # start worker processes beside pytest: two multi-threaded torch processes on two cores make
 # every small op wait a scheduler tick (measured: 13 ms per ReLU). One thread each avoids it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The CLI keeps its positive-control cache in the user's data folder; tests that exercise the cache
+# opt in with a folder of their own, the rest train their controls as they always did.
+os.environ.setdefault("REFINE_AUDIT_CONTROL_CACHE", "off")
 
 import pytest
 import requests

@@ -53,6 +53,7 @@ from auditor.settings import Settings
 from auditor.spec import AuditSpec, parse_spec
 from auditor.store import audits as rows
 from auditor.store.artifacts import ArtifactNotFound, ArtifactStore, artifact_key, input_key, store_from_url
+from auditor.store.control_cache import run_with_control_cache
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from worker.checkpoints import CheckpointMirror, discard_checkpoints
@@ -272,6 +273,9 @@ class AuditExecutor:
         )
         keepalive = self.options.keepalive_s(self.settings.heartbeat_timeout_s)
         with KeepAlive(link, keepalive, after_beat=mirror.sync):
+            if self.settings.control_cache:  # cached positive controls fetched before, new ones published after
+                return run_with_control_cache(self.runner, self.store, spec, inputs, link.on_progress,
+                                              link.should_cancel, link.on_metrics)
             return self.runner(spec, inputs, link.on_progress, link.should_cancel, link.on_metrics)
 
     def _restore_checkpoints(self, mirror: CheckpointMirror) -> None:

@@ -137,6 +137,12 @@ def unpack_fashion_mnist(root: str | Path = DEFAULT_FMNIST_DIR, cache_dir: str |
     return cache
 
 
+def fashion_mnist_files(root: str | Path = DEFAULT_FMNIST_DIR) -> list[Path]:
+    """The four packaged files (what the built-in data set's digest is computed over)."""
+    return [_find(Path(root), f"{prefix}-{kind}-ubyte") for prefix in ("train", "t10k")
+            for kind in ("images-idx3", "labels-idx1")]
+
+
 def load_fashion_mnist(root: str | Path = DEFAULT_FMNIST_DIR, cache_dir: str | Path | None = None) -> tuple[ImageSet, ImageSet]:
     """(train, test) from the IDX files of the Debian package; nothing is downloaded."""
     root, cache = fashion_mnist_dirs(root, cache_dir)

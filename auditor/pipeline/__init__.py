@@ -11,6 +11,7 @@ A map for a first read, in the order an audit runs:
     surrogate.py  stage surrogate (API audits): distil the local stand-in REFINE trains through
     refine.py     stage refine: train T and fix M; save the defense
     evaluate.py   stage evaluate: utility, probes, positive controls (controls.py)
+    cache.py      positive controls reused, not retrained: keys, entries verified by sha256 (store side: auditor/store/control_cache.py)
     verdict.py    evidence gates and verdict rules
     report.py     the report dict, its files and the row summary
     run.py        run_audit: the stages in order, timing, logging, failures

@@ -35,6 +35,7 @@ def stage_data(state: AuditState) -> None:
         pool, test = split_upload(data, spec.data.test_fraction, spec.seed)
         summary, digest = summarize_upload(data, spec.data.test_fraction), sha256_file(state.inputs.dataset_path)
     state.plan = plan = plan_audit(spec, summary, device=state.device)
+    state.labelled = summary.labelled
     state.pool = take(pool, plan.data.pool_images, spec.seed)
     test_take = stratified_take if plan.data.stratified else take
     state.test = test_take(test, plan.data.test_images, spec.seed + 1)

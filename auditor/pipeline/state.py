@@ -29,6 +29,7 @@ class AuditInputs:
     device: str = "auto"  # auto | cpu | cuda (Settings.device)
     fmnist_dir: Path = Path(DEFAULT_FMNIST_DIR)  # where the built-in data set lives (Settings.fmnist_dir)
     cache_dir: Path | None = None  # where its unpacked copy is kept (Settings.data_dir); None: ~/.cache/refine-audit
+    control_cache: Path | None = None  # a folder of cached positive controls (auditor/pipeline/cache.py); None: train
 
 
 @dataclass
@@ -63,6 +64,7 @@ class AuditState:
     pool: ImageSet | None = None
     test: ImageSet | None = None
     data_info: dict[str, Any] = field(default_factory=dict)
+    labelled: bool = True  # the data came with labels (else the controls train on pseudo-labels: never cached)
     model_info: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = None  # the local model (checkpoint) or the surrogate (API)
     arch: Any = None  # ArchConfig: the architecture family of the positive controls (and the surrogate)
@@ -71,6 +73,7 @@ class AuditState:
     refine: Any = None  # RefineResult
     sections: dict[str, Any] = field(default_factory=dict)  # report sections, by name
     findings: Any = None  # verdict.Findings, from the evaluate stage
+    control_cache: Any = None  # cache.ControlCache over inputs.control_cache, opened by the first control
     grids: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     artifacts: list[ArtifactFile] = field(default_factory=list)
 

@@ -268,16 +268,30 @@ def _controls(report: Report) -> Section | None:
         return None
     rows = [[c.attack, report.class_name(c.target), pct(c.poison_rate), change(c.no_defense.ba, c.refine.ba),
              change(c.no_defense.asr, c.refine.asr), change(c.no_defense.ra, c.refine.ra),
-             f"{seconds(c.train_seconds)} + {seconds(c.refine_seconds)}"] for c in report.positive_controls]
+             f"{seconds(c.train_seconds)} + {seconds(c.refine_seconds)}", _origin(c)] for c in report.positive_controls]
+    paragraphs = ["Backdoored reference models trained by this service on the same data, defended with the same "
+                  f"REFINE configuration. Each cell reads no defense {ARROW} REFINE. ASR counts triggered test "
+                  "images outside the target class that are classified as the target; RA counts those classified "
+                  "as their true class."]
+    cached = [c for c in report.positive_controls if c.cache is not None]
+    if cached:
+        paragraphs.append("Controls are cached by everything they depend on (data, architecture, attack, training and "
+                          "REFINE settings, seed, software version); a reused control is scored again on this audit's "
+                          "test images. Cache keys: " + "; ".join(f"{c.attack} {c.cache.key}" for c in cached) + ".")
     return Section(
-        "controls", "Positive controls",
-        paragraphs=["Backdoored reference models trained by this service on the same data, defended with the same "
-                    f"REFINE configuration. Each cell reads no defense {ARROW} REFINE. ASR counts triggered test "
-                    "images outside the target class that are classified as the target; RA counts those classified "
-                    "as their true class."],
-        tables=[Table(["Attack", "Target", "Poisoned", "BA", "ASR", "RA", "Time (train + REFINE)"], rows,
-                      align="llr")],
+        "controls", "Positive controls", paragraphs=paragraphs,
+        tables=[Table(["Attack", "Target", "Poisoned", "BA", "ASR", "RA", "Time (train + REFINE)", "Model"], rows,
+                      align="llrrrrrl")],
     )
+
+
+def _origin(control: PositiveControl) -> str:
+    """trained, or reused with the audit that trained it (and whether REFINE was reused too)."""
+    if control.origin == "trained" or control.cache is None:
+        return "trained"
+    refine = "REFINE reused" if control.cache.refine_origin == "reused" else "REFINE trained"
+    by = f" from audit {control.cache.created_by}" if control.cache.created_by else ""
+    return f"reused{by} ({control.cache.created_at[:10]}; {refine})"
 
 
 def _utility(report: Report) -> Section | None:

@@ -25,8 +25,8 @@ from auditor.pipeline.plan import AuditPlan
 from auditor.pipeline.verdict import Fitness, Gate
 
 #: 2.0: verdict.level gained "inconclusive", succeeded reports need plan, gates, defended_model and figures
-#: (docs/report-schema.md has the migration note).
-SCHEMA_VERSION = "2.0"
+#: (docs/report-schema.md has the migration note). 2.1: positive_controls[].origin and .cache (optional).
+SCHEMA_VERSION = "2.1"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -291,6 +291,20 @@ class AttackMetrics(_Model):
     ra: Fraction
 
 
+CacheKey = Annotated[str, Field(pattern=r"^[0-9a-f]{32}/[0-9a-f]{32}/(control|refine-[0-9a-f]{32})$")]
+
+
+class ControlCacheRecord(_Model):
+    """Where a positive control lives in the control cache, and who put it there."""
+
+    key: CacheKey  # the control model's entry
+    refine_key: CacheKey  # its REFINE defense with this audit's settings
+    refine_origin: Literal["trained", "reused"]
+    created_by: Annotated[str, Field(max_length=128)]  # the audit that trained the control ("" if unknown)
+    created_at: Annotated[str, Field(max_length=64)]
+    rejected: list[Annotated[str, Field(max_length=600)]] = Field(default_factory=list)  # entries found invalid
+
+
 class PositiveControl(_Model):
     """A backdoored reference model the service trained itself, defended with the same REFINE config."""
 
@@ -303,6 +317,8 @@ class PositiveControl(_Model):
     refine_seconds: Seconds
     test_images: Count | None = None  # clean test images behind BA
     triggered_images: Count | None = None  # triggered test images outside the target class, behind ASR and RA
+    origin: Literal["trained", "reused"] = "trained"  # reused: from the control cache, re-scored on this audit's images
+    cache: ControlCacheRecord | None = None  # None: not cached (no cache, or pseudo-labelled data)
 
 
 class Artifact(_Model):
@@ -331,7 +347,7 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0", "2.1"] = SCHEMA_VERSION  # 2.0 reports still validate
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status

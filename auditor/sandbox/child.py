@@ -87,6 +87,7 @@ def run(request: dict[str, Any], events: EventPipe) -> dict[str, Any]:
         device=raw.get("device") or "auto",
         fmnist_dir=Path(raw["fmnist_dir"]),
         cache_dir=Path(raw["cache_dir"]),
+        control_cache=Path(raw["control_cache"]) if raw.get("control_cache") else None,
     )
     cancel_file = Path(request["cancel_file"])
     logging.getLogger("auditor").addHandler(ForwardedLogs(events))

@@ -10,7 +10,10 @@
   project checkout, not ``/root``, not the data dir. ``/proc`` and ``/dev`` are new and
   minimal, ``/tmp`` is private.
 * **writable**: only the audit's ``out/`` and ``refine/`` folders (the report and the
-  per-epoch REFINE checkpoints a retried audit resumes from), bound at ``/work``.
+  per-epoch REFINE checkpoints a retried audit resumes from), bound at ``/work``, and
+  its ``control-cache/`` copy when it has one (the cached positive controls the
+  trusted side fetched for it; what the child adds there is verified before it is
+  published, see ``auditor/store/control_cache.py``).
 * **inputs**: the model and dataset files, read-only at ``/inputs``.
 * **identity**: a fresh environment (``--clearenv``: PATH, HOME, LANG, thread counts,
   the device, the SSRF allowlist of API audits); new user (unless root), IPC, PID, UTS
@@ -61,6 +64,7 @@ WORK = Path("/work")  # the audit's work dir as the child sees it
 INPUTS = Path("/inputs")
 CONTROL = Path("/control")
 CANCEL_FILE = "cancel"
+CONTROL_CACHE = "control-cache"  # the audit's copy of the cached positive controls, at /work/control-cache
 SANDBOX_CACHE_DIR = Path("/tmp/refine-audit")  # the child's cache folder (private /tmp)
 MAX_EVENT_BYTES = 64 << 20  # the final result line carries the report
 RESULT_EXIT_GRACE_S = 30.0
@@ -280,6 +284,9 @@ def _audit_layout(spec: AuditSpec, inputs: AuditInputs, work_dir: Path, control:
     layout = _Layout(network=network, mounts=[_Mount(control, CONTROL)])
     for name in ("out", "refine"):
         layout.mounts.append(_Mount(_writable_dir(work_dir / name, policy), WORK / name, writable=True))
+    if inputs.control_cache is not None:
+        layout.mounts.append(_Mount(_writable_dir(Path(inputs.control_cache), policy), WORK / CONTROL_CACHE,
+                                    writable=True))
     for name, path in (("model", inputs.model_path), ("dataset", inputs.dataset_path)):
         if path is not None:
             layout.mounts.append(_Mount(_readable_input(Path(path), control, policy), INPUTS / name))
@@ -323,6 +330,7 @@ def _request(spec: AuditSpec, inputs: AuditInputs, policy: SandboxPolicy) -> dic
             "device": inputs.device,
             "fmnist_dir": str(policy.fmnist_dir or inputs.fmnist_dir),
             "cache_dir": str(SANDBOX_CACHE_DIR),  # the unpacked Fashion-MNIST is bound below it
+            "control_cache": str(WORK / CONTROL_CACHE) if inputs.control_cache is not None else None,
         },
         "cancel_file": str(CONTROL / CANCEL_FILE),
     }
