@@ -26,8 +26,9 @@ figure is copied from the cache; but a sandbox taken over by a hostile model cou
 publish bogus weights under its own audit's keys (a REFINE transform that blanks every
 image "removes" a backdoor, visible only as the control's collapsed BA). Publishing is
 therefore confined to the groups the trusted side planned for that audit, and
-provenance is stamped here; training controls in a sandbox that never loads the
-submitted model would close the gap.
+provenance is stamped here, and only audits of weights-only checkpoints (safetensors,
+state dicts) or of model APIs publish at all: a TorchScript or ``torch.export`` model
+carries a program, so its audit reuses the cache but never feeds it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from auditor.models.containers import inspect_checkpoint
 from auditor.pipeline import cache as cc
 from auditor.store.artifacts import ArtifactStore
 
@@ -184,6 +186,26 @@ def planned_groups(spec: Any, inputs: Any) -> list[str]:
     return sorted(set(cc.control_groups(spec, plan, digest, summary.labelled).values()))
 
 
+#: Checkpoint formats that are weights only: loading them runs none of the submitter's code.
+CODE_FREE_FORMATS = frozenset({"safetensors", "state_dict"})
+
+
+def may_publish(inputs: Any) -> bool:
+    """Only a sandbox that ran no submitted code may publish controls for other audits.
+
+    TorchScript and ``torch.export`` archives carry a program; were one to take over its
+    sandbox, it could write well-formed but dishonest controls. Audits of such models
+    still reuse the cache, they just never feed it. Audits of a model API load no model.
+    """
+    model_path = getattr(inputs, "model_path", None)
+    if model_path is None:
+        return True
+    try:
+        return inspect_checkpoint(model_path).format in CODE_FREE_FORMATS
+    except Exception:  # noqa: BLE001 -- a file the checks refuse publishes nothing
+        return False
+
+
 def run_with_control_cache(
     runner: Callable[..., Any],
     store: ArtifactStore,
@@ -205,7 +227,11 @@ def run_with_control_cache(
         return runner(spec, replace(inputs, control_cache=sync.root), on_progress, should_cancel, on_metrics)
     finally:
         try:
-            sync.publish()
+            if may_publish(inputs):
+                sync.publish()
+            else:
+                log.info("audit %s: the submitted model carries code; its sandbox's control entries are not "
+                         "published", inputs.audit_id)
         except Exception as exc:  # noqa: BLE001 -- the audit's outcome matters more than the cache
             log.warning("audit %s: control cache not published (%s)", inputs.audit_id, exc)
         shutil.rmtree(sync.root, ignore_errors=True)

@@ -23,7 +23,7 @@ from auditor.pipeline import cache as cc
 from auditor.report import report_json_schema
 from auditor.spec import parse_spec
 from auditor.store.artifacts import LocalStore
-from auditor.store.control_cache import run_with_control_cache
+from auditor.store.control_cache import may_publish, run_with_control_cache
 
 #: Real stages at the smallest size that still trains a control and its REFINE defense.
 SPEC = {"effort": "tiny", "data": {"train_size": 300, "test_size": 100}, "controls": {"attacks": ["badnets"]},
@@ -154,3 +154,19 @@ def test_the_cli_puts_the_cache_around_its_runner_unless_turned_off(tmp_path):
     assert isinstance(wrapped.args[1], LocalStore) and wrapped.args[1].root == tmp_path / "artifacts"
     off = Settings.from_env({"REFINE_AUDIT_DATA_DIR": str(tmp_path), "REFINE_AUDIT_CONTROL_CACHE": "off"})
     assert _with_control_cache(off, run_audit) is run_audit
+
+
+def test_only_audits_that_ran_no_submitted_code_publish_controls(tmp_path: Path) -> None:
+    arch = ArchConfig("small_cnn", num_classes=10, width=4)
+    weights = save_classifier(build_classifier(arch).eval(), arch, tmp_path / "m.safetensors")
+    program = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(program))
+    (tmp_path / "junk.bin").write_bytes(b"not a model")
+
+    def inputs(model_path: Path | None) -> AuditInputs:
+        return AuditInputs(work_dir=tmp_path / "work", audit_id="a", model_path=model_path)
+
+    assert may_publish(inputs(weights))  # weights only: nothing of the submitter's runs
+    assert may_publish(inputs(None))  # a model API: no model file is loaded at all
+    assert not may_publish(inputs(program))  # TorchScript carries a program
+    assert not may_publish(inputs(tmp_path / "junk.bin"))  # refused files publish nothing
