@@ -91,6 +91,9 @@ def export_program(defended: DefendedModel, images: torch.Tensor, path: str | Pa
     """``torch.export`` program (.pt2) with a dynamic batch dimension, reloaded with ``torch.export.load``."""
     path = Path(path)
 
+    if _holds_torchscript(defended):
+        return _not_exportable("torch_export", path)
+
     def write() -> Predict:
         program = torch.export.export(_cpu_eval(defended), (images[:2].cpu(),), dynamic_shapes=_dynamic_batch())
         torch.export.save(program, str(path))
@@ -103,6 +106,8 @@ def export_program(defended: DefendedModel, images: torch.Tensor, path: str | Pa
 def export_onnx(defended: DefendedModel, images: torch.Tensor, path: str | Path) -> ExportedModel:
     """ONNX (one self-contained file, dynamic batch), reloaded and run with onnxruntime."""
     path = Path(path)
+    if _holds_torchscript(defended):
+        return _not_exportable("onnx", path)
 
     def write() -> Predict:
         with _quiet_onnx_exporter():
@@ -196,7 +201,7 @@ def _export_and_check(
         reloaded = write()
         check = compare_predictions(model, reloaded, images)
     except Exception as exc:  # noqa: BLE001 -- a format the model cannot take is reported, not fatal
-        log.warning("export to %s failed: %s", fmt, exc)
+        log.warning("export to %s failed: %s", fmt, _first_line(exc))
         path.unlink(missing_ok=True)
         return ExportedModel(fmt, path.name, None, None, None, deprecated, f"{type(exc).__name__}: {_first_line(exc)}")
     error = None if check.passed else (
@@ -205,6 +210,18 @@ def _export_and_check(
     )
     log.info("exported %s: agreement %.4f, max diff %.3g", path.name, check.agreement, check.max_abs_diff)
     return ExportedModel(fmt, path.name, path, sha256_file(path), check, deprecated, error)
+
+
+def _holds_torchscript(defended: nn.Module) -> bool:
+    """An uploaded TorchScript model inside the defended one: ``torch.export`` (and so ONNX) cannot trace it."""
+    return any(isinstance(module, torch.jit.ScriptModule) for module in defended.modules())
+
+
+def _not_exportable(fmt: str, path: Path) -> ExportedModel:
+    reason = ("the audited model was uploaded as TorchScript, which torch.export cannot re-export; "
+              "audit a .pt2 or safetensors checkpoint to get this format")
+    log.info("no %s export: %s", fmt, reason)
+    return ExportedModel(fmt, path.name, None, None, None, error=reason)
 
 
 def _onnxruntime_predictor(path: Path) -> Predict:

@@ -11,7 +11,7 @@ import torch
 
 from auditor.models import UNetConfig, export_torchscript, load_checkpoint
 from auditor.refine import DefendedModel, RefineConfig, export_defended_formats, train_refine
-from auditor.refine.export import INPUT_NAME, OUTPUT_NAME, compare_predictions, export_program
+from auditor.refine.export import INPUT_NAME, OUTPUT_NAME, compare_predictions, export_onnx, export_program
 
 CPU = torch.device("cpu")
 
@@ -78,11 +78,11 @@ def test_a_format_the_model_cannot_take_is_reported_not_raised(tiny_model, defen
     scripted = load_checkpoint(export_torchscript(tiny_model, test_images[:2], tmp_path / "m.pt")).module
     around_script = DefendedModel(defended.transform, scripted, defended.mapping)
 
-    exported = export_program(around_script, test_images, tmp_path / "defended.pt2")
-
-    assert not exported.verified and exported.path is None and exported.sha256 is None
-    assert exported.error and not (tmp_path / "defended.pt2").exists()
-    assert exported.to_report()["error"] == exported.error
+    for exported, name in ((export_program(around_script, test_images, tmp_path / "defended.pt2"), "defended.pt2"),
+                           (export_onnx(around_script, test_images, tmp_path / "defended.onnx"), "defended.onnx")):
+        assert not exported.verified and exported.path is None and exported.sha256 is None
+        assert "TorchScript" in exported.error and not (tmp_path / name).exists()
+        assert exported.to_report()["error"] == exported.error
 
 
 def test_comparison_counts_disagreements_and_the_largest_difference() -> None:
