@@ -1,0 +1,52 @@
+"""The MAD-based anomaly index of per-class trigger sizes: which class is far too easy to reach.
+
+Trigger reverse-engineering gives every class the smallest mask that sends clean
+images there. A backdoor is a shortcut to its target, so that class's mask is much
+smaller than the others'. How much smaller is judged robustly: against the median
+of all classes and the median absolute deviation (MAD), scaled by 1.4826 so that
+for normally distributed norms it estimates the standard deviation. An index of 2
+is the usual flag (about 2 standard deviations below the typical class).
+
+Pure Python: the verdict reads the threshold without importing torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+#: Makes the MAD a consistent estimate of the standard deviation for normal data.
+MAD_CONSISTENCY = 1.4826
+#: Fallback when more than half the norms are equal (MAD = 0): the mean absolute deviation, scaled for normal data.
+MEAN_AD_CONSISTENCY = 1.2533
+#: A class whose mask norm is this many robust standard deviations below the median is flagged.
+ANOMALY_THRESHOLD = 2.0
+
+
+def anomaly_indices(norms: Sequence[float]) -> list[float]:
+    """Per class, (median - norm) / (1.4826 * MAD): positive when the class's mask is smaller than typical.
+
+    Only the small side matters (a large mask is a hard class, not a backdoor), so the
+    sign is kept and the caller looks at the largest index. With fewer than three
+    classes, or all norms equal, there is no spread to judge by and every index is 0.
+    """
+    values = [float(v) for v in norms]
+    if len(values) < 3:
+        return [0.0] * len(values)
+    median = statistics.median(values)
+    deviations = [abs(v - median) for v in values]
+    scale = MAD_CONSISTENCY * statistics.median(deviations)
+    if scale <= 0.0:
+        scale = MEAN_AD_CONSISTENCY * statistics.fmean(deviations)
+    if scale <= 0.0:
+        return [0.0] * len(values)
+    return [(median - v) / scale for v in values]
+
+
+def most_anomalous(norms: Sequence[float]) -> tuple[int, float]:
+    """The class with the smallest mask and its anomaly index (ties: the lowest class index)."""
+    if not norms:
+        raise ValueError("most_anomalous needs at least one norm")
+    indices = anomaly_indices(norms)
+    suspect = min(range(len(norms)), key=lambda k: (norms[k], k))
+    return suspect, max(0.0, indices[suspect])
