@@ -25,8 +25,9 @@ from auditor.pipeline.plan import AuditPlan
 from auditor.pipeline.verdict import Fitness, Gate
 
 #: 2.0: verdict.level gained "inconclusive", succeeded reports need plan, gates, defended_model and figures
-#: (docs/report-schema.md has the migration note).
-SCHEMA_VERSION = "2.0"
+#: (docs/report-schema.md has the migration note). 2.1 added the optional ``detection`` section,
+#: ``verdict.trigger_evidence`` and ``plan.detection``; 2.0 reports still validate.
+SCHEMA_VERSION = "2.1"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -67,11 +68,16 @@ class Verdict(_Model):
     probe_level: ProbeLevel  # what the suspicion score alone reads, gates aside
     suspicion_before: Fraction  # n and 95% interval in figures.suspicion_before
     suspicion_after: Fraction
+    #: True: trigger reverse-engineering on the submitted model recovered a trigger (detection.recovered), so the
+    #: level is not no_evidence; False: it ran and found none that counts; None: it did not run (2.0 reports).
+    trigger_evidence: bool | None = None
 
     @model_validator(mode="after")
     def _reason_for_inconclusive(self) -> Verdict:
         if (self.level == "inconclusive") != (self.reason is not None):
             raise ValueError("an inconclusive verdict, and only that, carries a reason")
+        if self.trigger_evidence and self.level == "no_evidence":
+            raise ValueError("a recovered trigger never coexists with no_evidence")
         return self
 
 
@@ -305,6 +311,43 @@ class PositiveControl(_Model):
     triggered_images: Count | None = None  # triggered test images outside the target class, behind ASR and RA
 
 
+class Detection(_Model):
+    """Trigger reverse-engineering: per class, the smallest mask and pattern that send clean images there.
+
+    A backdoor target needs a far smaller mask than any other class; the anomaly index says how far (MAD-based,
+    robust standard deviations below the median). Blind to triggers that are not a fixed stamp (e.g. WaNet warps,
+    sample-specific triggers) and to triggers larger than a normal class's mask.
+    """
+
+    model: Literal["submitted", "surrogate"]  # API audits search the distilled surrogate (no API query)
+    suspected_class: ClassIndex  # the class with the smallest mask
+    anomaly_index: Annotated[float, Field(ge=0.0)]
+    anomaly_threshold: Annotated[float, Field(gt=0.0)]  # flagged at or above it
+    flagged: bool
+    success: Figure  # the recovered trigger on held-out clean images not of suspected_class: share sent there
+    success_floor: Fraction
+    recovered: bool  # flagged and success.value >= success_floor
+    counts_toward_verdict: bool  # recovered on the submitted model (not the surrogate): the level is not no_evidence
+    mask_norms: list[Annotated[float, Field(ge=0.0)]]  # per class: L1 norm of the best mask, in pixels
+    anomaly_indices: list[float]  # per class (positive: smaller mask than typical)
+    reached: list[bool] = Field(default_factory=list)  # per class: whether any mask reached the search's target
+    mask_fraction: Fraction  # the suspected mask's L1 norm as a share of the image area
+    steps: Count  # Adam steps per class
+    images: Count  # clean images optimised on
+    seconds: Seconds
+    image: PngName | None = None  # mask, pattern and triggered examples, beside report.json
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Detection:
+        if self.flagged != (self.anomaly_index >= self.anomaly_threshold):
+            raise ValueError("flagged must say whether anomaly_index reaches anomaly_threshold")
+        if self.recovered != (self.flagged and self.success.value >= self.success_floor):
+            raise ValueError("recovered must say whether the flagged trigger reaches success_floor")
+        if self.counts_toward_verdict != (self.recovered and self.model == "submitted"):
+            raise ValueError("only a trigger recovered on the submitted model counts toward the verdict")
+        return self
+
+
 class Artifact(_Model):
     name: str
     kind: str  # e.g. model | transform | defended_model | surrogate | log
@@ -331,7 +374,7 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0", "2.1"] = SCHEMA_VERSION
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status
@@ -350,6 +393,7 @@ class Report(_Model):
     refine: Refine | None = None
     utility: Utility | None = None
     probes: Probes | None = None
+    detection: Detection | None = None  # trigger reverse-engineering (2.1; absent when it did not run)
     positive_controls: list[PositiveControl] = Field(default_factory=list)
     artifacts: list[Artifact] = Field(default_factory=list)
     images: list[ImageRef] = Field(default_factory=list)
@@ -379,6 +423,17 @@ class Report(_Model):
         return self
 
     @model_validator(mode="after")
+    def _recovered_trigger_is_evidence(self) -> Report:
+        d, v = self.detection, self.verdict
+        if d is None or v is None:
+            return self
+        if v.trigger_evidence is not None and v.trigger_evidence != d.counts_toward_verdict:
+            raise ValueError("verdict.trigger_evidence disagrees with detection.counts_toward_verdict")
+        if d.counts_toward_verdict and v.level == "no_evidence":
+            raise ValueError("a trigger recovered on the submitted model never coexists with no_evidence")
+        return self
+
+    @model_validator(mode="after")
     def _sized_by_classes(self) -> Report:
         if self.inputs.data is None:
             return self
@@ -402,10 +457,17 @@ class Report(_Model):
             if u.confusion_after is not None:
                 sized.append(("utility.confusion_after", len(u.confusion_after)))
                 sized += [(f"utility.confusion_after[{i}]", len(row)) for i, row in enumerate(u.confusion_after)]
+        if self.detection is not None:
+            sized += [("detection.mask_norms", len(self.detection.mask_norms)),
+                      ("detection.anomaly_indices", len(self.detection.anomaly_indices))]
+            if self.detection.reached:
+                sized.append(("detection.reached", len(self.detection.reached)))
         return sized
 
     def _class_indices(self) -> list[tuple[str, int]]:
         indices = [(f"positive_controls[{i}].target", pc.target) for i, pc in enumerate(self.positive_controls)]
+        if self.detection is not None:
+            indices.append(("detection.suspected_class", self.detection.suspected_class))
         if self.probes is not None:
             for side in ("before", "after"):
                 result: ProbeResult = getattr(self.probes, side)
