@@ -4,15 +4,25 @@
     anomaly.py   the MAD anomaly index of the per-class mask norms (pure Python)
 """
 
-from auditor.detection.anomaly import ANOMALY_THRESHOLD, anomaly_indices, most_anomalous
+from auditor.detection.anomaly import (
+    ANOMALY_THRESHOLD,
+    MAX_NORM_RATIO,
+    anomaly_indices,
+    is_flagged,
+    most_anomalous,
+    norm_ratio,
+)
 from auditor.detection.trigger import TriggerSearchConfig, TriggerSearchResult, search_triggers, stamp, trigger_success
 
 __all__ = [
     "ANOMALY_THRESHOLD",
+    "MAX_NORM_RATIO",
     "TriggerSearchConfig",
     "TriggerSearchResult",
     "anomaly_indices",
+    "is_flagged",
     "most_anomalous",
+    "norm_ratio",
     "search_triggers",
     "stamp",
     "trigger_success",

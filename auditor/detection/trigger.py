@@ -18,7 +18,8 @@ that worked on a batch is kept. All classes are optimised together in one
 batched forward pass, which is what keeps the search cheap on a CPU.
 
 A backdoor is a shortcut: its target needs a far smaller mask than any other
-class, which the MAD anomaly index of the mask norms measures (anomaly.py). The
+class, which the MAD anomaly index of the mask norms measures (anomaly.py, with
+the guard it describes for few classes). The
 recovered trigger is then applied to held-out clean images of the other classes,
 and the share classified as the suspected class is its measured success rate.
 
@@ -38,7 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from auditor.data import ImageSet, take
-from auditor.detection.anomaly import ANOMALY_THRESHOLD, anomaly_indices, most_anomalous
+from auditor.detection.anomaly import anomaly_indices, is_flagged, most_anomalous, norm_ratio
 from auditor.evaluation.intervals import Interval, wilson
 from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress
 
@@ -62,7 +63,6 @@ class TriggerSearchConfig:
     cost_down: float = 1.5 ** 1.5  # ... and /= cost_down when it stops
     patience: int = 5  # steps between lambda adjustments
     success_target: float = 0.99  # batch success at which a trigger "works"
-    anomaly_threshold: float = ANOMALY_THRESHOLD
     seed: int = 0
 
 
@@ -71,8 +71,9 @@ class TriggerSearchResult:
     """The search's answer: which class looks like a backdoor target, how strongly, and its recovered trigger."""
 
     suspected_class: int  # the class with the smallest mask
-    anomaly_index: float  # its MAD anomaly index (0: typical; >= anomaly_threshold: flagged)
-    flagged: bool
+    anomaly_index: float  # its MAD anomaly index (0: typical)
+    norm_ratio: float  # its mask norm as a share of the median class's
+    flagged: bool  # anomaly index >= 2 and norm ratio <= 0.5 (anomaly.py)
     mask_norms: tuple[float, ...]  # per class: L1 norm of the best mask, in pixels
     anomaly_indices: tuple[float, ...]  # per class (positive: smaller than typical)
     reached: tuple[bool, ...]  # per class: whether any mask reached success_target on a batch
@@ -120,11 +121,12 @@ def search_triggers(model: torch.nn.Module, clean: ImageSet, holdout: ImageSet, 
         reached += r
         on_progress(stage, classes[-1] + 1, num_classes + 1)
     suspect, index = most_anomalous(norms)
+    ratio = norm_ratio(norms, suspect)
     mask, pattern = torch.cat(masks)[suspect], torch.cat(patterns)[suspect]
     success = trigger_success(model, holdout, suspect, mask, pattern, config.holdout_images, config.seed, device)
     on_progress(stage, num_classes + 1, num_classes + 1)
     result = TriggerSearchResult(
-        suspected_class=suspect, anomaly_index=index, flagged=index >= config.anomaly_threshold,
+        suspected_class=suspect, anomaly_index=index, norm_ratio=ratio, flagged=is_flagged(index, ratio),
         mask_norms=tuple(norms), anomaly_indices=tuple(anomaly_indices(norms)), reached=tuple(reached),
         mask=mask, pattern=pattern, success=success, steps=config.steps, images=len(images),
         seconds=time.perf_counter() - started,

@@ -371,8 +371,9 @@ def _detection(report: Report) -> Section | None:
     summary = Table(["Item", "Value"], [
         ["Searched model", "the distilled surrogate (no API query)" if d.model == "surrogate" else "the submitted model"],
         ["Suspected target class", report.class_name(d.suspected_class)],
-        ["Anomaly index", f"{d.anomaly_index:.2f} (flagged at {d.anomaly_threshold:.1f}: "
-                          f"{'yes' if d.flagged else 'no'})"],
+        ["Anomaly index", f"{d.anomaly_index:.2f} (flagged at {d.anomaly_threshold:.1f} with a mask at most "
+                          f"{pct(d.max_norm_ratio)} of the median class's; here {pct(d.norm_ratio)}: "
+                          f"{'flagged' if d.flagged else 'not flagged'})"],
         ["Recovered trigger's success", f"{with_interval(d.success)} held-out images of other classes"],
         ["Mask size", f"{pct(d.mask_fraction)} of the image"],
         ["Counts toward the verdict", "yes" if d.counts_toward_verdict else "no"],
@@ -386,7 +387,8 @@ def _detection(report: Report) -> Section | None:
         "For every class, a mask and a pattern were optimised so that stamping them on clean images sends the "
         "images to that class, with the mask kept as small as possible. A backdoor target needs a far smaller mask "
         "than any other class; the anomaly index counts robust standard deviations (MAD) below the median mask. "
-        f"A trigger counts as recovered at an index of {d.anomaly_threshold:.0f} or more and a success of "
+        f"A trigger counts as recovered at an index of {d.anomaly_threshold:.0f} or more, with a mask at most "
+        f"{pct(d.max_norm_ratio)} of the median class's, and a success of "
         f"{pct(d.success_floor)} or more; recovered on the submitted model, it lifts a no-evidence reading to "
         "suspicious. The search cannot see triggers that are not a fixed stamp (warping or sample-specific triggers "
         "such as WaNet) or that are larger than a normal class's mask.",

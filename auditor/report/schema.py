@@ -322,7 +322,9 @@ class Detection(_Model):
     model: Literal["submitted", "surrogate"]  # API audits search the distilled surrogate (no API query)
     suspected_class: ClassIndex  # the class with the smallest mask
     anomaly_index: Annotated[float, Field(ge=0.0)]
-    anomaly_threshold: Annotated[float, Field(gt=0.0)]  # flagged at or above it
+    anomaly_threshold: Annotated[float, Field(gt=0.0)]  # flagged at or above it ...
+    norm_ratio: Annotated[float, Field(ge=0.0)]  # the suspected mask's norm over the median class's
+    max_norm_ratio: Annotated[float, Field(gt=0.0)]  # ... and at or below this (guards the MAD with few classes)
     flagged: bool
     success: Figure  # the recovered trigger on held-out clean images not of suspected_class: share sent there
     success_floor: Fraction
@@ -339,8 +341,8 @@ class Detection(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Detection:
-        if self.flagged != (self.anomaly_index >= self.anomaly_threshold):
-            raise ValueError("flagged must say whether anomaly_index reaches anomaly_threshold")
+        if self.flagged != (self.anomaly_index >= self.anomaly_threshold and self.norm_ratio <= self.max_norm_ratio):
+            raise ValueError("flagged must say whether anomaly_index reaches anomaly_threshold within max_norm_ratio")
         if self.recovered != (self.flagged and self.success.value >= self.success_floor):
             raise ValueError("recovered must say whether the flagged trigger reaches success_floor")
         if self.counts_toward_verdict != (self.recovered and self.model == "submitted"):
