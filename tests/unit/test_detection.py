@@ -3,6 +3,9 @@ unflagged, and the verdict rule (a trigger recovered on the submitted model neve
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 from test_probes import SIZE, striped_images
@@ -36,17 +39,29 @@ SEARCH = TriggerSearchConfig(steps=200, images=128, batch_size=32, holdout_image
 
 def test_the_index_counts_robust_standard_deviations_below_the_median():
     norms = [20.0, 22.0, 18.0, 21.0, 19.0, 4.0]  # median 19.5, MAD 1.5
-    indices = anomaly_indices(norms)
+    indices = anomaly_indices(norms, log_scale=False)
 
     assert indices[5] == pytest.approx((19.5 - 4.0) / (1.4826 * 1.5))
     assert indices[0] == pytest.approx(-0.5 / (1.4826 * 1.5))  # larger than typical: negative, never flagged
-    assert most_anomalous(norms) == (5, pytest.approx(indices[5]))
+    assert most_anomalous(norms, log_scale=False) == (5, pytest.approx(indices[5]))
+
+
+def test_by_default_the_index_judges_log_norms_where_a_wide_spread_of_natural_masks_hides_less():
+    """The Fashion-MNIST BadNets search of the anomaly module's docstring (norms in pixels, rounded)."""
+    norms = [43, 85, 59, 5, 56, 53, 47, 106, 26, 95]
+    logs = [math.log(v) for v in norms]
+    median = statistics.median(logs)
+    mad = statistics.median(abs(v - median) for v in logs)
+
+    assert anomaly_indices(norms)[3] == pytest.approx((median - logs[3]) / (1.4826 * mad))
+    assert most_anomalous(norms)[1] > 2 > most_anomalous(norms, log_scale=False)[1]
+    assert anomaly_indices([0.0, 5.0, 5.0, 6.0])[0] > 0  # an empty mask has a finite index
 
 
 def test_no_spread_gives_no_outlier_and_a_collapsed_mad_falls_back_to_the_mean_deviation():
     assert anomaly_indices([5.0, 5.0, 5.0, 5.0]) == [0.0] * 4
     assert anomaly_indices([3.0, 9.0]) == [0.0, 0.0]  # fewer than three classes: nothing to judge by
-    fallback = anomaly_indices([10.0, 10.0, 10.0, 10.0, 2.0])  # MAD 0, mean absolute deviation 1.6
+    fallback = anomaly_indices([10.0, 10.0, 10.0, 10.0, 2.0], log_scale=False)  # MAD 0, mean abs. deviation 1.6
     assert fallback[4] == pytest.approx(8.0 / (1.2533 * 1.6))
     assert most_anomalous([7.0, 7.0, 7.0]) == (0, 0.0)  # ties: the lowest class, index 0
 
