@@ -108,7 +108,7 @@ def search_triggers(model: torch.nn.Module, clean: ImageSet, holdout: ImageSet, 
         raise ValueError("the held-out images need labels to measure the recovered trigger")
     started = time.perf_counter()
     device = torch.device(device)
-    model.eval()
+    _eval_mode(model)
     images = take(clean, config.images, config.seed).x.float().div(255)
     masks, patterns, norms, reached = [], [], [], []
     chunk = max(1, MAX_STAMPED_PER_PASS // max(1, min(config.batch_size, len(images))))
@@ -134,6 +134,14 @@ def search_triggers(model: torch.nn.Module, clean: ImageSet, holdout: ImageSet, 
     log.info("trigger search: class %d, anomaly index %.2f, success %.3f of %d, norms %s", suspect, index,
              success.value, success.n, [round(v, 1) for v in norms])
     return result
+
+
+def _eval_mode(model: torch.nn.Module) -> None:
+    """Dropout and batch-norm statistics off; a ``torch.export`` module refuses eval() but is traced in eval mode."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
 
 
 def _optimise(model: torch.nn.Module, images: torch.Tensor, classes: list[int], config: TriggerSearchConfig,

@@ -32,8 +32,16 @@ def stage_detect(state: AuditState, on_progress: ProgressFn, should_cancel: Canc
     plan = state.plan.detection
     config = TriggerSearchConfig(steps=plan.steps, images=plan.images, batch_size=plan.batch_size,
                                  holdout_images=plan.holdout_images, seed=state.spec.seed)
-    result = search_triggers(state.model, state.pool, state.test, state.num_classes, config, device=state.device,
-                             on_progress=on_progress, should_cancel=should_cancel)
+    try:
+        result = search_triggers(state.model, state.pool, state.test, state.num_classes, config, device=state.device,
+                                 on_progress=on_progress, should_cancel=should_cancel)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        # Extra evidence, not the audit's purpose: a model the search cannot differentiate through (or an export
+        # traced for one batch size) skips it with a warning instead of failing the audit.
+        log.warning("trigger search failed: %s", exc)
+        state.warnings.append(f"Trigger reverse-engineering could not run on this model ({type(exc).__name__}); the "
+                              "report has no detection section.")
+        return
     state.detection = result
     state.sections["detection"] = detection_section(result, plan.model, _draw(state, result))
 
