@@ -18,7 +18,12 @@ from typing import Any
 
 from auditor.detection import TriggerSearchConfig, TriggerSearchResult, search_triggers, stamp
 from auditor.pipeline.state import AuditState
-from auditor.pipeline.verdict import TRIGGER_MAX_NORM_RATIO, TRIGGER_SUCCESS_FLOOR, TriggerFinding
+from auditor.pipeline.verdict import (
+    TRIGGER_MAX_MASK_FRACTION,
+    TRIGGER_MAX_NORM_RATIO,
+    TRIGGER_SUCCESS_FLOOR,
+    TriggerFinding,
+)
 from auditor.report.plots import image_grid
 from auditor.runtime import CancelFn, ProgressFn
 
@@ -51,21 +56,21 @@ def trigger_finding(state: AuditState) -> TriggerFinding | None:
     result: TriggerSearchResult | None = state.detection
     if result is None:
         return None
-    return TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.success,
-                          on_surrogate=state.plan.detection.model == "surrogate")
+    return TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
+                          result.success, on_surrogate=state.plan.detection.model == "surrogate")
 
 
 def detection_section(result: TriggerSearchResult, model: str, image: str | None) -> dict[str, Any]:
     """The report's ``detection`` section (auditor/report/schema.py, ``Detection``)."""
-    finding = TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.success,
-                             model == "surrogate")
+    finding = TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
+                             result.success, model == "surrogate")
     return {
         "model": model, "suspected_class": result.suspected_class,
         "anomaly_index": round(result.anomaly_index, 4), "norm_ratio": round(result.norm_ratio, 4),
         "max_norm_ratio": TRIGGER_MAX_NORM_RATIO, "flagged": result.flagged,
         "success": result.success.to_dict(), "recovered": finding.recovered,
         "counts_toward_verdict": finding.counts, "anomaly_threshold": finding.anomaly_threshold,
-        "success_floor": TRIGGER_SUCCESS_FLOOR,
+        "success_floor": TRIGGER_SUCCESS_FLOOR, "max_mask_fraction": TRIGGER_MAX_MASK_FRACTION,
         "mask_norms": [round(v, 4) for v in result.mask_norms],
         "anomaly_indices": [round(v, 4) for v in result.anomaly_indices],
         "reached": list(result.reached), "mask_fraction": min(1.0, max(0.0, result.mask_fraction)),

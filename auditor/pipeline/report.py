@@ -158,8 +158,10 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         out["controls_asr_after"] = max(c["refine"]["asr"] for c in controls)
     detection = report.get("detection")
     if detection:
-        out["trigger"] = {k: detection[k] for k in ("model", "suspected_class", "anomaly_index", "recovered")}
-        out["trigger"]["success"] = detection["success"]["value"]
+        # flat scalars: the sandbox passes only those back (auditor/sandbox/launcher.py)
+        out.update(trigger_model=detection["model"], trigger_class=detection["suspected_class"],
+                   trigger_anomaly_index=detection["anomaly_index"], trigger_recovered=detection["recovered"],
+                   trigger_success=detection["success"]["value"])
     if report.get("queries"):
         out["queries_used"] = report["queries"]["queries_used"]
     if report.get("gates") is not None:

@@ -17,18 +17,20 @@ A tripped gate makes the verdict ``inconclusive``, with the reason in one
 sentence; the probe reading stays in ``probe_level``.
 
 Trigger reverse-engineering (auditor/detection/) is a second, independent reading.
-A trigger *recovered* on the submitted model, i.e. its class's mask norm is an
-outlier (anomaly index at least 2, and at most half the median class's mask) and the recovered trigger sends at least 80% of
-held-out clean images of the other classes to that class, is strong evidence that
-a small stamped trigger exists, so it never coexists with ``no_evidence``: it lifts
-that reading to ``suspicious`` (never further: the thresholds are the method's
-usual ones, not yet calibrated on this project's benchmarks). It never lowers a
-probe reading, and a tripped gate still makes the verdict ``inconclusive``, with
-the trigger named in the headline. On an API audit the search runs on the
-surrogate; what it finds there is reported but does not move the verdict. Separately, the defended
-model is fit to deploy only when no defense gate tripped and it meets the
-deployment bar (at most 3 points of BA lost, 90% agreement); the headline says so
-plainly, so a collapsed defended model is never recommended.
+A trigger *recovered* on the submitted model (its class's mask is an outlier:
+anomaly index at least 2 and at most half the median class's mask; the mask covers
+at most 10% of the image; and the trigger sends at least 80% of held-out clean
+images of the other classes to that class) is strong evidence that a small stamped
+trigger exists, so it never coexists with ``no_evidence``: it lifts that reading to
+``suspicious`` (never further: the thresholds are the method's usual ones, not yet
+calibrated on this project's benchmarks). It never lowers a probe reading, and a
+tripped gate still makes the verdict ``inconclusive``, with the trigger named in the
+headline. On an API audit the search runs on the surrogate; what it finds there is
+reported but does not move the verdict.
+
+Separately, the defended model is fit to deploy only when no defense gate tripped
+and it meets the deployment bar (at most 3 points of BA lost, 90% agreement); the
+headline says so plainly, so a collapsed defended model is never recommended.
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ CONTROL_REMOVAL_CEILING = 0.10
 TRIGGER_ANOMALY_THRESHOLD = ANOMALY_THRESHOLD
 TRIGGER_MAX_NORM_RATIO = MAX_NORM_RATIO  # ... and at most half the median class's mask (anomaly.py says why)
 TRIGGER_SUCCESS_FLOOR = 0.80
+#: ... and only a small mask is a trigger: a search too short to converge (the tiny effort's 40 steps) left a clean
+#: Fashion-MNIST model's smallest mask at 19% of the image, flagged by index and ratio; recovered BadNets masks
+#: covered 0.6-1.9% (README, "Trigger reverse-engineering").
+TRIGGER_MAX_MASK_FRACTION = 0.10
 
 # -- deployment bar ------------------------------------------------------------------------------------------------
 #: The defended model replaces the submitted one only within 3 points of its BA (the issue's bar; standard effort
@@ -104,6 +110,7 @@ class TriggerFinding:
     suspected_class: int
     anomaly_index: float
     norm_ratio: float  # the suspected class's mask norm over the median class's
+    mask_fraction: float  # the suspected mask's L1 norm as a share of the image area
     success: Interval  # the recovered trigger on held-out clean images not of suspected_class
     on_surrogate: bool  # API audits: the search ran on the distilled surrogate, not the submitted model
 
@@ -114,7 +121,8 @@ class TriggerFinding:
     @property
     def recovered(self) -> bool:
         """An outlying small mask that works: what the module docstring calls a recovered trigger."""
-        return is_flagged(self.anomaly_index, self.norm_ratio) and self.success.value >= TRIGGER_SUCCESS_FLOOR
+        return (is_flagged(self.anomaly_index, self.norm_ratio) and self.mask_fraction <= TRIGGER_MAX_MASK_FRACTION
+                and self.success.value >= TRIGGER_SUCCESS_FLOOR)
 
     @property
     def counts(self) -> bool:

@@ -358,7 +358,7 @@ def _evidence_row(report: Report, b: ProbeEvidence | None, a: ProbeEvidence | No
 
 def _trigger_text(report: Report, d: Detection) -> str:
     """``class 1 Trouser, anomaly index 3.1; sends 95.0% [..], n = 300 held-out images there``."""
-    state = "recovered" if d.recovered else "flagged, but below the success floor" if d.flagged else "not flagged"
+    state = "recovered" if d.recovered else "flagged, but too large or too weak" if d.flagged else "not flagged"
     return (f"class {report.class_name(d.suspected_class)}, anomaly index {d.anomaly_index:.1f} ({state}); sends "
             f"{with_interval(d.success)} held-out images there")
 
@@ -375,7 +375,7 @@ def _detection(report: Report) -> Section | None:
                           f"{pct(d.max_norm_ratio)} of the median class's; here {pct(d.norm_ratio)}: "
                           f"{'flagged' if d.flagged else 'not flagged'})"],
         ["Recovered trigger's success", f"{with_interval(d.success)} held-out images of other classes"],
-        ["Mask size", f"{pct(d.mask_fraction)} of the image"],
+        ["Mask size", f"{pct(d.mask_fraction)} of the image (a trigger counts up to {pct(d.max_mask_fraction)})"],
         ["Counts toward the verdict", "yes" if d.counts_toward_verdict else "no"],
         ["Search", f"{d.steps} steps per class on {d.images:,} clean images, {seconds(d.seconds)}"],
     ], align="ll")
@@ -388,7 +388,8 @@ def _detection(report: Report) -> Section | None:
         "images to that class, with the mask kept as small as possible. A backdoor target needs a far smaller mask "
         "than any other class; the anomaly index counts robust standard deviations (MAD) below the median mask. "
         f"A trigger counts as recovered at an index of {d.anomaly_threshold:.0f} or more, with a mask at most "
-        f"{pct(d.max_norm_ratio)} of the median class's, and a success of "
+        f"{pct(d.max_norm_ratio)} of the median class's and of at most {pct(d.max_mask_fraction)} of the image, "
+        "and a success of "
         f"{pct(d.success_floor)} or more; recovered on the submitted model, it lifts a no-evidence reading to "
         "suspicious. The search cannot see triggers that are not a fixed stamp (warping or sample-specific triggers "
         "such as WaNet) or that are larger than a normal class's mask.",

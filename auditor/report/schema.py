@@ -328,7 +328,8 @@ class Detection(_Model):
     flagged: bool
     success: Figure  # the recovered trigger on held-out clean images not of suspected_class: share sent there
     success_floor: Fraction
-    recovered: bool  # flagged and success.value >= success_floor
+    max_mask_fraction: Fraction  # a mask covering more of the image is no small trigger
+    recovered: bool  # flagged, mask_fraction <= max_mask_fraction and success.value >= success_floor
     counts_toward_verdict: bool  # recovered on the submitted model (not the surrogate): the level is not no_evidence
     mask_norms: list[Annotated[float, Field(ge=0.0)]]  # per class: L1 norm of the best mask, in pixels
     anomaly_indices: list[float]  # per class (positive: smaller mask than typical)
@@ -343,8 +344,9 @@ class Detection(_Model):
     def _consistent(self) -> Detection:
         if self.flagged != (self.anomaly_index >= self.anomaly_threshold and self.norm_ratio <= self.max_norm_ratio):
             raise ValueError("flagged must say whether anomaly_index reaches anomaly_threshold within max_norm_ratio")
-        if self.recovered != (self.flagged and self.success.value >= self.success_floor):
-            raise ValueError("recovered must say whether the flagged trigger reaches success_floor")
+        small = self.mask_fraction <= self.max_mask_fraction
+        if self.recovered != (self.flagged and small and self.success.value >= self.success_floor):
+            raise ValueError("recovered must say whether the flagged, small trigger reaches success_floor")
         if self.counts_toward_verdict != (self.recovered and self.model == "submitted"):
             raise ValueError("only a trigger recovered on the submitted model counts toward the verdict")
         return self

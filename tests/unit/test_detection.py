@@ -148,8 +148,9 @@ def test_unlabelled_held_out_images_are_refused(data, arch):
 # -- the verdict rule ----------------------------------------------------------------------------------------------
 
 
-def trigger(on_surrogate: bool = False, success: float = 0.93, index: float = 3.1, ratio: float = 0.3) -> TriggerFinding:
-    return TriggerFinding(suspected_class=2, anomaly_index=index, norm_ratio=ratio,
+def trigger(on_surrogate: bool = False, success: float = 0.93, index: float = 3.1, ratio: float = 0.3,
+            area: float = 0.01) -> TriggerFinding:
+    return TriggerFinding(suspected_class=2, anomaly_index=index, norm_ratio=ratio, mask_fraction=area,
                           success=wilson(round(success * 300), 300), on_surrogate=on_surrogate)
 
 
@@ -161,7 +162,7 @@ def test_a_recovered_trigger_lifts_no_evidence_to_suspicious():
     assert "toward class class2" in verdict["headline"] and "93.0% of 300" in verdict["headline"]
 
 
-@pytest.mark.parametrize("changes", [{"success": 0.79}, {"index": 1.9}, {"ratio": 0.6}])
+@pytest.mark.parametrize("changes", [{"success": 0.79}, {"index": 1.9}, {"ratio": 0.6}, {"area": 0.19}])
 def test_a_trigger_short_of_any_bar_leaves_no_evidence(changes):
     verdict = conclude(sound(0.2, trigger=trigger(**changes))).verdict
     assert verdict["level"] == "no_evidence" and verdict["trigger_evidence"] is False

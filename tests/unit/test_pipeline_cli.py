@@ -75,7 +75,7 @@ def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist
     assert (tmp_path / "out" / detection["image"]).stat().st_size > 1000
     assert detection["image"] in {a["name"] for a in report["artifacts"]} | {i["file"] for i in report["images"]}
     assert report["verdict"]["trigger_evidence"] == detection["counts_toward_verdict"]
-    assert "recovered trigger: class" in result.output
+    assert "trigger search: class" in result.output and "recovered: " in result.output
 
 
 def test_tiny_effort_is_inconclusive_and_never_recommends_its_defended_model(tmp_path, fmnist_model):
