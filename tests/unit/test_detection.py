@@ -179,3 +179,45 @@ def test_the_trigger_never_lowers_a_reading_and_a_tripped_gate_still_makes_it_in
     inconclusive = conclude(sound(0.2, probe_images=1, trigger=trigger())).verdict
     assert inconclusive["level"] == "inconclusive" and "recovered a small trigger" in inconclusive["headline"]
     assert conclude(sound(0.2)).verdict["trigger_evidence"] is None
+
+
+# -- the report ----------------------------------------------------------------------------------------------------
+
+
+def detection_section(counts: bool = True) -> dict:
+    return {
+        "model": "submitted" if counts else "surrogate", "suspected_class": 3, "anomaly_index": 4.7,
+        "anomaly_threshold": 2.0, "norm_ratio": 0.09, "max_norm_ratio": 0.5, "flagged": True,
+        "success": {"value": 0.973, "n": 270, "low": 0.945, "high": 0.987}, "success_floor": 0.8,
+        "max_mask_fraction": 0.1, "recovered": True, "counts_toward_verdict": counts,
+        "mask_norms": [43.0, 85.0, 59.0, 5.0, 56.0, 53.0, 47.0, 106.0, 26.0, 95.0],
+        "anomaly_indices": [0.6, -1.0, -0.2, 4.7, -0.1, 0.0, 0.3, -1.4, 1.6, -1.2], "reached": [True] * 10,
+        "mask_fraction": 0.0064, "steps": 300, "images": 256, "seconds": 84.0, "image": "trigger-recovered.png",
+    }
+
+
+def test_the_report_shows_the_recovered_trigger_and_refuses_it_beside_no_evidence(tmp_path):
+    from report_sample import sample_report
+
+    from auditor.report import write_report
+    from auditor.report.plots import image_grid
+    from auditor.report.schema import ReportValidationError, validate_report
+
+    report = sample_report()
+    report["detection"] = detection_section()
+    report["verdict"]["trigger_evidence"] = True
+    report["images"] = [{"file": "trigger-recovered.png", "caption": "Recovered trigger"}]
+    image_grid({"mask": torch.zeros(1, 1, 28, 28), "pattern": torch.ones(1, 1, 28, 28)}, tmp_path / "trigger-recovered.png")
+
+    written = write_report(report, tmp_path)
+
+    html = written["report.html"].read_text()
+    assert "Trigger reverse-engineering" in html and "97.3% [94.5\u201398.7], n = 270" in html
+    assert "3 Dress" in html and html.count('alt="Recovered trigger"') == 1
+    lifted = {**report, "verdict": {**report["verdict"], "level": "no_evidence", "probe_level": "no_evidence"}}
+    with pytest.raises(ReportValidationError, match="never coexists with no_evidence"):
+        validate_report(lifted)
+    surrogate = {**lifted, "detection": detection_section(counts=False), "verdict": {**lifted["verdict"], "trigger_evidence": False}}
+    assert validate_report(surrogate).detection.model == "surrogate"
+    with pytest.raises(ReportValidationError, match="recovered"):
+        validate_report({**report, "detection": {**detection_section(), "mask_fraction": 0.2}})
