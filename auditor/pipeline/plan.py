@@ -105,7 +105,7 @@ EFFORTS: dict[str, EffortPreset] = {
     "tiny": EffortPreset(
         refine_epochs=1, refine_pool=512, unet_width=8, control_epochs=1, control_train_images=1000,
         probe_images=60, api_probe_images=30, test_images=300, distill_epochs=2, min_distill_queries=200,
-        detect_steps=40, detect_images=64, detect_holdout=100, detect_batch=16,
+        detect_steps=30, detect_images=32, detect_holdout=100, detect_batch=8,
     ),
     "quick": EffortPreset(
         refine_epochs=3, refine_pool=10_000, unet_width=16, control_epochs=3, control_train_images=20_000,

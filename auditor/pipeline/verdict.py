@@ -80,7 +80,7 @@ CONTROL_REMOVAL_CEILING = 0.10
 TRIGGER_ANOMALY_THRESHOLD = ANOMALY_THRESHOLD
 TRIGGER_MAX_NORM_RATIO = MAX_NORM_RATIO  # ... and at most half the median class's mask (anomaly.py says why)
 TRIGGER_SUCCESS_FLOOR = 0.80
-#: ... and only a small mask is a trigger: a search too short to converge (the tiny effort's 40 steps) left a clean
+#: ... and only a small mask is a trigger: a search too short to converge (40 steps of 16 images) left a clean
 #: Fashion-MNIST model's smallest mask at 19% of the image, flagged by index and ratio; recovered BadNets masks
 #: covered 0.6-1.9% (README, "Trigger reverse-engineering").
 TRIGGER_MAX_MASK_FRACTION = 0.10
