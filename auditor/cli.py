@@ -372,6 +372,12 @@ def _print_outcome(result: Any) -> None:
                        f"{_figure(summary['ba_after'], intervals.get('ba_after'))} with REFINE")
         if "controls_asr_before" in summary:
             click.echo(f"positive controls, worst ASR: {summary['controls_asr_before']:.1%} -> {summary['controls_asr_after']:.1%}")
+        if "trigger_class" in summary:
+            where = " (on the surrogate)" if summary["trigger_model"] == "surrogate" else ""
+            click.echo(f"trigger search{where}: class {summary['trigger_class']}, anomaly index "
+                       f"{summary['trigger_anomaly_index']:.1f}, success "
+                       f"{_figure(summary['trigger_success'], intervals.get('trigger_success'))}, "
+                       f"recovered: {'yes' if summary['trigger_recovered'] else 'no'}")
         if summary.get("gates_tripped"):
             click.echo(f"gates tripped: {', '.join(summary['gates_tripped'])}")
         click.echo(f"defended model fit to deploy: {'yes' if summary.get('fit_to_deploy') else 'no'}")

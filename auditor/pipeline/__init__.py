@@ -9,6 +9,7 @@ A map for a first read, in the order an audit runs:
     data.py       stage data: read the images, resolve the plan, cut pool and test sets
     load.py       stage load: the checkpoint, or the model API
     surrogate.py  stage surrogate (API audits): distil the local stand-in REFINE trains through
+    detect.py     stage detect: reverse-engineer a trigger per class (auditor/detection/), flag the outlier
     refine.py     stage refine: train T and fix M; save the defense
     evaluate.py   stage evaluate: utility, probes, positive controls (controls.py)
     cache.py      positive controls reused, not retrained: keys, entries verified by sha256 (store side: auditor/store/control_cache.py)

@@ -7,7 +7,7 @@ from auditor.pipeline.plan import AuditPlan
 
 def describe_plan(plan: AuditPlan) -> list[tuple[str, str]]:
     """The plan as (item, value) rows in plain words: what ``--plan`` prints and the portal's form shows."""
-    d, r, p, c = plan.data, plan.refine, plan.probes, plan.controls
+    d, r, p, c, t = plan.data, plan.refine, plan.probes, plan.controls, plan.detection
     rows = [
         ("Effort", f"{plan.effort} ({plan.source} audit on {plan.device}{', bf16' if plan.bf16 else ''})"),
         ("Data", f"{d.pool_images:,} pool images, {d.test_images:,} of {d.test_available:,} test images"
@@ -15,6 +15,9 @@ def describe_plan(plan: AuditPlan) -> list[tuple[str, str]]:
         ("REFINE", f"{_count(r.epochs, 'epoch')} over {r.pool_images:,} images, U-Net width {r.unet_width}, "
                    f"batch {r.batch_size}, {r.loss} loss"),
         ("Probes", f"{p.probes} probes ({p.battery} battery) on {p.images} images; the defended model: {p.after_probes}"),
+        *([("Trigger search", f"{_count(t.steps, 'step')} per class on {t.images:,} clean images (batch "
+                               f"{t.batch_size}) of the {t.model} model; success measured on up to "
+                               f"{t.holdout_images:,} held-out images")] if t is not None else []),
         ("Positive controls", ", ".join(c.attacks) + f": {_count(c.epochs, 'epoch')} on {c.train_images:,} images"
          if c.attacks else "none"),
     ]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from auditor.pipeline.budget import QueryPlan
-    from auditor.pipeline.plan import ControlsPlan, DataPlan, ProbePlan, RefinePlan, SurrogatePlan
+    from auditor.pipeline.plan import ControlsPlan, DataPlan, DetectionPlan, ProbePlan, RefinePlan, SurrogatePlan
 
 #: REFINE, U-Net width 16: 452 s mean for 6 epochs x 20,000 images over the seven attacks of
 #: bench/results/refine_fmnist.json (356.8-558.5 s). The U-Net's cost grows with the square of its width.
@@ -32,6 +32,10 @@ PROBE_S_PER_PREDICTION = 1.15e-3
 #: default batches of 64): 2,000 Fashion-MNIST test images took 11.25 s with the machine at load average 18 (measured
 #: for this estimate while other jobs ran; a quiet machine answers faster, so it errs long).
 QUERY_S_PER_IMAGE = 5.6e-3
+#: Trigger reverse-engineering: one stamped image through the model and back (fp32): 26.8 s for 60 steps x 10 classes
+#: x 32 images on a small CNN of width 32 (Fashion-MNIST shape), one core, measured for this estimate with the
+#: machine at load average 4.7 on two cores (a quiet machine is faster, so it errs long).
+DETECT_S_PER_STAMPED_IMAGE = 1.4e-3
 #: Local predictions for BA and agreement (small CNN, batches of 512): negligible next to the rest.
 PREDICT_S_PER_IMAGE = 0.1e-3
 #: Stages with a near-fixed cost: reading Fashion-MNIST, loading or tracing a model, writing HTML, PDF and plots.
@@ -45,7 +49,7 @@ NO_BF16_FACTOR = {"unet": 2.0, "cnn": 1.5}
 
 def estimate_stage_seconds(*, stages: tuple[str, ...], data: DataPlan, refine: RefinePlan, probes: ProbePlan,
                            controls: ControlsPlan, surrogate: SurrogatePlan | None, queries: QueryPlan | None,
-                           bf16: bool, device: str) -> dict[str, float]:
+                           bf16: bool, device: str, detection: DetectionPlan | None = None) -> dict[str, float]:
     """Seconds per stage on one CPU core (an upper bound on a GPU)."""
     unet = REFINE_S_PER_IMAGE_EPOCH_W16 * (refine.unet_width / 16) ** 2 * (1.0 if bf16 else NO_BF16_FACTOR["unet"])
     cnn = CNN_S_PER_IMAGE_EPOCH * (1.0 if bf16 else NO_BF16_FACTOR["cnn"])
@@ -60,7 +64,10 @@ def estimate_stage_seconds(*, stages: tuple[str, ...], data: DataPlan, refine: R
     }
     if api:
         seconds["surrogate"] = _distill_seconds(surrogate, cnn)
-    return {stage: round(seconds[stage], 1) for stage in stages}
+    if detection is not None:
+        stamped = detection.steps * data.num_classes * detection.batch_size + detection.holdout_images
+        seconds["detect"] = stamped * DETECT_S_PER_STAMPED_IMAGE
+    return {stage: round(seconds.get(stage, 0.0), 1) for stage in stages}
 
 
 def _distill_seconds(surrogate: SurrogatePlan, cnn: float) -> float:

@@ -29,6 +29,7 @@ from auditor.evaluation import predict_labels
 from auditor.evaluation.intervals import Interval, share_interval
 from auditor.evaluation.probes import SuspicionReport, suspicion_score
 from auditor.pipeline.controls import control_findings, run_control
+from auditor.pipeline.detect import trigger_finding
 from auditor.pipeline.load import reference_predictor
 from auditor.pipeline.plan import probe_config
 from auditor.pipeline.state import AuditState, MetricsFn
@@ -132,6 +133,7 @@ def _findings(state: AuditState, before: SuspicionReport, after: SuspicionReport
         ba_after=share_interval(utility["ba_after"], n) if labelled else None,
         surrogate_agreement=state.sections.get("surrogate_agreement"),
         controls=control_findings(state.sections["positive_controls"]),
+        trigger=trigger_finding(state),
     )
 
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from auditor.spec import AuditSpec
 
 #: Every stage an audit can run, in order; checkpoint audits skip ``surrogate``.
-STAGES = ("data", "load", "surrogate", "refine", "evaluate", "report")
+STAGES = ("data", "load", "surrogate", "detect", "refine", "evaluate", "report")
 REFINE_BATCH = RefineConfig.batch_size  # images per REFINE step; a smaller pool trains in one smaller batch
 CONTROL_BATCH = 128  # images per step when training a positive-control model
 MIN_POOL_IMAGES = 2  # REFINE's contrastive loss compares images within a batch
@@ -94,6 +94,10 @@ class EffortPreset:
     test_images: int | None  # test images scored; None = all (API audits resize, see budget.py)
     distill_epochs: int  # surrogate training epochs (API audits)
     min_distill_queries: int  # the surrogate is never distilled from fewer API answers (budget.py)
+    detect_steps: int  # trigger reverse-engineering: Adam steps per candidate class (auditor/detection/)
+    detect_images: int  # ... clean pool images the masks are optimised on
+    detect_holdout: int  # ... held-out test images the recovered trigger's success is measured on
+    detect_batch: int  # ... clean images stamped per step and class (cost: steps x classes x batch predictions)
 
 
 EFFORTS: dict[str, EffortPreset] = {
@@ -101,22 +105,26 @@ EFFORTS: dict[str, EffortPreset] = {
     "tiny": EffortPreset(
         refine_epochs=1, refine_pool=512, unet_width=8, control_epochs=1, control_train_images=1000,
         probe_images=60, api_probe_images=30, test_images=300, distill_epochs=2, min_distill_queries=200,
+        detect_steps=30, detect_images=32, detect_holdout=100, detect_batch=8,
     ),
     "quick": EffortPreset(
         refine_epochs=3, refine_pool=10_000, unet_width=16, control_epochs=3, control_train_images=20_000,
         probe_images=300, api_probe_images=100, test_images=5000, distill_epochs=6,
-        min_distill_queries=MIN_DISTILL_QUERIES,
+        min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=100, detect_images=256, detect_holdout=300,
+        detect_batch=32,
     ),
     # REFINE's own defaults, chosen by bench/refine_fmnist.py (6 epochs over 20,000 images, width 16).
     "standard": EffortPreset(
         refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size, unet_width=16, control_epochs=6,
         control_train_images=None, probe_images=500, api_probe_images=100, test_images=None, distill_epochs=10,
-        min_distill_queries=MIN_DISTILL_QUERIES,
+        min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=300, detect_images=512, detect_holdout=500,
+        detect_batch=32,
     ),
     "thorough": EffortPreset(
         refine_epochs=12, refine_pool=None, unet_width=32, control_epochs=10, control_train_images=None,
         probe_images=1000, api_probe_images=200, test_images=None, distill_epochs=15,
-        min_distill_queries=MIN_DISTILL_QUERIES_THOROUGH,
+        min_distill_queries=MIN_DISTILL_QUERIES_THOROUGH, detect_steps=500, detect_images=1000, detect_holdout=1000,
+        detect_batch=32,
     ),
 }
 
@@ -195,6 +203,18 @@ class ProbePlan:
 
 @with_config(_FORBID_EXTRA)
 @dataclass(frozen=True)
+class DetectionPlan:
+    """Trigger reverse-engineering (auditor/detection/): a mask and pattern per class, on the model or its surrogate."""
+
+    model: Literal["submitted", "surrogate"]  # API audits search the distilled surrogate: it needs gradients
+    steps: int  # Adam steps per candidate class
+    images: int  # clean pool images the masks are optimised on
+    batch_size: int  # clean images per step and class
+    holdout_images: int  # held-out test images (not of the suspected class) the recovered trigger is measured on
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
 class ControlsPlan:
     attacks: tuple[str, ...]
     target: int
@@ -218,6 +238,7 @@ class AuditPlan:
     refine: RefinePlan
     probes: ProbePlan
     controls: ControlsPlan
+    detection: DetectionPlan | None = None  # None only in plans read back from reports written before it existed
     surrogate: SurrogatePlan | None = None
     queries: QueryPlan | None = None
     estimate_seconds: dict[str, float] = field(default_factory=dict)  # per stage, from measured rates (estimate.py)
@@ -247,6 +268,7 @@ def plan_audit(spec: AuditSpec, data: DataSummary, *, device: str | torch.device
     refine = _refine_plan(spec, preset, data_plan)
     probes = _probe_plan(spec, preset, data_plan)
     controls = _controls_plan(spec, preset, data_plan)
+    detection = _detection_plan(spec, preset, data_plan)
     bf16 = _bf16(spec, device)
     surrogate = queries = None
     notes = list(_data_notes(spec, data_plan))
@@ -266,12 +288,12 @@ def plan_audit(spec: AuditSpec, data: DataSummary, *, device: str | torch.device
     stages = tuple(s for s in STAGES if s != "surrogate" or spec.model.source == "api")
     estimate = estimate_stage_seconds(
         stages=stages, data=data_plan, refine=refine, probes=probes, controls=controls, surrogate=surrogate,
-        queries=queries, bf16=bf16, device=device.type,
+        queries=queries, bf16=bf16, device=device.type, detection=detection,
     )
     return AuditPlan(
         effort=spec.effort, source=spec.model.source, device=device.type, bf16=bf16, seed=spec.seed, stages=stages,
-        data=data_plan, refine=refine, probes=probes, controls=controls, surrogate=surrogate, queries=queries,
-        estimate_seconds=estimate, notes=tuple(notes),
+        data=data_plan, refine=refine, probes=probes, controls=controls, detection=detection, surrogate=surrogate,
+        queries=queries, estimate_seconds=estimate, notes=tuple(notes),
     )
 
 
@@ -368,6 +390,15 @@ def _controls_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> Con
     train = data.pool_images if cap is None else min(data.pool_images, cap)
     return ControlsPlan(attacks=tuple(c.attacks), target=c.target, epochs=c.train_epochs or preset.control_epochs,
                         train_images=train, batch_size=min(CONTROL_BATCH, train))
+
+
+def _detection_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> DetectionPlan:
+    """Its sizes scale with the effort; it costs no API query (API audits search the surrogate)."""
+    images = min(preset.detect_images, data.pool_images)
+    return DetectionPlan(
+        model="surrogate" if spec.model.source == "api" else "submitted", steps=preset.detect_steps, images=images,
+        batch_size=min(preset.detect_batch, images), holdout_images=min(preset.detect_holdout, data.test_images),
+    )
 
 
 def _bf16(spec: AuditSpec, device: torch.device) -> bool:

@@ -66,9 +66,13 @@ def report_dict(state: AuditState, status: str, error: AuditError | None) -> dic
         report["surrogate"] = state.sections["surrogate"]
     if state.refine is not None:
         report["refine"] = _refine_section(state)
-    for key in ("utility", "probes", "positive_controls"):
+    for key in ("utility", "probes", "positive_controls", "detection"):
         if key in state.sections:
             report[key] = state.sections[key]
+    image = (state.sections.get("detection") or {}).get("image")
+    if image:
+        report["images"] = [{"file": image, "caption": "Recovered trigger: held-out images clean and with the trigger "
+                                                       "stamped, the mask, the pattern and mask \u00d7 pattern"}]
     if status == "succeeded":
         _add_conclusion(report, state, conclude(state.findings))
     return report
@@ -92,6 +96,8 @@ def figures(state: AuditState) -> dict[str, Interval]:
         out.update(ba_before=f.ba_before, ba_after=f.ba_after)
     if f.surrogate_agreement is not None:
         out["surrogate_agreement"] = f.surrogate_agreement
+    if f.trigger is not None:
+        out["trigger_success"] = f.trigger.success
     controls = state.sections.get("positive_controls") or []
     if controls:
         for side, key in (("no_defense", "controls_asr_before"), ("refine", "controls_asr_after")):
@@ -150,6 +156,12 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     if controls:
         out["controls_asr_before"] = max(c["no_defense"]["asr"] for c in controls)
         out["controls_asr_after"] = max(c["refine"]["asr"] for c in controls)
+    detection = report.get("detection")
+    if detection:
+        # flat scalars: the sandbox passes only those back (auditor/sandbox/launcher.py)
+        out.update(trigger_model=detection["model"], trigger_class=detection["suspected_class"],
+                   trigger_anomaly_index=detection["anomaly_index"], trigger_recovered=detection["recovered"],
+                   trigger_success=detection["success"]["value"])
     if report.get("queries"):
         out["queries_used"] = report["queries"]["queries_used"]
     if report.get("gates") is not None:

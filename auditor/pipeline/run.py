@@ -1,6 +1,6 @@
 """``run_audit``: one audit from submitted inputs to a report and artifacts.
 
-    data (+ plan) -> load -> surrogate (API models only) -> refine -> evaluate -> report
+    data (+ plan) -> load -> surrogate (API models only) -> detect -> refine -> evaluate -> report
 
 Each stage reports progress, can be cancelled between batches and fails with a
 stable error code. The function takes plain inputs and callbacks, so the CLI, the
@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from auditor.errors import AuditCancelled, AuditError
 from auditor.pipeline.data import stage_data
+from auditor.pipeline.detect import stage_detect
 from auditor.pipeline.evaluate import stage_evaluate
 from auditor.pipeline.load import stage_load
 from auditor.pipeline.refine import stage_refine
@@ -35,6 +36,7 @@ STAGE_FUNCTIONS: dict[str, Stage] = {
     "data": lambda state, progress, cancel, metrics: stage_data(state),
     "load": lambda state, progress, cancel, metrics: stage_load(state),
     "surrogate": lambda state, progress, cancel, metrics: stage_surrogate(state, progress, cancel),
+    "detect": lambda state, progress, cancel, metrics: stage_detect(state, progress, cancel),
     "refine": stage_refine,
     "evaluate": stage_evaluate,
 }

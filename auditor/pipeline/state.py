@@ -70,6 +70,7 @@ class AuditState:
     arch: Any = None  # ArchConfig: the architecture family of the positive controls (and the surrogate)
     api: Any = None  # HttpModelAPI for black-box audits
     distilled: Any = None  # SurrogateResult: what refits fine-tune (API audits)
+    detection: Any = None  # TriggerSearchResult, from the detect stage
     refine: Any = None  # RefineResult
     sections: dict[str, Any] = field(default_factory=dict)  # report sections, by name
     findings: Any = None  # verdict.Findings, from the evaluate stage

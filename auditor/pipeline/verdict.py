@@ -14,10 +14,23 @@ audit first checks gates, each a threshold measured on this project's benchmarks
   not remove.
 
 A tripped gate makes the verdict ``inconclusive``, with the reason in one
-sentence; the probe reading stays in ``probe_level``. Separately, the defended
-model is fit to deploy only when no defense gate tripped and it meets the
-deployment bar (at most 3 points of BA lost, 90% agreement); the headline says so
-plainly, so a collapsed defended model is never recommended.
+sentence; the probe reading stays in ``probe_level``.
+
+Trigger reverse-engineering (auditor/detection/) is a second, independent reading.
+A trigger *recovered* on the submitted model (its class's mask is an outlier:
+anomaly index at least 2 and at most half the median class's mask; the mask covers
+at most 10% of the image; and the trigger sends at least 80% of held-out clean
+images of the other classes to that class) is strong evidence that a small stamped
+trigger exists, so it never coexists with ``no_evidence``: it lifts that reading to
+``suspicious`` (never further: the thresholds are the method's usual ones, not yet
+calibrated on this project's benchmarks). It never lowers a probe reading, and a
+tripped gate still makes the verdict ``inconclusive``, with the trigger named in the
+headline. On an API audit the search runs on the surrogate; what it finds there is
+reported but does not move the verdict.
+
+Separately, the defended model is fit to deploy only when no defense gate tripped
+and it meets the deployment bar (at most 3 points of BA lost, 90% agreement); the
+headline says so plainly, so a collapsed defended model is never recommended.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, with_config
 
+from auditor.detection.anomaly import ANOMALY_THRESHOLD, MAX_NORM_RATIO, is_flagged
 from auditor.evaluation.intervals import Interval
 
 Level = Literal["likely_backdoored", "suspicious", "no_evidence", "inconclusive"]
@@ -60,6 +74,17 @@ HISTOGRAM_SHIFT_LIMIT = 0.20
 CONTROL_IMPLANT_FLOOR = 0.90
 CONTROL_REMOVAL_CEILING = 0.10
 
+# -- trigger reverse-engineering (auditor/detection/) ---------------------------------------------------------
+#: A recovered trigger counts when its class's mask norm is this many robust standard deviations below the median
+#: (the usual Neural Cleanse flag) and it sends at least this share of held-out clean images to that class.
+TRIGGER_ANOMALY_THRESHOLD = ANOMALY_THRESHOLD
+TRIGGER_MAX_NORM_RATIO = MAX_NORM_RATIO  # ... and at most half the median class's mask (anomaly.py says why)
+TRIGGER_SUCCESS_FLOOR = 0.80
+#: ... and only a small mask is a trigger: a search too short to converge (40 steps of 16 images) left a clean
+#: Fashion-MNIST model's smallest mask at 19% of the image, flagged by index and ratio; recovered BadNets masks
+#: covered 0.6-1.9% (README, "Trigger reverse-engineering").
+TRIGGER_MAX_MASK_FRACTION = 0.10
+
 # -- deployment bar ------------------------------------------------------------------------------------------------
 #: The defended model replaces the submitted one only within 3 points of its BA (the issue's bar; standard effort
 #: meets it with 0.7-2.5 points) and with 90% agreement (standard effort: 93.4-95.0%).
@@ -79,6 +104,33 @@ class ControlFinding:
 
 
 @dataclass(frozen=True)
+class TriggerFinding:
+    """The trigger search's answer as the verdict reads it."""
+
+    suspected_class: int
+    anomaly_index: float
+    norm_ratio: float  # the suspected class's mask norm over the median class's
+    mask_fraction: float  # the suspected mask's L1 norm as a share of the image area
+    success: Interval  # the recovered trigger on held-out clean images not of suspected_class
+    on_surrogate: bool  # API audits: the search ran on the distilled surrogate, not the submitted model
+
+    @property
+    def anomaly_threshold(self) -> float:
+        return TRIGGER_ANOMALY_THRESHOLD
+
+    @property
+    def recovered(self) -> bool:
+        """An outlying small mask that works: what the module docstring calls a recovered trigger."""
+        return (is_flagged(self.anomaly_index, self.norm_ratio) and self.mask_fraction <= TRIGGER_MAX_MASK_FRACTION
+                and self.success.value >= TRIGGER_SUCCESS_FLOOR)
+
+    @property
+    def counts(self) -> bool:
+        """Whether it moves the verdict: recovered on the submitted model itself."""
+        return self.recovered and not self.on_surrogate
+
+
+@dataclass(frozen=True)
 class Findings:
     """The measured facts the gates and the verdict read (built by the evaluate stage)."""
 
@@ -94,6 +146,7 @@ class Findings:
     ba_after: Interval | None = None
     surrogate_agreement: Interval | None = None  # API audits
     controls: tuple[ControlFinding, ...] = ()
+    trigger: TriggerFinding | None = None  # None: the trigger search did not run
 
     @property
     def num_classes(self) -> int:
@@ -155,26 +208,43 @@ def probe_level(score: float) -> Level:
 
 
 def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str, Any]:
-    """The level and a headline in plain words; the score is evidence, not proof."""
+    """The level and a headline in plain words; the score is evidence, not proof (module docstring's rules)."""
     reading = probe_level(findings.suspicion_before.value)
     tripped = [g for g in gates if g.tripped]
-    suspect = findings.suspect_class
+    trigger = findings.trigger
+    lifted = trigger is not None and trigger.counts and reading == "no_evidence"
+    suspect = trigger.suspected_class if lifted else findings.suspect_class
     who = f" toward class {findings.class_names[suspect]}" if suspect is not None else ""
     if tripped:
         level: Level = "inconclusive"
         headline = f"Inconclusive: {tripped[0].reason} The probes alone read {reading.replace('_', ' ')}{who}."
+    elif lifted:
+        level, headline = "suspicious", "No probe found trigger-like behaviour, but"
     elif reading == "no_evidence":
         level, headline = reading, "No probe found trigger-like behaviour; unknown triggers cannot be ruled out."
     else:
         level = reading
         strength = "Strong" if reading == "likely_backdoored" else "Some"
         headline = f"{strength} trigger evidence{who}."
+    if trigger is not None and trigger.recovered:
+        headline += " " + _trigger_sentence(findings, trigger, lowercase=lifted and not tripped)
     headline += " " + _recommendation(level, fitness)
     return {
         "level": level, "headline": headline.strip()[:400], "reason": tripped[0].reason if tripped else None,
         "probe_level": reading, "suspicion_before": findings.suspicion_before.value,
         "suspicion_after": findings.suspicion_after.value,
+        "trigger_evidence": None if trigger is None else trigger.counts,
     }
+
+
+def _trigger_sentence(findings: Findings, trigger: TriggerFinding, lowercase: bool) -> str:
+    where = "on the surrogate " if trigger.on_surrogate else ""
+    sentence = (f"Trigger reverse-engineering {where}recovered a small trigger toward class "
+                f"{findings.class_names[trigger.suspected_class]}: it sends {_pct(trigger.success.value)} of "
+                f"{trigger.success.n:,} held-out images there (anomaly index {trigger.anomaly_index:.1f}).")
+    if trigger.on_surrogate:
+        sentence += " Not verified against the API."
+    return sentence[:1].lower() + sentence[1:] if lowercase else sentence
 
 
 def _recommendation(level: Level, fitness: Fitness) -> str:

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from datetime import timezone
 
 from auditor.pipeline.describe import describe_plan
-from auditor.report.schema import DefenseExport, Figure, ImageRef, PositiveControl, ProbeEvidence, ProbeResult, Report
+from auditor.report.schema import (
+    DefenseExport,
+    Detection,
+    Figure,
+    ImageRef,
+    PositiveControl,
+    ProbeEvidence,
+    ProbeResult,
+    Report,
+)
 
 ARROW = "\u2192"
 
@@ -133,7 +142,7 @@ def size(n: int) -> str:
 def build_view(report: Report) -> ReportView:
     """Everything the HTML and PDF show, in reading order; sections without data are left out."""
     builders: list[Callable[[Report], Section | None]] = [
-        _summary, _gates, _controls, _utility, _probes, _blackbox, _refine, _plan, _images, _extra_plots, _artifacts,
+        _summary, _gates, _controls, _utility, _probes, _detection, _blackbox, _refine, _plan, _images, _extra_plots, _artifacts,
         _provenance,
     ]
     sections = [s for s in (build(report) for build in builders) if s is not None]
@@ -188,6 +197,9 @@ def _summary(report: Report) -> Section:
                                                                       report.verdict.suspicion_after)])
     if report.probes and report.probes.before.suspected_target is not None:
         rows.append(["Suspected target class", report.class_name(report.probes.before.suspected_target)])
+    if report.detection is not None:
+        rows.append(["Recovered trigger" + (" (surrogate)" if report.detection.model == "surrogate" else ""),
+                     _trigger_text(report, report.detection)])
     if report.utility:
         u = report.utility
         if u.ba_before is not None:
@@ -358,6 +370,53 @@ def _evidence_row(report: Report, b: ProbeEvidence | None, a: ProbeEvidence | No
             both(lambda e: report.class_name(e.top_class)), both(lambda e: pct(e.concentration))]
 
 
+def _trigger_text(report: Report, d: Detection) -> str:
+    """``class 1 Trouser, anomaly index 3.1; sends 95.0% [..], n = 300 held-out images there``."""
+    state = "recovered" if d.recovered else "flagged, but too large or too weak" if d.flagged else "not flagged"
+    return (f"class {report.class_name(d.suspected_class)}, anomaly index {d.anomaly_index:.1f} ({state}); sends "
+            f"{with_interval(d.success)} held-out images there")
+
+
+def _detection(report: Report) -> Section | None:
+    """Trigger reverse-engineering: the suspected class, how anomalous its mask is, and the trigger itself."""
+    d = report.detection
+    if d is None:
+        return None
+    summary = Table(["Item", "Value"], [
+        ["Searched model", "the distilled surrogate (no API query)" if d.model == "surrogate" else "the submitted model"],
+        ["Suspected target class", report.class_name(d.suspected_class)],
+        ["Anomaly index", f"{d.anomaly_index:.2f} (flagged at {d.anomaly_threshold:.1f} with a mask at most "
+                          f"{pct(d.max_norm_ratio)} of the median class's; here {pct(d.norm_ratio)}: "
+                          f"{'flagged' if d.flagged else 'not flagged'})"],
+        ["Recovered trigger's success", f"{with_interval(d.success)} held-out images of other classes"],
+        ["Mask size", f"{pct(d.mask_fraction)} of the image (a trigger counts up to {pct(d.max_mask_fraction)})"],
+        ["Counts toward the verdict", "yes" if d.counts_toward_verdict else "no"],
+        ["Search", f"{d.steps} steps per class on {d.images:,} clean images, {seconds(d.seconds)}"],
+    ], align="ll")
+    per_class = Table(["Class", "Mask L1 (pixels)", "Anomaly index", "Reached target"],
+                      [[report.class_name(k), f"{norm:.1f}", f"{d.anomaly_indices[k]:.2f}",
+                        ("yes" if d.reached[k] else "no") if d.reached else "n/a"]
+                       for k, norm in enumerate(d.mask_norms)], caption="Per class", align="lrrl")
+    paragraphs = [
+        "For every class, a mask and a pattern were optimised so that stamping them on clean images sends the "
+        "images to that class, with the mask kept as small as possible. A backdoor target needs a far smaller mask "
+        "than any other class; the anomaly index counts robust standard deviations (MAD) below the median mask. "
+        f"A trigger counts as recovered at an index of {d.anomaly_threshold:.0f} or more, with a mask at most "
+        f"{pct(d.max_norm_ratio)} of the median class's and of at most {pct(d.max_mask_fraction)} of the image, "
+        "and a success of "
+        f"{pct(d.success_floor)} or more; recovered on the submitted model, it lifts a no-evidence reading to "
+        "suspicious. The search cannot see triggers that are not a fixed stamp (warping or sample-specific triggers "
+        "such as WaNet) or that are larger than a normal class's mask.",
+    ]
+    if d.model == "surrogate":
+        paragraphs.append("The model was reached only through its API, so the search ran on the surrogate distilled "
+                          "from its answers. A surrogate rarely inherits a backdoor from clean answers: this result "
+                          "describes the surrogate, was not verified against the API and does not move the verdict.")
+    figures = [ref for ref in report.images if d.image is not None and ref.file == d.image]
+    return Section("detection", "Trigger reverse-engineering", paragraphs=paragraphs, tables=[summary, per_class],
+                   figures=figures)
+
+
 def _blackbox(report: Report) -> Section | None:
     if report.queries is None and report.surrogate is None:
         return None
@@ -432,12 +491,14 @@ def _plain(value: object) -> str:
 
 
 def _images(report: Report) -> Section | None:
-    if not report.images:
+    trigger = report.detection.image if report.detection else None
+    grids = [ref for ref in report.images if ref.file != trigger]  # the recovered trigger has its own section
+    if not grids:
         return None
     return Section("images", "Sample images",
                    paragraphs=["Rows: clean test images, the same images with the attack's trigger, and what the "
                                "input transformation T makes of them. Images are upscaled without smoothing."],
-                   figures=list(report.images))
+                   figures=grids)
 
 
 def _extra_plots(report: Report) -> Section | None:

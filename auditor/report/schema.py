@@ -25,7 +25,9 @@ from auditor.pipeline.plan import AuditPlan
 from auditor.pipeline.verdict import Fitness, Gate
 
 #: 2.0: verdict.level gained "inconclusive", succeeded reports need plan, gates, defended_model and figures
-#: (docs/report-schema.md has the migration note). 2.1: positive_controls[].origin and .cache (optional).
+#: (docs/report-schema.md has the migration note). 2.1 added the optional ``detection`` section,
+#: ``verdict.trigger_evidence``, ``plan.detection`` and ``positive_controls[].origin`` / ``.cache``;
+#: 2.0 reports still validate.
 SCHEMA_VERSION = "2.1"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
@@ -67,11 +69,16 @@ class Verdict(_Model):
     probe_level: ProbeLevel  # what the suspicion score alone reads, gates aside
     suspicion_before: Fraction  # n and 95% interval in figures.suspicion_before
     suspicion_after: Fraction
+    #: True: trigger reverse-engineering on the submitted model recovered a trigger (detection.recovered), so the
+    #: level is not no_evidence; False: it ran and found none that counts; None: it did not run (2.0 reports).
+    trigger_evidence: bool | None = None
 
     @model_validator(mode="after")
     def _reason_for_inconclusive(self) -> Verdict:
         if (self.level == "inconclusive") != (self.reason is not None):
             raise ValueError("an inconclusive verdict, and only that, carries a reason")
+        if self.trigger_evidence and self.level == "no_evidence":
+            raise ValueError("a recovered trigger never coexists with no_evidence")
         return self
 
 
@@ -321,6 +328,47 @@ class PositiveControl(_Model):
     cache: ControlCacheRecord | None = None  # None: not cached (no cache, or pseudo-labelled data)
 
 
+class Detection(_Model):
+    """Trigger reverse-engineering: per class, the smallest mask and pattern that send clean images there.
+
+    A backdoor target needs a far smaller mask than any other class; the anomaly index says how far (MAD-based,
+    robust standard deviations below the median). Blind to triggers that are not a fixed stamp (e.g. WaNet warps,
+    sample-specific triggers) and to triggers larger than a normal class's mask.
+    """
+
+    model: Literal["submitted", "surrogate"]  # API audits search the distilled surrogate (no API query)
+    suspected_class: ClassIndex  # the class with the smallest mask
+    anomaly_index: Annotated[float, Field(ge=0.0)]
+    anomaly_threshold: Annotated[float, Field(gt=0.0)]  # flagged at or above it ...
+    norm_ratio: Annotated[float, Field(ge=0.0)]  # the suspected mask's norm over the median class's
+    max_norm_ratio: Annotated[float, Field(gt=0.0)]  # ... and at or below this (guards the MAD with few classes)
+    flagged: bool
+    success: Figure  # the recovered trigger on held-out clean images not of suspected_class: share sent there
+    success_floor: Fraction
+    max_mask_fraction: Fraction  # a mask covering more of the image is no small trigger
+    recovered: bool  # flagged, mask_fraction <= max_mask_fraction and success.value >= success_floor
+    counts_toward_verdict: bool  # recovered on the submitted model (not the surrogate): the level is not no_evidence
+    mask_norms: list[Annotated[float, Field(ge=0.0)]]  # per class: L1 norm of the best mask, in pixels
+    anomaly_indices: list[float]  # per class (positive: smaller mask than typical)
+    reached: list[bool] = Field(default_factory=list)  # per class: whether any mask reached the search's target
+    mask_fraction: Fraction  # the suspected mask's L1 norm as a share of the image area
+    steps: Count  # Adam steps per class
+    images: Count  # clean images optimised on
+    seconds: Seconds
+    image: PngName | None = None  # mask, pattern and triggered examples, beside report.json
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Detection:
+        if self.flagged != (self.anomaly_index >= self.anomaly_threshold and self.norm_ratio <= self.max_norm_ratio):
+            raise ValueError("flagged must say whether anomaly_index reaches anomaly_threshold within max_norm_ratio")
+        small = self.mask_fraction <= self.max_mask_fraction
+        if self.recovered != (self.flagged and small and self.success.value >= self.success_floor):
+            raise ValueError("recovered must say whether the flagged, small trigger reaches success_floor")
+        if self.counts_toward_verdict != (self.recovered and self.model == "submitted"):
+            raise ValueError("only a trigger recovered on the submitted model counts toward the verdict")
+        return self
+
+
 class Artifact(_Model):
     name: str
     kind: str  # e.g. model | transform | defended_model | surrogate | log
@@ -366,6 +414,7 @@ class Report(_Model):
     refine: Refine | None = None
     utility: Utility | None = None
     probes: Probes | None = None
+    detection: Detection | None = None  # trigger reverse-engineering (2.1; absent when it did not run)
     positive_controls: list[PositiveControl] = Field(default_factory=list)
     artifacts: list[Artifact] = Field(default_factory=list)
     images: list[ImageRef] = Field(default_factory=list)
@@ -395,6 +444,17 @@ class Report(_Model):
         return self
 
     @model_validator(mode="after")
+    def _recovered_trigger_is_evidence(self) -> Report:
+        d, v = self.detection, self.verdict
+        if d is None or v is None:
+            return self
+        if v.trigger_evidence is not None and v.trigger_evidence != d.counts_toward_verdict:
+            raise ValueError("verdict.trigger_evidence disagrees with detection.counts_toward_verdict")
+        if d.counts_toward_verdict and v.level == "no_evidence":
+            raise ValueError("a trigger recovered on the submitted model never coexists with no_evidence")
+        return self
+
+    @model_validator(mode="after")
     def _sized_by_classes(self) -> Report:
         if self.inputs.data is None:
             return self
@@ -418,10 +478,17 @@ class Report(_Model):
             if u.confusion_after is not None:
                 sized.append(("utility.confusion_after", len(u.confusion_after)))
                 sized += [(f"utility.confusion_after[{i}]", len(row)) for i, row in enumerate(u.confusion_after)]
+        if self.detection is not None:
+            sized += [("detection.mask_norms", len(self.detection.mask_norms)),
+                      ("detection.anomaly_indices", len(self.detection.anomaly_indices))]
+            if self.detection.reached:
+                sized.append(("detection.reached", len(self.detection.reached)))
         return sized
 
     def _class_indices(self) -> list[tuple[str, int]]:
         indices = [(f"positive_controls[{i}].target", pc.target) for i, pc in enumerate(self.positive_controls)]
+        if self.detection is not None:
+            indices.append(("detection.suspected_class", self.detection.suspected_class))
         if self.probes is not None:
             for side in ("before", "after"):
                 result: ProbeResult = getattr(self.probes, side)

@@ -162,11 +162,12 @@ def test_tiny_audit_succeeds_with_report_artifacts_progress_and_signed_webhook(
     assert audit.progress == 1.0 and audit.attempts == 1 and audit.finished_at is not None
     assert audit.summary["status"] == "succeeded" and "ba_after" in audit.summary
     stages = [e.stage for e in events(sessions, audit_id) if e.kind == "stage"]
-    assert stages[:4] == ["data", "load", "refine", "evaluate"]
+    assert stages[:5] == ["data", "load", "detect", "refine", "evaluate"]
 
     with session_scope(sessions) as session:
         records = {a.name: a for a in audits.list_artifacts(session, audit_id)}
-    assert {"report.json", "report.html", "report.pdf", "defended_model.pt", "audit.log"} <= set(records)
+    assert {"report.json", "report.html", "report.pdf", "defended_model.pt", "audit.log",
+            "trigger-recovered.png"} <= set(records)
     for name, record in records.items():
         assert record.key == artifact_key(audit_id, name)
         assert s3_store.exists(record.key)

@@ -69,6 +69,13 @@ def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist
     assert 0.0 <= report["utility"]["ba_after"] <= 1.0
     assert (tmp_path / "out" / "defended_model.pt").exists()
     assert report["plan"]["effort"] == "tiny" and report["plan"]["data"]["test_images"] == 200
+    detection = report["detection"]  # the trigger search ran on the submitted model, timed like every stage
+    assert detection["model"] == "submitted" and report["plan"]["detection"]["steps"] == detection["steps"]
+    assert detection["success"]["n"] > 0 and len(detection["mask_norms"]) == 10 and "detect" in report["timings"]["stages"]
+    assert (tmp_path / "out" / detection["image"]).stat().st_size > 1000
+    assert detection["image"] in {a["name"] for a in report["artifacts"]} | {i["file"] for i in report["images"]}
+    assert report["verdict"]["trigger_evidence"] == detection["counts_toward_verdict"]
+    assert "trigger search: class" in result.output and "recovered: " in result.output
 
 
 def test_tiny_effort_is_inconclusive_and_never_recommends_its_defended_model(tmp_path, fmnist_model):
@@ -98,6 +105,7 @@ def test_plan_flag_prints_the_plan_and_trains_nothing(tmp_path, fmnist_model):
     assert result.exit_code == 0, result.output
     assert "standard (checkpoint audit" in result.output and "Estimated time" in result.output
     assert "6 epochs over 20,000 images, U-Net width 16" in result.output
+    assert "Trigger search" in result.output and "300 steps per class" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -125,6 +133,7 @@ def test_api_audit_of_a_backdoored_model_through_the_cli_stays_within_budget(tmp
     assert report["inputs"]["model"]["source"] == "api"
     assert report["queries"]["queries_used"] == served <= budget
     assert report["surrogate"]["agreement_clean"] > 0.5
+    assert report["detection"]["model"] == "surrogate" and not report["detection"]["counts_toward_verdict"]
     # a one-epoch REFINE has no epoch after which a refit could still help T
     assert [r["epoch"] for r in report["surrogate"]["refits"]] == ([] if refine_epochs == "1" else [1])
     assert all(r["queries"] > 0 for r in report["surrogate"]["refits"])

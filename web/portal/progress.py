@@ -18,6 +18,7 @@ STAGE_LABELS = {
     "data": "Loading the data",
     "load": "Loading the model",
     "surrogate": "Distilling a surrogate from the model API",
+    "detect": "Reverse-engineering a trigger for each class",
     "refine": "Training the REFINE input transformation",
     "evaluate": "Positive controls and trigger probes",
     "report": "Writing the report",
