@@ -1,4 +1,4 @@
-"""The ``refine-audit`` command line."""
+"""The ``refine-audit`` command line. (Over 400 lines: the ``audit`` command's options and their mapping onto the spec, one screen per command.)"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """A reference model server on the standard library: serves any ``nn.Module`` over KServe v1 and OIP v2.
+(Over 400 lines: both wire protocols' requests, answers and error shapes, which the client's tests are checked against.)
 
 Why it exists: black-box audits need something real to audit in tests, demos and
 benchmarks (``refine-audit serve-model``), and the server's own query count is the

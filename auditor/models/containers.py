@@ -1,4 +1,5 @@
 """Static checks of a checkpoint's container: what a file claims, read without loading it.
+(Over 400 lines: one checker per container format, side by side, so what is refused reads in one place.)
 
 A model file is a program. Before any loader sees a submitted file (and in the web
 process instead of any loader) this module reads its container as data:

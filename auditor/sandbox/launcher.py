@@ -1,4 +1,5 @@
 """The parent side of a sandboxed audit: build the bubblewrap command, run it, watch it.
+(Over 400 lines: the command, its mounts and the watch loop are read together to judge what the sandbox lets through.)
 
 ``run_audit_sandboxed`` has ``run_audit``'s signature plus a policy. It starts
 ``python -m auditor.sandbox.child`` inside ``bwrap`` under ``prlimit``:
