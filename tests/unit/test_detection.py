@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from test_probes import SIZE, striped_images
+from test_probes import SIZE, arch, data  # noqa: F401 (fixtures)
 from test_verdict import sound
 
 from auditor.attacks import AttackConfig, train_backdoored_model
@@ -23,7 +23,7 @@ from auditor.detection import (
     stamp,
 )
 from auditor.evaluation.intervals import wilson
-from auditor.models import ArchConfig, build_classifier
+from auditor.models import build_classifier
 from auditor.pipeline.verdict import TriggerFinding, conclude
 from auditor.training import TrainConfig, train_classifier
 
@@ -89,15 +89,8 @@ def test_stamp_blends_pattern_where_the_mask_is_on():
 # -- the search on tiny models -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data() -> tuple[ImageSet, ImageSet]:
-    """Stripe-orientation classes (test_probes.py): the corners are free, so a corner patch is no natural feature."""
-    return striped_images(480, seed=0), striped_images(160, seed=1)
-
-
-@pytest.fixture(scope="module")
-def arch() -> ArchConfig:
-    return ArchConfig("small_cnn", in_channels=1, num_classes=4, image_size=SIZE, mean=(0.3,), std=(0.3,), width=8)
+# The data and arch fixtures are test_probes.py's stripe-orientation classes: the corners are free, so a
+# corner patch is no natural feature.
 
 
 @pytest.fixture(autouse=True, scope="module")
