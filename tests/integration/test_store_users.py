@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from auditor.store import users
@@ -14,7 +13,8 @@ def test_token_plaintext_is_not_stored_and_authenticates(pg_session: Session) ->
     user = users.create_user(pg_session, "Alice@Example.com", "correct horse")
     token, plaintext = users.create_token(pg_session, user.id, "ci")
 
-    stored = pg_session.scalars(select(ApiToken)).one()
+    pg_session.expire_all()  # read the row back, not the object we created
+    stored = pg_session.get(ApiToken, token.id)  # other tests share the database: never assume it is empty
     assert plaintext not in (stored.token_hash, stored.prefix) and stored.token_hash == users.hash_token(plaintext)
     assert plaintext.startswith(stored.prefix)
 
