@@ -48,7 +48,9 @@ def wilson(successes: int | float, n: int, z: float = Z95) -> Interval:
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return Interval(p, n, max(0.0, centre - spread), min(1.0, centre + spread))
+    # At p = 0 or 1 the bounds equal p exactly in theory; in floating point they can miss it by an ulp
+    # (1 - 2e-16), and an interval that does not hold its own value fails the report's validation.
+    return Interval(p, n, min(p, max(0.0, centre - spread)), max(p, min(1.0, centre + spread)))
 
 
 def share_interval(value: float, n: int) -> Interval:

@@ -122,3 +122,11 @@ def test_wilson_interval_and_histogram_shift():
     assert wilson(50, 100).half_width == pytest.approx(0.096, abs=2e-3)
     assert wilson(1200, 2401).half_width <= 0.02
     assert histogram_shift((5, 5), (5, 5)) == 0.0 and histogram_shift((10, 0), (0, 10)) == 1.0
+
+
+def test_a_wilson_interval_always_holds_its_own_value_even_at_zero_and_one() -> None:
+    # Floating point once put the upper bound of 93/93 at 1 - 2e-16, and the report refused the audit.
+    for n in range(1, 2001):
+        for successes in (0, n):
+            interval = wilson(successes, n)
+            assert interval.low <= interval.value <= interval.high, (successes, n, interval)
