@@ -113,6 +113,10 @@ class ControlParts:
             return
         with session_scope(self.sessions) as session:
             statuses = part_rows.plan_parts(session, self.audit_id, names, self.stale_after)
+            queued = sorted(n for n, s in statuses.items() if s == part_rows.QUEUED)
+            rows.record_event(session, self.audit_id, "part", f"Positive controls {', '.join(queued) or 'none'} "
+                              f"queued as their own tasks by {self.dispatch.worker}.", stage="evaluate",
+                              data={"worker": self.dispatch.worker, "parts": statuses})
         (root / cc.PARTS_DIR).mkdir(parents=True, exist_ok=True)
         with self._lock:
             self.root, self.groups = root, groups
@@ -150,6 +154,7 @@ class ControlParts:
                 return False
         sync = ControlCacheSync(self.store(), self.root, self.audit_id, prefix=part_prefix(self.audit_id))
         sync.fetch([self.groups[name]])  # verified on the way in; a bad entry is dropped and trained here
+        _readable(self.root / self.groups[name])
         log.info("audit %s: positive control %s collected from its task", self.audit_id, name)
         return True
 
@@ -158,6 +163,14 @@ class ControlParts:
             if self.root is not None:
                 shutil.rmtree(self.root / cc.PARTS_DIR, ignore_errors=True)
             self.pending.clear()
+
+
+def _readable(folder: Path) -> None:
+    """Entries copied in while a sandboxed run reads the folder: a root worker's sandbox runs as another uid, and
+    a fetched entry's folder is private (``mkdtemp``), so open it up for reading -- nothing in it is secret."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _has_control(root: Path, group: str) -> bool:
