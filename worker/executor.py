@@ -279,7 +279,7 @@ class AuditExecutor:
             interval_s=self.options.progress_interval_s,
         )
         keepalive = self.options.keepalive_s(self.settings.heartbeat_timeout_s)
-        parts = self._parts()
+        parts = self._parts(link)
         chores = mirror.sync if parts is None else lambda: (mirror.sync(), parts.sync())
         with KeepAlive(link, keepalive, after_beat=chores):
             if self.settings.control_cache:  # cached positive controls fetched before, new ones published after
@@ -288,13 +288,13 @@ class AuditExecutor:
                                               link.should_cancel, link.on_metrics)
             return self.runner(spec, inputs, link.on_progress, link.should_cancel, link.on_metrics)
 
-    def _parts(self) -> ControlParts | None:
+    def _parts(self, link: RowLink) -> ControlParts | None:
         """The audit's positive controls as separate tasks: Celery workers only, and only over the control cache
         (the cache is how their results reach this task)."""
         if self.dispatch is None or not (self.settings.split_audits and self.settings.control_cache):
             return None
         stale_after = timedelta(seconds=self.options.abandoned_after_s(self.settings.heartbeat_timeout_s))
-        return ControlParts(self.audit_id, self.sessions, lambda: self.store, self.dispatch, stale_after)
+        return ControlParts(self.audit_id, self.sessions, lambda: self.store, self.dispatch, stale_after, link.on_parts)
 
     def _restore_checkpoints(self, mirror: CheckpointMirror) -> None:
         restored = mirror.restore()

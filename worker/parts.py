@@ -76,8 +76,9 @@ class ControlParts:
     """The main task's side of a split audit (module docstring): send, then collect or take back."""
 
     def __init__(self, audit_id: str, sessions: sessionmaker[Session], store: Callable[[], ArtifactStore],
-                 dispatch: Dispatch, stale_after: timedelta):
+                 dispatch: Dispatch, stale_after: timedelta, on_parts: Callable[[dict[str, str]], None]):
         self.audit_id = audit_id
+        self.on_parts = on_parts  # the progress row's view of the parts (``RowLink.on_parts``)
         self.sessions = sessions
         self.store = store
         self.dispatch = dispatch
@@ -138,6 +139,8 @@ class ControlParts:
                 if self._settled(name):
                     cc.pending_file(self.root, name).unlink(missing_ok=True)
                     self.pending.discard(name)
+            with session_scope(self.sessions) as session:
+                self.on_parts({p.name: _described(p) for p in part_rows.list_parts(session, self.audit_id)})
 
     def _settled(self, name: str) -> bool:
         """Whether the pipeline may stop waiting for ``name`` (its entries are in, or it trains it itself)."""
@@ -163,6 +166,12 @@ class ControlParts:
             if self.root is not None:
                 shutil.rmtree(self.root / cc.PARTS_DIR, ignore_errors=True)
             self.pending.clear()
+
+
+def _described(part: Any) -> str:
+    if part.status in (part_rows.RUNNING, part_rows.DONE, part_rows.TAKEN):
+        return f"{part.status} on {part.worker}"
+    return part.status
 
 
 def _readable(folder: Path) -> None:
