@@ -27,6 +27,9 @@ from auditor.store.lifecycle import AuditStatus, is_terminal
 from auditor.store.models import AuditPart, utcnow
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED, TAKEN = "queued", "running", "done", "failed", "cancelled", "taken"
+#: Claims of one part per attempt of its audit: a part that killed its worker twice (out of memory, say) is not
+#: handed to a third, the main task trains it instead (under the audit's own restart limit).
+MAX_PART_ATTEMPTS = 2
 ENDED = frozenset({DONE, FAILED, CANCELLED, TAKEN})
 
 
@@ -53,7 +56,7 @@ def plan_parts(session: Session, audit_id: str, names: list[str], stale_after: t
             part = AuditPart(audit_id=audit_id, name=name, status=QUEUED, attempts=0)
             session.add(part)
         elif part.status != DONE and not _live(part, stale_after):
-            part.status, part.worker, part.message = QUEUED, None, None
+            part.status, part.worker, part.message, part.attempts = QUEUED, None, None, 0
         statuses[name] = part.status
     session.flush()
     return statuses
@@ -66,6 +69,8 @@ def claim_part(session: Session, audit_id: str, name: str, worker: str, stale_af
         return None
     part = _part(session, audit_id, name)
     if part is None or not (part.status == QUEUED or (part.status == RUNNING and not _live(part, stale_after))):
+        return None
+    if part.attempts >= MAX_PART_ATTEMPTS:
         return None
     now = utcnow()
     part.status, part.worker, part.attempts = RUNNING, worker[:255], part.attempts + 1

@@ -9,6 +9,8 @@ the event that queued them. Cancelling the audit must stop every part, running o
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,8 @@ CONTROLS = ["badnets", "blended"]
 #: Tiny data, two positive controls; the main chain (detect, REFINE) outlasts the controls.
 SPLIT_SPEC = {"effort": "tiny", "data": {"train_size": 200, "test_size": 100}, "probes": {"images": 20},
               "controls": {"attacks": CONTROLS}}
+#: For the kill: controls long enough that the kill lands while the first one trains.
+KILL_SPEC = {**SPLIT_SPEC, "controls": {"attacks": CONTROLS, "train_epochs": 30}}
 #: For the cancel: REFINE and the controls long enough that the cancel lands while they run.
 LONG_SPEC = {**SPLIT_SPEC, "refine": {"epochs": 200}, "controls": {"attacks": CONTROLS, "train_epochs": 200}}
 
@@ -99,6 +103,7 @@ def test_one_audit_runs_on_two_workers_and_a_cancel_stops_every_part(
     print(f"split audit took {time.monotonic() - started:.1f} s")
     assert audit.status == AuditStatus.SUCCEEDED, (audit.error_code, audit.error_message, logs(two_workers))
     assert audit.progress == 1.0
+    assert set(audit.stage_detail["parts"]) == set(CONTROLS)  # the progress row showed where the controls ran
     rows = part_rows(sessions, audit_id)
     main = main_worker(sessions, audit_id)
     print("main task on", main, "parts:", rows)
@@ -128,3 +133,36 @@ def test_one_audit_runs_on_two_workers_and_a_cancel_stops_every_part(
     print("after cancel:", rows)
     assert load(sessions, audit_id).status == AuditStatus.CANCELLED
     assert all(r["status"] == parts.CANCELLED for r in rows.values()), rows
+
+
+def pool_children(process: ServiceProcess) -> list[int]:
+    """The prefork pool's processes (Linux: /proc/<pid>/task/<tid>/children)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{process.pid}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
+
+
+def test_a_control_whose_worker_is_killed_is_run_again_and_the_audit_succeeds(
+    tmp_path: Path, two_workers: list[ServiceProcess], broker_url: str, sessions: sessionmaker[Session],
+    s3_store: S3Store,
+) -> None:
+    audit_id = submit(sessions, s3_store, new_owner(sessions), KILL_SPEC, tiny_checkpoint(tmp_path / "m.safetensors"))
+    CeleryQueue(broker_url).enqueue(audit_id, "cpu")
+    running = wait_for(lambda: next((r for r in part_rows(sessions, audit_id).values()
+                                     if r["status"] == parts.RUNNING), None), AUDIT_S,
+                       message="a control task to be running", process=two_workers[0])
+    host = next(w for w in two_workers if running["worker"].startswith(w.log_path.stem))
+    (child,) = pool_children(host)
+    os.kill(child, signal.SIGKILL)  # the OOM killer's way: the pool process dies, its worker lives on
+
+    audit = wait_for(lambda: (a := load(sessions, audit_id)) and is_terminal(AuditStatus(a.status)) and a, AUDIT_S,
+                     message="a final status", process=two_workers[0])
+    rows = part_rows(sessions, audit_id)
+    print("after the kill:", rows)
+    assert audit.status == AuditStatus.SUCCEEDED, (audit.error_code, audit.error_message, logs(two_workers))
+    killed = rows[running["name"]]
+    # Run again: by the redelivered message once its heartbeat froze (attempt 2), or by the main task.
+    assert (killed["status"], killed["attempts"]) in ((parts.DONE, 2), (parts.TAKEN, 1), (parts.TAKEN, 2)), rows
+    report = json.loads(s3_store.get_bytes(artifact_key(audit_id, "report.json")))
+    assert {c["attack"] for c in report["positive_controls"]} == set(CONTROLS)
