@@ -23,6 +23,10 @@ lives here, in this order (short sessions around long work, record then re-raise
 5. **Notify**: the transaction that ended the audit recorded the webhook it owes; the
    executor makes the first attempt, the sweep any retries (``worker.notify``).
 
+On a Celery worker (``dispatch`` given, ``Settings.split_audits``) step 3 also sends the
+audit's positive controls to other workers as their own tasks and collects their
+results while the pipeline runs (``worker.parts``); step 4's cleanup closes them.
+
 Failures: a domain error or a cancel comes back in the result and is recorded as such;
 an unexpected exception is recorded as ``internal_error`` and re-raised; a transient
 infrastructure error (S3 or the database unreachable) is raised as

@@ -19,7 +19,7 @@ import pytest
 from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
 from shared_fixtures import claimed_redis_db, service_missing
 from sqlalchemy.orm import Session, sessionmaker
-from worker_support import load, new_owner, sessions, submit, tiny_checkpoint  # noqa: F401
+from worker_support import FAST_OPTIONS, load, new_owner, sessions, settings_for, submit, tiny_checkpoint  # noqa: F401
 
 from auditor.store import audits, parts
 from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
@@ -27,6 +27,8 @@ from auditor.store.control_cache import part_prefix
 from auditor.store.db import session_scope
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from web.jobs import CeleryQueue
+from worker.executor import download_inputs, execute_audit
+from worker.parts import Dispatch, execute_control_part
 
 STARTUP_S = 180  # two workers importing torch on two busy shared cores
 AUDIT_S = 420
@@ -166,3 +168,29 @@ def test_a_control_whose_worker_is_killed_is_run_again_and_the_audit_succeeds(
     assert (killed["status"], killed["attempts"]) in ((parts.DONE, 2), (parts.TAKEN, 1), (parts.TAKEN, 2)), rows
     report = json.loads(s3_store.get_bytes(artifact_key(audit_id, "report.json")))
     assert {c["attack"] for c in report["positive_controls"]} == set(CONTROLS)
+
+
+def test_on_a_one_worker_cluster_the_audit_takes_back_the_controls_queued_behind_it(
+    tmp_path: Path, pg_url: str, s3_store: S3Store, s3_endpoint: str, s3_credentials: S3Credentials,
+    sessions: sessionmaker[Session],
+) -> None:
+    # The control tasks are sent but no worker is free to run them (this one is busy with the audit itself):
+    # the audit must not wait for them forever, it trains them itself once it needs them.
+    settings = settings_for(tmp_path, pg_url, s3_store, s3_endpoint, s3_credentials, REFINE_AUDIT_CONTROL_CACHE="on",
+                            REFINE_AUDIT_HEARTBEAT_TIMEOUT_S="30")
+    audit_id = submit(sessions, s3_store, new_owner(sessions), SPLIT_SPEC, tiny_checkpoint(tmp_path / "m.safetensors"))
+    sent: list[str] = []
+    execute_audit(audit_id, settings, store=s3_store, session_factory=sessions, options=FAST_OPTIONS,
+                  dispatch=Dispatch(lambda _, name: sent.append(name), "only-worker"))
+
+    audit = load(sessions, audit_id)
+    assert audit.status == AuditStatus.SUCCEEDED, (audit.error_code, audit.error_message)
+    assert sorted(sent) == sorted(CONTROLS)
+    rows = part_rows(sessions, audit_id)
+    assert {(r["status"], r["worker"]) for r in rows.values()} == {(parts.TAKEN, "only-worker")}, rows
+    report = json.loads(s3_store.get_bytes(artifact_key(audit_id, "report.json")))
+    assert {c["attack"]: c["origin"] for c in report["positive_controls"]} == dict.fromkeys(CONTROLS, "trained")
+    # The control task's message, when a worker finally gets to it, finds nothing to do.
+    assert execute_control_part(audit_id, "badnets", settings, store=lambda: s3_store, sessions=sessions,
+                                runner=lambda *_: pytest.fail("a taken part ran"), worker="late-worker",
+                                download=download_inputs) is None
