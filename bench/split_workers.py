@@ -1,6 +1,6 @@
 """One audit on two one-thread workers (split) vs one two-thread worker (unsplit): wall time.
 
-    nice -n 10 .venv/bin/python -m bench.split_workers [--train-size 2000]
+    nice -n 10 .venv/bin/python -m bench.split_workers [--train-size 2000] [--reverse]
 
 The same CPU (two threads) either way: ``two_workers`` runs two ``celery worker``
 processes with ``OMP_NUM_THREADS=1`` and ``REFINE_AUDIT_SPLIT_AUDITS=on`` (the audit's
@@ -112,15 +112,17 @@ def run_config(name: str, config: dict[str, Any], audit_spec: dict[str, Any], tm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--reverse", action="store_true", help="run the one-worker configuration first")
     args = parser.parse_args()
     audit_spec = spec(args.train_size)
     results = {}
+    order = list(CONFIGS.items())[::-1] if args.reverse else list(CONFIGS.items())
     with tempfile.TemporaryDirectory(prefix="bench-split-") as tmp:
-        for name, config in CONFIGS.items():
+        for name, config in order:
             results[name] = run_config(name, config, audit_spec, Path(tmp))
             print(name, json.dumps(results[name]), flush=True)
     speedup = results["one_worker"]["wall_seconds"] / results["two_workers"]["wall_seconds"]
-    write_json(OUT, {"spec": audit_spec, "results": results, "speedup": round(speedup, 2),
+    write_json(OUT, {"spec": audit_spec, "order": [name for name, _ in order], "results": results, "speedup": round(speedup, 2),
                      "git_commit": git_commit(), "command": " ".join(["python -m bench.split_workers", *sys.argv[1:]]),
                      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     print(f"speed-up of two one-thread workers over one two-thread worker: {speedup:.2f}x")
