@@ -46,6 +46,8 @@ AUDIT_S = 1800
 CONFIGS = {
     "two_workers": {"workers": 2, "threads": "1", "split": "on"},
     "one_worker": {"workers": 1, "threads": "2", "split": "off"},
+    # Not part of the comparison: shows what the second thread is worth on its own (on a busy machine, little).
+    "one_worker_one_thread": {"workers": 1, "threads": "1", "split": "off"},
 }
 
 
@@ -112,15 +114,22 @@ def run_config(name: str, config: dict[str, Any], audit_spec: dict[str, Any], tm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--reverse", action="store_true", help="run the one-worker configuration first")
+    parser.add_argument("--reverse", action="store_true", help="run the one-worker configurations first")
+    parser.add_argument("--configs", default="two_workers,one_worker", help=f"comma-separated, of {list(CONFIGS)}")
     args = parser.parse_args()
     audit_spec = spec(args.train_size)
     results = {}
-    order = list(CONFIGS.items())[::-1] if args.reverse else list(CONFIGS.items())
+    chosen = [(name, CONFIGS[name]) for name in args.configs.split(",")]
+    order = chosen[::-1] if args.reverse else chosen
     with tempfile.TemporaryDirectory(prefix="bench-split-") as tmp:
         for name, config in order:
             results[name] = run_config(name, config, audit_spec, Path(tmp))
             print(name, json.dumps(results[name]), flush=True)
+    if not {"one_worker", "two_workers"} <= set(results):
+        write_json(OUT.with_name(f"split_workers_{'_'.join(results)}.json"),
+                   {"spec": audit_spec, "results": results, "git_commit": git_commit(),
+                    "command": " ".join(["python -m bench.split_workers", *sys.argv[1:]])})
+        return
     speedup = results["one_worker"]["wall_seconds"] / results["two_workers"]["wall_seconds"]
     write_json(OUT, {"spec": audit_spec, "order": [name for name, _ in order], "results": results, "speedup": round(speedup, 2),
                      "git_commit": git_commit(), "command": " ".join(["python -m bench.split_workers", *sys.argv[1:]]),
