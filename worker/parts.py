@@ -147,19 +147,22 @@ class ControlParts:
         with session_scope(self.sessions) as session:
             part = next((p for p in part_rows.list_parts(session, self.audit_id) if p.name == name), None)
             status = part.status if part is not None else part_rows.FAILED
-            if status == part_rows.DONE:
-                pass
-            elif status in part_rows.ENDED:
-                return True
-            elif cc.waiting_file(self.root, name).exists():
+            if status != part_rows.DONE:
+                if status in part_rows.ENDED:
+                    return True  # failed, cancelled or taken: the pipeline trains it
+                if not cc.waiting_file(self.root, name).exists():
+                    return False  # not needed yet: let its task work
                 return part_rows.take_part(session, self.audit_id, name, self.dispatch.worker, self.stale_after)
-            else:
-                return False
+        self._collect(name)
+        return True
+
+    def _collect(self, name: str) -> None:
+        """A done part's entries into the local folder, verified on the way in (a bad one is dropped and the
+        pipeline trains that control)."""
         sync = ControlCacheSync(self.store(), self.root, self.audit_id, prefix=part_prefix(self.audit_id))
-        sync.fetch([self.groups[name]])  # verified on the way in; a bad entry is dropped and trained here
+        sync.fetch([self.groups[name]])
         _readable(self.root / self.groups[name])
         log.info("audit %s: positive control %s collected from its task", self.audit_id, name)
-        return True
 
     def _drop_pending(self) -> None:
         with self._lock:
@@ -237,7 +240,10 @@ def execute_control_part(
     download: Callable[[ArtifactStore, str, Path], tuple[Path | None, Path | None]],
     options: PartOptions = PartOptions(),
 ) -> str | None:
-    """Claim, run and publish one control of a split audit; returns the part's final status (None: not ours)."""
+    """Claim, run and publish one control of a split audit; returns the part's final status (None: not ours).
+
+    ``download`` is the executor's ``download_inputs`` (passed in: the executor imports this module).
+    """
     attempt = _claim(sessions, audit_id, name, worker, options.stale_after)
     if attempt is None:
         log.info("audit %s: part %s is done, held by a live task, or its audit is over; nothing to do", audit_id, name)
