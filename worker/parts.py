@@ -41,7 +41,8 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -61,6 +62,7 @@ from auditor.store.db import session_scope
 
 log = logging.getLogger(__name__)
 
+WAIT_POLL_S = 1.0  # how soon a waiting pipeline's part is collected or taken back
 Runner = Callable[..., AuditResult]
 
 
@@ -96,8 +98,37 @@ class ControlParts:
             except Exception as exc:  # noqa: BLE001 -- unsplit is always correct, only slower
                 log.warning("audit %s: controls not split (%s); they run in this task", self.audit_id, exc)
                 self._drop_pending()
-            return runner(spec, inputs, *callbacks)
+            with self._answering_waits():
+                return runner(spec, inputs, *callbacks)
         return split_runner
+
+    @contextmanager
+    def _answering_waits(self) -> Iterator[None]:
+        """While the pipeline waits for a part, ``sync`` every ``WAIT_POLL_S`` instead of every keep-alive beat
+        (15 s in production): a one-worker cluster takes a queued part back within a second or two. Only local
+        files are polled until the pipeline actually waits."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(WAIT_POLL_S):
+                if self._waited_for():
+                    try:
+                        self.sync()
+                    except Exception as exc:  # noqa: BLE001 -- the keep-alive chore tries again
+                        log.warning("audit %s: parts not synced: %s", self.audit_id, exc)
+
+        thread = threading.Thread(target=watch, name="audit-parts", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=WAIT_POLL_S + 5)
+
+    def _waited_for(self) -> bool:
+        with self._lock:
+            root = self.root
+            return root is not None and any(cc.waiting_file(root, name).exists() for name in self.pending)
 
     def prepare(self, spec: AuditSpec, inputs: AuditInputs) -> None:
         """Reuse the parts an earlier attempt finished, queue the rest and mark them pending for the pipeline."""
