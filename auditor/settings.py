@@ -91,6 +91,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REFINE_AUDIT_CONTROL_CACHE", "on",
              "on | off: reuse positive controls trained by earlier audits (kept in the artifact store under "
              "control-cache/), instead of training them again."),
+    Variable("REFINE_AUDIT_SPLIT_AUDITS", "on",
+             "on | off: a Celery worker sends each positive control of an audit to the queue as its own task, so "
+             "idle workers train them while the audit's own task runs (needs the control cache; in-process mode "
+             "and the CLI never split)."),
     Variable("REFINE_AUDIT_LOG_FORMAT", "text", "text | json: json writes one object per line, with the audit id while an audit runs."),
     Variable("REFINE_AUDIT_MLFLOW_TRACKING_URI", "(unset: no MLflow source)",
              "http(s):// URL of the MLflow tracking server that `model.mlflow` references (models:/, runs:/) are read "
@@ -134,6 +138,7 @@ class Settings:
     log_format: str  # json for log shippers (one object per line); text for people
     mlflow_tracking_uri: str | None = field(default=None, repr=False)  # may carry credentials
     control_cache: bool = True  # reuse cached positive controls (auditor/store/control_cache.py)
+    split_audits: bool = True  # Celery workers run positive controls as their own tasks (worker/parts.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -178,6 +183,8 @@ class Settings:
             mlflow_tracking_uri=_mlflow_tracking_uri(get("REFINE_AUDIT_MLFLOW_TRACKING_URI")),
             control_cache=_choice("REFINE_AUDIT_CONTROL_CACHE", (get("REFINE_AUDIT_CONTROL_CACHE") or "on").lower(),
                                   ("on", "off")) == "on",
+            split_audits=_choice("REFINE_AUDIT_SPLIT_AUDITS", (get("REFINE_AUDIT_SPLIT_AUDITS") or "on").lower(),
+                                 ("on", "off")) == "on",
         )
 
     @property

@@ -24,6 +24,8 @@ from kombu.transport.redis import Channel
 
 #: The task that runs one audit; its one argument is the audit id.
 RUN_AUDIT_TASK = "worker.run_audit"
+#: The task that runs one positive control of a split audit (``worker/parts.py``): audit id, control name.
+RUN_CONTROL_TASK = "worker.run_control"
 SOCKET_TIMEOUT_S = 5.0
 
 

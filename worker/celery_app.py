@@ -2,7 +2,8 @@
 
 ``celery -A worker.celery_app worker`` imports this module, which builds ``app`` from
 ``Settings.from_env()`` once. The configuration follows from one fact: an audit is a
-single task that may run for hours on the only GPU of its machine.
+task that may run for hours on the only GPU of its machine (its positive controls may
+run beside it as tasks of their own, ``worker/parts.py``, each just as long).
 
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: the message is acknowledged
   only when the audit ends, so a pool process that dies mid-audit hands it straight

@@ -23,6 +23,10 @@ lives here, in this order (short sessions around long work, record then re-raise
 5. **Notify**: the transaction that ended the audit recorded the webhook it owes; the
    executor makes the first attempt, the sweep any retries (``worker.notify``).
 
+On a Celery worker (``dispatch`` given, ``Settings.split_audits``) step 3 also sends the
+audit's positive controls to other workers as their own tasks and collects their
+results while the pipeline runs (``worker.parts``); step 4's cleanup closes them.
+
 Failures: a domain error or a cancel comes back in the result and is recorded as such;
 an unexpected exception is recorded as ``internal_error`` and re-raised; a transient
 infrastructure error (S3 or the database unreachable) is raised as
@@ -53,12 +57,13 @@ from auditor.settings import Settings
 from auditor.spec import AuditSpec, parse_spec
 from auditor.store import audits as rows
 from auditor.store.artifacts import ArtifactNotFound, ArtifactStore, artifact_key, input_key, store_from_url
-from auditor.store.control_cache import run_with_control_cache
+from auditor.store.control_cache import part_prefix, run_with_control_cache
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from worker.checkpoints import CheckpointMirror, discard_checkpoints
 from worker.infra import transient_error
 from worker.notify import WebhookPolicy, deliver_webhook
+from worker.parts import ControlParts, Dispatch, close_parts
 from worker.progress import KeepAlive, RowLink, planned_stage_weights
 
 log = logging.getLogger(__name__)
@@ -101,6 +106,7 @@ def execute_audit(
     final_attempt: bool = True,
     runner: Runner = run_audit,
     options: ExecutorOptions = ExecutorOptions(),
+    dispatch: Dispatch | None = None,
 ) -> None:
     """Run one audit to a final status (see the module docstring for the guarantees).
 
@@ -108,7 +114,8 @@ def execute_audit(
     back to ``queued`` on a transient infrastructure error, for the retry to claim;
     otherwise the error is recorded before it propagates. ``store`` may be a factory, called on first
     use inside the error handling (building an S3 store already talks to S3).
-    ``runner`` replaces ``run_audit`` in tests.
+    ``runner`` replaces ``run_audit`` in tests. ``dispatch`` (Celery workers only) lets the
+    audit send its positive controls to other workers (``worker/parts.py``).
     """
     engine = None
     if session_factory is None:
@@ -116,11 +123,25 @@ def execute_audit(
         session_factory = make_session_factory(engine)
     try:
         with audit_log_context(audit_id):
-            executor = AuditExecutor(audit_id, settings, store, session_factory, runner, options)
+            executor = AuditExecutor(audit_id, settings, store, session_factory, runner, options, dispatch)
             executor.run(final_attempt=final_attempt)
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def download_inputs(store: ArtifactStore, audit_id: str, work_dir: Path) -> tuple[Path | None, Path | None]:
+    """The audit's model and dataset files (None when it has none) under ``work_dir/inputs``."""
+    inputs = work_dir / "inputs"
+    paths: list[Path | None] = []
+    for name in ("model", "dataset"):
+        target = inputs / name
+        try:
+            store.download_to(input_key(audit_id, name), target)
+            paths.append(target)
+        except ArtifactNotFound:
+            paths.append(None)
+    return paths[0], paths[1]
 
 
 @dataclass(frozen=True)
@@ -142,8 +163,10 @@ class AuditExecutor:
         sessions: sessionmaker[Session],
         runner: Runner = run_audit,
         options: ExecutorOptions = ExecutorOptions(),
+        dispatch: Dispatch | None = None,
     ):
         self.audit_id = audit_id
+        self.dispatch = dispatch
         self.settings = settings
         self._store = store
         self.sessions = sessions
@@ -240,20 +263,8 @@ class AuditExecutor:
 
     # -- 2 inputs and 3 run -----------------------------------------------------------------
 
-    def _download_inputs(self, work_dir: Path) -> tuple[Path | None, Path | None]:
-        inputs = work_dir / "inputs"
-        paths: list[Path | None] = []
-        for name in ("model", "dataset"):
-            target = inputs / name
-            try:
-                self.store.download_to(input_key(self.audit_id, name), target)
-                paths.append(target)
-            except ArtifactNotFound:
-                paths.append(None)
-        return paths[0], paths[1]
-
     def _run_pipeline(self, spec: AuditSpec, work_dir: Path) -> AuditResult:
-        model_path, dataset_path = self._download_inputs(work_dir)
+        model_path, dataset_path = download_inputs(self.store, self.audit_id, work_dir)
         inputs = AuditInputs(
             work_dir=work_dir,
             model_path=model_path,
@@ -272,11 +283,22 @@ class AuditExecutor:
             interval_s=self.options.progress_interval_s,
         )
         keepalive = self.options.keepalive_s(self.settings.heartbeat_timeout_s)
-        with KeepAlive(link, keepalive, after_beat=mirror.sync):
+        parts = self._parts(link)
+        chores = mirror.sync if parts is None else lambda: (mirror.sync(), parts.sync())
+        with KeepAlive(link, keepalive, after_beat=chores):
             if self.settings.control_cache:  # cached positive controls fetched before, new ones published after
-                return run_with_control_cache(self.runner, self.store, spec, inputs, link.on_progress,
+                runner = self.runner if parts is None else parts.wrap(self.runner)
+                return run_with_control_cache(runner, self.store, spec, inputs, link.on_progress,
                                               link.should_cancel, link.on_metrics)
             return self.runner(spec, inputs, link.on_progress, link.should_cancel, link.on_metrics)
+
+    def _parts(self, link: RowLink) -> ControlParts | None:
+        """The audit's positive controls as separate tasks: Celery workers only, and only over the control cache
+        (the cache is how their results reach this task)."""
+        if self.dispatch is None or not (self.settings.split_audits and self.settings.control_cache):
+            return None
+        stale_after = timedelta(seconds=self.options.abandoned_after_s(self.settings.heartbeat_timeout_s))
+        return ControlParts(self.audit_id, self.sessions, lambda: self.store, self.dispatch, stale_after, link.on_parts)
 
     def _restore_checkpoints(self, mirror: CheckpointMirror) -> None:
         restored = mirror.restore()
@@ -366,8 +388,14 @@ class AuditExecutor:
         return status
 
     def _cleanup(self) -> None:
-        """Scratch files and mirrored checkpoints go once the audit is final (kept until then to resume from)."""
+        """Scratch files, mirrored checkpoints and parts' entries go once the audit is final (kept until then to
+        resume from)."""
         self._discard_checkpoints()
+        close_parts(self.sessions, self.audit_id)
+        try:
+            self.store.delete_prefix(part_prefix(self.audit_id))
+        except Exception as exc:  # noqa: BLE001 -- leftovers go with the audit's files when it is deleted
+            log.warning("audit %s: entries of its control tasks not deleted: %s", self.audit_id, exc)
         if not self.options.keep_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 

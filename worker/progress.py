@@ -101,6 +101,7 @@ class RowLink:
         self._last_write = float("-inf")
         self._last_beat = float("-inf")
         self._metrics: dict[str, Any] = {}
+        self._parts: dict[str, str] = {}
         self.cancel_requested = False
         self.lost_reason: str | None = None
 
@@ -114,7 +115,8 @@ class RowLink:
             if not changed and now - self._last_write < self._interval:
                 return
             self._stage, self._last_write = stage, now
-            detail = {"stage": stage, "done": done, "total": total, **({"metrics": self._metrics} if self._metrics else {})}
+            detail = {"stage": stage, "done": done, "total": total, **({"metrics": self._metrics} if self._metrics else {}),
+                      **({"parts": self._parts} if self._parts else {})}
         self._write(lambda s: update_progress(s, self.audit_id, stage, value, detail))
 
     def on_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
@@ -122,6 +124,14 @@ class RowLink:
         with self._lock:
             self._metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
             self._last_write = float("-inf")  # show new epoch numbers promptly
+
+    def on_parts(self, parts: dict[str, str]) -> None:
+        """Where the audit's positive controls run when they are separate tasks (``worker/parts.py``), e.g.
+        ``{"badnets": "running on worker-2"}``; shown with the next progress write."""
+        with self._lock:
+            if parts != self._parts:
+                self._parts = dict(parts)
+                self._last_write = float("-inf")
 
     def should_cancel(self) -> bool:
         if self.lost_reason is None and not self.cancel_requested:

@@ -10,8 +10,10 @@ ready and stopped at shutdown, so no separate scheduler process is needed.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
@@ -22,9 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from auditor.settings import Settings
 from auditor.store.artifacts import ArtifactStore, store_from_url
 from auditor.store.db import make_engine, make_session_factory
-from worker.broker import RUN_AUDIT_TASK, RedisBroker
-from worker.celery_app import RUNNER, SETTINGS, app
-from worker.executor import execute_audit
+from worker.broker import RUN_AUDIT_TASK, RUN_CONTROL_TASK, RedisBroker
+from worker.celery_app import DEFAULT_QUEUE, RUNNER, SETTINGS, app
+from worker.executor import ExecutorOptions, download_inputs, execute_audit
+from worker.parts import Dispatch, PartOptions, execute_control_part
 from worker.infra import TransientInfraError
 from worker.sweep import Sweep, Sweeper, SweepLock
 
@@ -118,5 +121,40 @@ def run_audit(self: Task, audit_id: str) -> None:
     final_attempt = self.request.retries >= (self.max_retries or 0)
     execute_audit(
         audit_id, SETTINGS, store=res.artifact_store, session_factory=res.sessions, final_attempt=final_attempt,
-        runner=RUNNER,
+        runner=RUNNER, dispatch=_dispatch(self),
     )
+
+
+def _worker_name(task: Task) -> str:
+    return task.request.hostname or socket.gethostname()
+
+
+def _dispatch(task: Task) -> Dispatch:
+    """Control tasks go to the queue the audit came from (a GPU audit's controls want GPU workers too)."""
+    queue = (task.request.delivery_info or {}).get("routing_key") or DEFAULT_QUEUE
+
+    def send(audit_id: str, name: str) -> None:
+        app.send_task(RUN_CONTROL_TASK, args=[audit_id, name], queue=queue)
+
+    return Dispatch(send, _worker_name(task))
+
+
+@app.task(
+    name=RUN_CONTROL_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=SETTINGS.audit_time_limit_s,
+    time_limit=SETTINGS.hard_time_limit_s,
+)
+def run_control(self: Task, audit_id: str, name: str) -> None:
+    """One positive control of a split audit (``worker/parts.py``). Never retried by Celery: a part that fails or
+    whose worker dies is trained by the audit's main task when it needs it, so no retry policy can lose it."""
+    res = resources()
+    defaults = ExecutorOptions()
+    options = PartOptions(
+        keepalive_s=defaults.keepalive_s(SETTINGS.heartbeat_timeout_s),
+        stale_after=timedelta(seconds=defaults.abandoned_after_s(SETTINGS.heartbeat_timeout_s)),
+    )
+    execute_control_part(audit_id, name, SETTINGS, store=res.artifact_store, sessions=res.sessions, runner=RUNNER,
+                         worker=_worker_name(self), download=download_inputs, options=options)

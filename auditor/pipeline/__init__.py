@@ -15,7 +15,7 @@ A map for a first read, in the order an audit runs:
     cache.py      positive controls reused, not retrained: keys, entries verified by sha256 (store side: auditor/store/control_cache.py)
     verdict.py    evidence gates and verdict rules
     report.py     the report dict, its files and the row summary
-    run.py        run_audit: the stages in order, timing, logging, failures
+    run.py        run_audit: the stages in order, timing, logging, failures; run_control_part: one control alone
     state.py      what run_audit takes and returns, and what stages hand each other
 
 The plan's names load eagerly (they import no stage, so ``auditor.spec`` and the

@@ -286,6 +286,20 @@ class ControlCache:
         return Entry(key, target, manifest)
 
 
+#: Beside the entries in a local cache folder, one file per control another task of the same audit is training:
+#: ``parts/<attack>.pending`` while the trusted side expects that task's entries (it removes the file once they are
+#: copied in, or once it takes the control back), ``parts/<attack>.waiting`` once the pipeline needs the control.
+PARTS_DIR = "parts"
+
+
+def pending_file(root: Path, attack: str) -> Path:
+    return Path(root) / PARTS_DIR / f"{attack}.pending"
+
+
+def waiting_file(root: Path, attack: str) -> Path:
+    return Path(root) / PARTS_DIR / f"{attack}.waiting"
+
+
 def local_entries(root: Path) -> list[str]:
     """Keys of the entry folders under ``root`` (any with a manifest; verification is the reader's job)."""
     root = Path(root)

@@ -16,6 +16,7 @@ were ``trained``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,12 @@ from auditor.pipeline.verdict import ControlFinding
 from auditor.refine import DefendedModel, RefineConfig, train_refine
 from auditor.refine.remap import derangement
 from auditor.refine.trainer import RefineResult
-from auditor.runtime import CancelFn
+from auditor.runtime import CancelFn, check_cancel
 from auditor.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
+PART_POLL_S = 1.0  # how often a control waits for its part's entries to appear
 CONTROL_ARCHITECTURES = ("small_cnn", "resnet18")  # families refine-audit can train; others fall back to small_cnn
 MODEL_FILE, TRANSFORM_FILE = "model.safetensors", "transform.safetensors"
 
@@ -79,6 +81,7 @@ def run_control(state: AuditState, name: str, should_cancel: CancelFn, on_metric
     arch = state.arch if state.arch.name in CONTROL_ARCHITECTURES else arch_for(state)
     config = refine_config(state.plan)
     slot = _slot(state, name, arch, config)
+    _await_part(slot, name, should_cancel)
     bd = _reused_control(state, slot, name, arch)
     reused = bd is not None
     if bd is None:
@@ -129,6 +132,26 @@ def _slot(state: AuditState, name: str, arch: ArchConfig, config: RefineConfig) 
     control_key = cc.control_key(groups[name], arch)
     return _Slot(state.control_cache, cc.group_inputs(state.spec, state.plan, digest, name), control_key,
                  cc.refine_key(control_key, config, state.num_classes, state.spec.seed))
+
+
+def _await_part(slot: _Slot, name: str, should_cancel: CancelFn) -> None:
+    """Wait while another task of this audit trains this control (a split audit, ``worker/parts.py``).
+
+    The pipeline cannot reach the database or the store (it may run in a sandbox), so the
+    trusted side talks to it through the cache folder: ``.pending`` says a control task is
+    on it; ``.waiting``, written here, says the result is needed now. The trusted side then
+    either copies the part's entries in or takes the part back, and removes ``.pending`` in
+    both cases -- after which the control is reused from the cache, or trained here.
+    """
+    if slot.cache is None or not (pending := cc.pending_file(slot.cache.root, name)).exists():
+        return
+    cc.waiting_file(slot.cache.root, name).touch()
+    log.info("control %s: waiting for the task of this audit that trains it", name)
+    started = time.monotonic()
+    while pending.exists():
+        check_cancel(should_cancel)
+        time.sleep(PART_POLL_S)
+    log.info("control %s: waited %.0f s", name, time.monotonic() - started)
 
 
 def _reused_control(state: AuditState, slot: _Slot, name: str, arch: ArchConfig) -> BackdooredModel | None:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from auditor.errors import AuditCancelled, AuditError
+from auditor.errors import AuditCancelled, AuditError, ErrorCode
 from auditor.pipeline.data import stage_data
 from auditor.pipeline.detect import stage_detect
 from auditor.pipeline.evaluate import stage_evaluate
@@ -50,6 +50,8 @@ def run_audit(
     on_metrics: MetricsFn | None = None,
 ) -> AuditResult:
     """Run every stage; domain errors and cancellation end in a result, unexpected errors propagate."""
+    if inputs.only_control is not None:
+        return run_control_part(spec, inputs, on_progress, should_cancel, on_metrics)
     started = time.perf_counter()
     out = Path(inputs.work_dir) / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,56 @@ def run_audit(
                 state.api.close()
     state.timings["total"] = time.perf_counter() - started
     return _succeeded(state)
+
+
+def run_control_part(
+    spec: AuditSpec,
+    inputs: AuditInputs,
+    on_progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
+    on_metrics: MetricsFn | None = None,
+) -> AuditResult:
+    """One positive control of a split audit, alone: its entries land in ``inputs.control_cache``.
+
+    A control depends on the data, the attack, the control settings, the seed and the
+    *family* of the submitted model (``controls.run_control``), so the part runs the
+    cheap ``data`` and ``load`` stages too -- loading is how the family is known -- and
+    then trains and defends that one control. Its result is the cache entries; the
+    audit's main run reuses them (re-scoring the control on its own test images), so
+    the report is the same as if the main run had trained it. No report is written.
+    """
+    from auditor.pipeline.controls import run_control
+
+    out = Path(inputs.work_dir) / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(spec.seed)
+    state = AuditState(spec, inputs, out, resolve_device(inputs.device))
+    name = inputs.only_control
+    try:
+        for stage in ("data", "load"):
+            on_progress(stage, 0, 1)
+            check_cancel(should_cancel)
+            STAGE_FUNCTIONS[stage](state, on_progress, should_cancel, on_metrics)
+        if inputs.control_cache is None or name not in state.plan.controls.attacks:
+            raise AuditError(ErrorCode.INVALID_SPEC, f"The audit plans no cacheable positive control {name!r}.")
+        on_progress("evaluate", 0, 1)
+        entry = run_control(state, name, should_cancel, on_metrics)
+        if entry["cache"] is None:
+            raise AuditError(ErrorCode.INVALID_SPEC, f"The positive control {name!r} cannot be cached for its audit.")
+        on_progress("evaluate", 1, 1)
+    except AuditCancelled as exc:
+        return AuditResult("cancelled", out, None, {"status": "cancelled"}, [], _error_of(exc))
+    except AuditError as exc:
+        log.warning("control %s failed: %s %s", name, exc.code.value, exc.message)
+        return AuditResult("failed", out, None, {"status": "failed"}, [], _error_of(exc))
+    finally:
+        if state.api is not None:
+            state.api.close()
+    return AuditResult("succeeded", out, None, {"status": "succeeded", "control": name}, [])
+
+
+def _error_of(exc: AuditError) -> dict:
+    return {"code": exc.code.value, "message": exc.message, "detail": exc.detail}
 
 
 def _stages(state: AuditState) -> Iterator[str]:
@@ -121,7 +173,7 @@ def _succeeded(state: AuditState) -> AuditResult:
 def _ended(state: AuditState, status: str, exc: AuditError, started: float) -> AuditResult:
     """A failed or cancelled audit still leaves a report saying what happened and why."""
     state.timings["total"] = time.perf_counter() - started
-    error = {"code": exc.code.value, "message": exc.message, "detail": exc.detail}
+    error = _error_of(exc)
     try:
         report = _write(state, status, exc)
     except Exception:  # the report of a failure must not hide the failure itself

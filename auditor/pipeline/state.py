@@ -30,6 +30,7 @@ class AuditInputs:
     fmnist_dir: Path = Path(DEFAULT_FMNIST_DIR)  # where the built-in data set lives (Settings.fmnist_dir)
     cache_dir: Path | None = None  # where its unpacked copy is kept (Settings.data_dir); None: ~/.cache/refine-audit
     control_cache: Path | None = None  # a folder of cached positive controls (auditor/pipeline/cache.py); None: train
+    only_control: str | None = None  # run just this positive control into control_cache (a split audit's part)
 
 
 @dataclass

@@ -88,6 +88,7 @@ def run(request: dict[str, Any], events: EventPipe) -> dict[str, Any]:
         fmnist_dir=Path(raw["fmnist_dir"]),
         cache_dir=Path(raw["cache_dir"]),
         control_cache=Path(raw["control_cache"]) if raw.get("control_cache") else None,
+        only_control=str(raw["only_control"]) if raw.get("only_control") else None,
     )
     cancel_file = Path(request["cancel_file"])
     logging.getLogger("auditor").addHandler(ForwardedLogs(events))

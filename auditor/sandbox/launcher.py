@@ -332,6 +332,7 @@ def _request(spec: AuditSpec, inputs: AuditInputs, policy: SandboxPolicy) -> dic
             "fmnist_dir": str(policy.fmnist_dir or inputs.fmnist_dir),
             "cache_dir": str(SANDBOX_CACHE_DIR),  # the unpacked Fashion-MNIST is bound below it
             "control_cache": str(WORK / CONTROL_CACHE) if inputs.control_cache is not None else None,
+            "only_control": inputs.only_control,
         },
         "cancel_file": str(CONTROL / CANCEL_FILE),
     }

@@ -46,7 +46,7 @@ from typing import Any
 
 from auditor.models.containers import inspect_checkpoint
 from auditor.pipeline import cache as cc
-from auditor.store.artifacts import ArtifactStore
+from auditor.store.artifacts import ArtifactStore, audit_prefix
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ LOCAL_DIR = "control-cache"  # under the audit's work dir
 class ControlCacheSync:
     """One audit's traffic between the artifact store and its local cache folder."""
 
-    def __init__(self, store: ArtifactStore, root: Path, audit_id: str):
+    def __init__(self, store: ArtifactStore, root: Path, audit_id: str, prefix: str = cc.STORE_PREFIX):
         self.store = store
+        self.prefix = prefix  # the shared cache, or one split audit's own entries (``part_prefix``)
         self.root = Path(root)
         self.audit_id = audit_id
         self.groups: set[str] = set()
@@ -72,10 +73,10 @@ class ControlCacheSync:
             if not cc.GROUP_PATTERN.match(group):
                 continue
             self.groups.add(group)
-            names = self.store.list(f"{cc.STORE_PREFIX}{group}/")
+            names = self.store.list(f"{self.prefix}{group}/")
             entries: dict[str, set[str]] = {}
             for name in names:
-                key, _, file = name.removeprefix(cc.STORE_PREFIX).rpartition("/")
+                key, _, file = name.removeprefix(self.prefix).rpartition("/")
                 if cc.KEY_PATTERN.match(key):
                     entries.setdefault(key, set()).add(file)
             for key, files in sorted(entries.items()):
@@ -88,12 +89,12 @@ class ControlCacheSync:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fetch-"))
         try:
-            manifest = self.store.get_bytes(_store_key(key, cc.MANIFEST))
+            manifest = self.store.get_bytes(self._key(key, cc.MANIFEST))
             if len(manifest) > cc.MAX_MANIFEST_BYTES:
                 raise cc.InvalidEntry("the manifest is too large")
             (staging / cc.MANIFEST).write_bytes(manifest)
             for name in cc.ENTRY_FILES[cc.kind_of(key)]:
-                self.store.download_to(_store_key(key, name), staging / name)
+                self.store.download_to(self._key(key, name), staging / name)
             cc.verify_entry(staging, key)
         except cc.InvalidEntry as exc:
             self._discard(key, str(exc))
@@ -110,7 +111,7 @@ class ControlCacheSync:
     def _discard(self, key: str, reason: str) -> None:
         log.warning("audit %s: control cache entry %s failed verification (%s); deleted from the store, it will be "
                     "rebuilt", self.audit_id, key, reason)
-        self.store.delete_prefix(f"{cc.STORE_PREFIX}{key}/")
+        self.store.delete_prefix(f"{self.prefix}{key}/")
 
     # -- after the run ----------------------------------------------------------------------------------------------
 
@@ -142,17 +143,26 @@ class ControlCacheSync:
 
     def _upload(self, key: str, path: Path, manifest: dict[str, Any]) -> None:
         for name, recorded in manifest["files"].items():
-            info = self.store.put(_store_key(key, name), path / name)
+            info = self.store.put(self._key(key, name), path / name)
             if info.sha256 != recorded["sha256"] or info.size != recorded["size"]:
                 raise cc.InvalidEntry(f"{name} changed while it was uploaded")
         manifest = {**manifest, "created_by": {"audit_id": self.audit_id,
                                                "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}}
-        self.store.put(_store_key(key, cc.MANIFEST), json.dumps(manifest, indent=2).encode(), "application/json")
+        self.store.put(self._key(key, cc.MANIFEST), json.dumps(manifest, indent=2).encode(), "application/json")
         log.info("audit %s: control cache entry %s published", self.audit_id, key)
 
+    def _key(self, key: str, name: str) -> str:
+        return f"{self.prefix}{key}/{name}"
 
-def _store_key(key: str, name: str) -> str:
-    return f"{cc.STORE_PREFIX}{key}/{name}"
+
+def part_prefix(audit_id: str) -> str:
+    """Where the control tasks of a split audit leave their entries for its main task (``worker/parts.py``).
+
+    Per audit, not the shared cache: every audit can split, including those whose entries
+    must never feed other audits (``may_publish``); the main task publishes what it may.
+    The folder goes with the audit's other files.
+    """
+    return f"{audit_prefix(audit_id)}control-parts/"
 
 
 def _check_safetensors(path: Path, manifest: dict[str, Any]) -> None:
@@ -172,6 +182,11 @@ def _check_safetensors(path: Path, manifest: dict[str, Any]) -> None:
 
 def planned_groups(spec: Any, inputs: Any) -> list[str]:
     """The group keys of the audit's planned controls, as the pipeline will compute them (none if unplannable)."""
+    return sorted(set(planned_control_groups(spec, inputs).values()))
+
+
+def planned_control_groups(spec: Any, inputs: Any) -> dict[str, str]:
+    """Each planned control's group key (none when the audit cannot be planned or its controls cached)."""
     from auditor.errors import AuditError
     from auditor.pipeline.data import data_summary
     from auditor.pipeline.plan import plan_audit
@@ -181,9 +196,9 @@ def planned_groups(spec: Any, inputs: Any) -> list[str]:
         summary = data_summary(spec, inputs.dataset_path)
         plan = plan_audit(spec, summary, device=resolve_device(inputs.device))
     except (AuditError, ValueError, OSError):
-        return []  # the audit reports its own error
+        return {}  # the audit reports its own error
     digest = cc.data_digest(spec, inputs.dataset_path, inputs.fmnist_dir)
-    return sorted(set(cc.control_groups(spec, plan, digest, summary.labelled).values()))
+    return cc.control_groups(spec, plan, digest, summary.labelled)
 
 
 #: Checkpoint formats that are weights only: loading them runs none of the submitter's code.

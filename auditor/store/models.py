@@ -236,3 +236,30 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None]
     next_attempt_at: Mapped[datetime | None]
     succeeded: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AuditPart(Base):
+    """One positive control of a split audit, run as its own task (``worker/parts.py``).
+
+    One row per (audit, control). The row is the claim: a control task runs only a part
+    it moved from ``queued`` (or from ``running`` with a frozen heartbeat) to ``running``,
+    and the audit's main task takes over (``taken``) a part nobody is running when it
+    needs the result, so no part waits on a dead or busy worker. ``worker`` and
+    ``seconds`` say where and how long it ran.
+    """
+
+    __tablename__ = "audit_parts"
+    __table_args__ = (
+        CheckConstraint("status IN ('queued', 'running', 'done', 'failed', 'cancelled', 'taken')", name="status"),
+    )
+
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    seconds: Mapped[float | None] = mapped_column(Float)
+    message: Mapped[str | None] = mapped_column(Text)

@@ -84,6 +84,9 @@ def detail_text(status: str, stage_detail: dict[str, Any] | None) -> str:
             parts.append(f"{label} {metrics[key]:.3f}")
     if not parts and stage_detail.get("total", 0) > 1:
         parts.append(f"step {stage_detail.get('done', 0)} of {stage_detail['total']}")
+    controls = stage_detail.get("parts") or {}  # positive controls running as their own tasks (worker/parts.py)
+    if isinstance(controls, dict) and controls:
+        parts.append("controls: " + ", ".join(f"{name} {state}" for name, state in sorted(controls.items())))
     return " \u00b7 ".join(parts)
 
 
