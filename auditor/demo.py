@@ -14,7 +14,7 @@ from typing import Any
 
 
 from auditor.attacks import AttackConfig, train_backdoored_model
-from auditor.data import load_fashion_mnist
+from auditor.data import load_fashion_mnist, take
 from auditor.evaluation import attack_metrics, model_predictor
 from auditor.models import ArchConfig, export_torchscript, load_checkpoint
 from auditor.pipeline import AuditInputs, AuditResult, run_audit
@@ -24,6 +24,9 @@ from auditor.spec import parse_spec
 from auditor.training import TrainConfig
 
 DEMO_SPEC = {"effort": "quick", "controls": {"attacks": ["badnets"]}}
+#: The planted model trains on a subset: 3 epochs on 20,000 images implant BadNets (ASR ~99%) at ~89% BA, in a
+#: third of the time 4 epochs on all 60,000 took; the demo is about the audit, not about this model.
+PLANTED_TRAIN_IMAGES, PLANTED_EPOCHS = 20_000, 3
 
 
 def run_demo(
@@ -34,8 +37,9 @@ def run_demo(
     device = resolve_device(settings.device)
     train, test = load_fashion_mnist(settings.fmnist_dir, settings.data_dir)
     planted = train_backdoored_model(
-        ArchConfig("small_cnn"), train, test, AttackConfig("badnets", target=0, seed=seed + 1000),
-        TrainConfig(epochs=4, bf16=cpu_bf16_pays(device)), device=device, seed=seed + 1000,
+        ArchConfig("small_cnn"), take(train, PLANTED_TRAIN_IMAGES, seed), test,
+        AttackConfig("badnets", target=0, seed=seed + 1000),
+        TrainConfig(epochs=PLANTED_EPOCHS, bf16=cpu_bf16_pays(device)), device=device, seed=seed + 1000,
         on_progress=on_progress, should_cancel=should_cancel,
     )
     model_dir = out / "submitted"

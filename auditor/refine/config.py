@@ -33,6 +33,10 @@ class RefineConfig:
     hflip: bool = False  # off for Fashion-MNIST-like data where orientation is class evidence
     pool_size: int | None = 20_000  # unlabeled images used; None = the whole pool
     bf16: bool = False  # autocast; measured in bench/, off by default for exact CPU reproducibility
+    #: Train T in channels-last layout: oneDNN's convolutions skip a reorder per layer. One train step at width 16,
+    #: batch 128, one thread: 1.2x faster with bf16 autocast (bench/results/refine_step.json); T is handed back
+    #: in the default layout, so exports and inference see no difference.
+    channels_last: bool = True
     mapping_seed: int | None = None  # None = derive from the run seed
 
     def __post_init__(self) -> None:

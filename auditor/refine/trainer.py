@@ -77,6 +77,10 @@ def _lr_factor(config: RefineConfig, total_steps: int) -> Callable[[int], float]
     return step_factor
 
 
+def _layout(config: RefineConfig) -> torch.memory_format:
+    return torch.channels_last if config.channels_last else torch.contiguous_format
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -113,7 +117,7 @@ def train_refine(
     mapping = derangement(num_classes, seed if config.mapping_seed is None else config.mapping_seed)
     inv = inverse(mapping).to(device)
     torch.manual_seed(seed)
-    transform = UNet(config.unet).to(device)
+    transform = UNet(config.unet).to(device, memory_format=_layout(config))
     optimizer = _make_optimizer(transform.parameters(), config)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -136,7 +140,7 @@ def train_refine(
             on_epoch(stats)
         if checkpoint_dir is not None:
             _save_checkpoint(Path(checkpoint_dir), epoch + 1, config, transform, optimizer, scheduler, history, mapping)
-    transform.eval()
+    transform.to(memory_format=torch.contiguous_format).eval()
     return RefineResult(transform, mapping, config, seed, history, time.perf_counter() - started, start_epoch)
 
 
@@ -161,7 +165,7 @@ def _train_epoch(
     for step, start in enumerate(range(0, len(data), config.batch_size), 1):
         check_cancel(should_cancel)
         xb = data.x[order[start : start + config.batch_size]].to(device).float().div_(255)
-        xb = _augment(xb, config, gen)
+        xb = _augment(xb, config, gen).contiguous(memory_format=_layout(config))
         with torch.no_grad(), autocast(device, config.bf16):
             logits_clean = model(xb).float()
         with autocast(device, config.bf16):

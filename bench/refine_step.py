@@ -1,0 +1,169 @@
+"""What one REFINE train step costs on this CPU, and which layout and dtype levers pay.
+
+    python -m bench.refine_step                 # one torch thread, the committed configuration
+    python -m bench.refine_step --threads 2 --rounds 5
+
+Measures, in one run so the figures are comparable:
+
+* this machine's matmul peaks (2048x2048, fp32 and bf16): the ceiling a train step is judged against;
+* one REFINE train step (U-Net width 16, batch 128, the kd + supervised-contrastive loss, AdamW) against a small
+  CNN, for fp32 / bf16 autocast x default / channels-last layout, interleaved over several rounds (median), with
+  its FLOPs counted by ``torch.utils.flop_counter``, so achieved GFLOP/s and the share of the peak follow;
+* a quality check of the layout lever: two short ``train_refine`` runs on Fashion-MNIST that differ only in
+  ``RefineConfig.channels_last``, with their training fidelity and the defended model's accuracy.
+
+The step is timed through the trainer's own pieces (the U-Net, the losses, autocast); the audit-level cost, through
+``run_audit``, is ``bench/audit_cost.py``'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from auditor.data import load_fashion_mnist, take
+from auditor.models import ArchConfig, UNet, build_classifier
+from auditor.refine import DefendedModel, RefineConfig, train_refine
+from auditor.refine.losses import fit_loss, supcon_loss
+from auditor.refine.remap import derangement, inverse
+from auditor.training import TrainConfig, autocast, predict_logits, train_classifier
+from bench.common import RESULTS, provenance, write_json
+
+CPU = torch.device("cpu")
+BATCH, WIDTH = 128, 16
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best of a few square matmuls: the dense-compute ceiling for ``dtype`` at the current thread count."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+class StepRig:
+    """One REFINE train step, as ``auditor.refine.trainer`` takes it, for a given dtype and layout."""
+
+    def __init__(self, model: torch.nn.Module, bf16: bool, channels_last: bool, seed: int = 0):
+        torch.manual_seed(seed)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.model, self.bf16, self.layout = model, bf16, layout
+        self.transform = UNet(RefineConfig().unet).to(CPU, memory_format=layout)
+        self.optimizer = torch.optim.AdamW(self.transform.parameters(), lr=3e-3)
+        self.inv = inverse(derangement(10, seed))
+        self.x = torch.rand(BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).contiguous(memory_format=layout)
+
+    def step(self) -> None:
+        with torch.no_grad(), autocast(CPU, self.bf16):
+            clean = self.model(self.x).float()
+        with autocast(CPU, self.bf16):
+            transformed = self.transform(self.x)
+            logits = self.model(transformed).float()
+        loss = fit_loss("kd", logits, clean, self.inv, 2.0) + 0.1 * supcon_loss(transformed, clean.argmax(1), 0.07)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def step_flops(model: torch.nn.Module) -> int:
+    rig = StepRig(model, bf16=False, channels_last=False)
+    with FlopCounterMode(display=False) as counter:
+        rig.step()
+    return counter.get_total_flops()
+
+
+def time_steps(model: torch.nn.Module, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step for each variant, the variants interleaved within every round so load drifts hit all alike."""
+    variants = {f"{'bf16' if b else 'fp32'}-{'channels_last' if c else 'contiguous'}": (b, c)
+                for b in (False, True) for c in (False, True)}
+    rigs = {name: StepRig(model, *flags) for name, flags in variants.items()}
+    for rig in rigs.values():
+        rig.step()  # warm-up: oneDNN builds its kernels on first use
+    seconds: dict[str, list[float]] = {name: [] for name in rigs}
+    for _ in range(rounds):
+        for name, rig in rigs.items():
+            started = time.perf_counter()
+            for _ in range(steps):
+                rig.step()
+            seconds[name].append((time.perf_counter() - started) / steps)
+    return seconds
+
+
+def quality_check(epochs: int, pool: int, seed: int) -> dict[str, Any]:
+    """Two short REFINE runs that differ only in layout: the lever must not cost fidelity or accuracy."""
+    train, test = load_fashion_mnist()
+    torch.manual_seed(seed)
+    model = build_classifier(ArchConfig("small_cnn", in_channels=1, num_classes=10))
+    labelled = take(train, 10_000, seed)
+    train_classifier(model, labelled.x, labelled.y, TrainConfig(epochs=2, bf16=True), device=CPU, seed=seed)
+    model.eval()
+    held_out = take(test, 2000, seed)
+    x_test = held_out.x.float().div(255)
+    base = RefineConfig(epochs=epochs, pool_size=pool, bf16=True)
+    out: dict[str, Any] = {"model_ba": _accuracy(model, x_test, held_out.y), "epochs": epochs, "pool": pool}
+    for channels_last in (False, True):
+        config = replace(base, channels_last=channels_last)
+        result = train_refine(model, take(train, pool, seed + 1), config, num_classes=10, device=CPU, seed=seed)
+        defended = DefendedModel(result.transform, model, result.mapping)
+        out["channels_last" if channels_last else "contiguous"] = {
+            "seconds": round(result.seconds, 1),
+            "fidelity_last_epoch": round(result.history[-1]["fidelity"], 4),
+            "defended_ba": _accuracy(defended, x_test, held_out.y),
+        }
+    return out
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return round((predict_logits(model, x, device=CPU).argmax(1) == y).float().mean().item(), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--quality-epochs", type=int, default=2)
+    parser.add_argument("--quality-pool", type=int, default=4000)
+    parser.add_argument("--out", type=Path, default=RESULTS / "refine_step.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    model = build_classifier(ArchConfig("small_cnn", in_channels=1, num_classes=10)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    flops = step_flops(model)
+    seconds = time_steps(model, args.rounds, args.steps)
+    steps: dict[str, Any] = {}
+    for name, samples in seconds.items():
+        median = statistics.median(samples)
+        peak = peaks[name.split("-")[0]]
+        steps[name] = {"seconds_per_step": round(median, 4), "images_per_s": round(BATCH / median, 1),
+                       "achieved_gflops": round(flops / median / 1e9, 1),
+                       "share_of_peak": round(flops / median / 1e9 / peak, 3), "samples": [round(s, 4) for s in samples]}
+    write_json(args.out, {
+        **provenance(CPU, "bench.refine_step"),
+        "cpu_flags": sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+        "step": {"batch": BATCH, "unet_width": WIDTH, "gflop_per_step": round(flops / 1e9, 2), "variants": steps},
+        "quality": quality_check(args.quality_epochs, args.quality_pool, seed=0),
+    })
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
