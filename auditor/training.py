@@ -14,6 +14,8 @@ from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no
 
 #: (float batch in [0, 1] on the device, dataset indices of the batch) -> augmented batch
 Augment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Called after every optimizer step with the number of steps taken; True ends training there (early stopping).
+StopFn = Callable[[int], bool]
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,17 @@ def train_classifier(
     on_progress: ProgressFn = no_progress,
     should_cancel: CancelFn = never_cancel,
     stage: str = "train",
+    stop: StopFn | None = None,
 ) -> list[dict[str, float]]:
     """Train on uint8 images ``x`` with hard labels (N,) or soft targets (N, K); returns per-epoch stats.
 
     ``augment`` runs on each float batch in [0, 1] on the device with the batch's
     dataset indices, so poisoning recipes that treat poisoned and clean samples
-    differently (PhysicalBA, BATT) plug in here.
+    differently (PhysicalBA, BATT) plug in here. ``stop`` may end training before
+    ``config.epochs``; the learning-rate schedule still spans all of them, so the
+    steps up to a stop are exactly those of the full run (a stopped run is a prefix
+    of the capped one, which is what makes the two comparable). The last history
+    entry's ``steps`` says how many steps ran.
     """
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -76,7 +83,7 @@ def train_classifier(
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup_steps=max(1, total // 4)))
     generator = torch.Generator().manual_seed(seed)
-    history, step = [], 0
+    history, step, stopped = [], 0, False
     for epoch in range(config.epochs):
         order = torch.randperm(len(x), generator=generator)
         seen, loss_sum, correct = 0, 0.0, 0
@@ -100,7 +107,12 @@ def train_classifier(
             correct += (logits.argmax(1) == hard).sum().item()
             step += 1
             on_progress(stage, step, total)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+            if stop is not None and stop(step):
+                stopped = True
+                break
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen, "steps": step})
+        if stopped:
+            break
     model.eval()
     return history
 
