@@ -133,7 +133,8 @@ def test_a_second_audit_reuses_the_cached_control_and_a_tampered_entry_is_detect
     assert second["train_seconds"] == 0.0 and second["refine_seconds"] == 0.0  # nothing was trained
     assert second["training"] == trained  # how the cached control was trained, from its manifest
     assert second["no_defense"] == first["no_defense"] and second["refine"] == first["refine"]  # re-scored alike
-    assert "reused from audit first" in (tmp_path / "second" / "out" / "report.html").read_text()
+    html = (tmp_path / "second" / "out" / "report.html").read_text()
+    assert "reused from audit first" in html and f"{trained['steps']:,} of {trained['max_steps']:,}" in html
 
     other_refine = _control(_audit(tmp_path, "other-refine", store, model_file, refine={"epochs": 2}))
     assert other_refine["origin"] == "reused" and other_refine["train_seconds"] == 0.0
