@@ -1,16 +1,16 @@
 """Positive controls trained until the backdoor implants, against the old fixed schedule (Fashion-MNIST).
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m bench.control_implant                  # badnets, blended at standard
+    OMP_NUM_THREADS=1 nice -n 10 python -m bench.control_implant                   # the rule: badnets, blended
+    OMP_NUM_THREADS=1 nice -n 10 python -m bench.control_implant --schedule watch  # the fixed schedule
     python -m bench.control_implant --effort tiny --attacks badnets --out /tmp/x.json   # a smoke run
 
-For each attack, a control is trained exactly as an audit at ``--effort`` plans it
-(``plan.controls``: training images, held-out split, batch, bf16, the cap), with the
-stopping rule watching but not stopping: the run goes on to the cap. The learning-rate
-schedule spans the cap either way, so the steps up to the rule's stop are the steps a
-stopped control takes; at that point the model is scored on the 10,000 test images and
-the wall time noted, and at the cap it is scored again. So one run gives both: the
-control an audit now trains, and the one the fixed schedule (every epoch of the cap)
-trained, on the same images.
+For each attack, a control is trained as an audit at ``--effort`` plans it
+(``plan.controls``: training images, held-out split, batch, bf16, the cap) and scored on
+the 10,000 test images. ``rule`` trains it as ``auditor/pipeline/controls.py`` does
+(the implant rule, then the learning-rate cool-down). ``watch`` trains every epoch of the
+cap, the old fixed schedule, with the rule watching but not stopping: where it first
+holds, the model is scored and the time noted (the steps up to there are those of a
+stopped run), and at the cap it is scored again.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from auditor.attacks import AttackConfig, build_attack
+from auditor.attacks import AttackConfig, build_attack, train_backdoored_model
 from auditor.attacks.training import ImplantMonitor
 from auditor.data import ImageSet, load_fashion_mnist, take
 from auditor.evaluation import attack_metrics, model_predictor
@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attacks", default="badnets,blended")
     p.add_argument("--effort", default="standard")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "control_implant.json")
+    p.add_argument("--schedule", choices=("rule", "watch"), default="rule",
+                   help="rule: train as an audit does now; watch: the fixed schedule, noting where the rule held")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/control_implant_<schedule>.json")
     return p.parse_args(argv)
 
 
@@ -77,8 +79,25 @@ def control_run(name: str, plan: Any, pool: ImageSet, test: ImageSet, arch: Arch
             "checks": monitor.checks, "checks_run": checking}
 
 
+def rule_run(name: str, plan: Any, pool: ImageSet, test: ImageSet, arch: ArchConfig, seed: int) -> dict[str, Any]:
+    """One control as an audit trains it now (``train_backdoored_model`` with the plan's rule), scored on the test."""
+    c = plan.controls
+    train, holdout = control_split(pool, c, seed + 7)
+    bd = train_backdoored_model(arch, train, test, AttackConfig(name, target=c.target, seed=seed),
+                                TrainConfig(epochs=c.epochs, bf16=plan.bf16, batch_size=c.batch_size),
+                                device=torch.device("cpu"), seed=seed, rule=implant_rule(c), holdout=holdout)
+    m = attack_metrics(model_predictor(bd.model, torch.device("cpu")), test, bd.poisoned_test, c.target)
+    rule = implant_rule(c)
+    rule_held = next((ch for i, ch in enumerate(bd.checks)  # where the cool-down began (None: the cap came first)
+                      if ch["step"] < bd.train_steps and rule.holds(bd.checks[: i + 1])), None)
+    return {"attack": name, "steps": bd.train_steps, "max_steps": bd.max_steps, "seconds": bd.train_seconds,
+            "test": m.to_dict(), "holdout_at_end": bd.checks[-1] if bd.checks else None, "rule_held_at": rule_held,
+            "checks": bd.checks}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.out = args.out or RESULTS / f"control_implant_{args.schedule}.json"
     settings = Settings.from_env()
     spec = AuditSpec.model_validate({"effort": args.effort, "seed": args.seed,
                                      "controls": {"attacks": args.attacks.split(",")}})
@@ -91,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
                       mean=tuple(x.mean(dim=(0, 2, 3)).tolist()), std=tuple(x.std(dim=(0, 2, 3)).tolist()))
     runs = []
     for name in args.attacks.split(","):
-        runs.append(control_run(name, plan, pool, test, arch, spec.seed))
-        print(runs[-1]["attack"], runs[-1]["stopped"], runs[-1]["fixed"], flush=True)
+        run = rule_run if args.schedule == "rule" else control_run
+        runs.append(run(name, plan, pool, test, arch, spec.seed))
+        print({k: v for k, v in runs[-1].items() if k != "checks"}, flush=True)
         write_json(args.out, {"plan": plan.controls.__dict__, "bf16": plan.bf16, "runs": runs,
                               "load_average": os.getloadavg(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                               **provenance(torch.device("cpu"), "bench.control_implant")})

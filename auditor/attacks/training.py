@@ -2,9 +2,9 @@
 
 A positive control only has to show that the backdoor implanted in a model that
 still classifies clean images well; training on after that is wasted audit time.
-``ImplantRule`` stops training once both hold on a held-out split (images the
-control never trains on, and not the audit's test images), checked every few
-hundred images; the epochs stay a cap.
+``ImplantRule`` ends training once both hold on a held-out split (images the
+control never trains on, and not the audit's test images), checked every hundred
+steps, after a short learning-rate decay; the epochs stay a cap.
 """
 
 from __future__ import annotations
@@ -35,16 +35,22 @@ class ImplantRule:
       REFINE test: its BA drop is measured from a lower start) nor falling away.
 
     With 2,000 held-out images one check's BA has a standard error of ~0.7 points near 90%,
-    so a 1-point tolerance is the smallest that noise alone does not keep breaking.
+    so a 1-point tolerance is the smallest that noise alone does not keep breaking. The
+    rule then fires while the learning rate is still near its peak, where BA plateaus
+    below what a decayed rate reaches (BadNets at standard effort: 84.9% held-out at step
+    600 of 2,724, 91.9% at the cap), so training goes on for ``cooldown_share`` of the
+    steps taken with the rate falling linearly to zero, and ends there.
     """
 
     check_every: int  # optimizer steps between checks
     min_asr: float = 0.9
     ba_tolerance: float = 0.01
+    cooldown_share: float = 0.5  # steps of linear learning-rate decay after the rule held, per step taken
 
     def __post_init__(self) -> None:
-        if self.check_every < 1 or not 0 < self.min_asr <= 1 or self.ba_tolerance < 0:
-            raise ValueError("check_every must be positive, min_asr in (0, 1], ba_tolerance non-negative")
+        if self.check_every < 1 or not 0 < self.min_asr <= 1 or self.ba_tolerance < 0 or self.cooldown_share < 0:
+            raise ValueError("check_every must be positive, min_asr in (0, 1], ba_tolerance and cooldown_share "
+                             "non-negative")
 
     def holds(self, checks: list[dict[str, float]]) -> bool:
         """Whether the checks so far (oldest first, each with ``ba`` and ``asr``) end training."""
@@ -73,12 +79,16 @@ class ImplantMonitor:
     def __call__(self, step: int) -> bool:
         if step % self.rule.check_every:
             return False
+        self.check(step)
+        return self.rule.holds(self.checks)
+
+    def check(self, step: int) -> None:
+        """Score the model on the held-out images now (and leave it in the mode it was in)."""
         was_training = self.model.training
         ba = _accuracy(self.model, self.clean, self.device)
         asr = _hit_rate(self.model, self.triggered, self.target, self.device)
         self.model.train(was_training)
         self.checks.append({"step": step, "ba": ba, "asr": asr})
-        return self.rule.holds(self.checks)
 
 
 def _accuracy(model: torch.nn.Module, images: ImageSet, device: torch.device) -> float:
@@ -105,7 +115,8 @@ class BackdooredModel:
     train_seconds: float = 0.0
     train_steps: int = 0  # optimizer steps taken (fewer than max_steps when the implant rule stopped training)
     max_steps: int = 0  # the epochs' cap, in steps
-    checks: list[dict[str, float]] = field(default_factory=list)  # held-out {step, ba, asr}, oldest first
+    checks: list[dict[str, float]] = field(default_factory=list)  # held-out {step, ba, asr}, oldest first; the
+    # last one is where training ended
 
     def save(self, directory: str | Path) -> Path:
         """Weights (safetensors, arch in metadata) and the attack state side by side."""
@@ -170,11 +181,15 @@ def train_backdoored_model(
         model, poisoned.x, poisoned.y, config, device=device, seed=seed,
         augment=_attack_augment(attack, poisoned, seed), on_progress=on_progress,
         should_cancel=should_cancel, stage="train_backdoor", stop=monitor,
+        cooldown_share=rule.cooldown_share if rule is not None else 0.0,
     )
+    steps = int(history[-1]["steps"]) if history else 0
+    if monitor is not None and (not monitor.checks or monitor.checks[-1]["step"] != steps):
+        monitor.check(steps)  # what the control is when training ended: after the cool-down, or at the cap
     return BackdooredModel(
         model=model, arch=arch, attack=attack, poisoned_test=attack.triggered_test(test),
         poisoned_count=poisoned.poisoned_count, history=history, train_seconds=time.perf_counter() - started,
-        train_steps=int(history[-1]["steps"]) if history else 0,
+        train_steps=steps,
         max_steps=math.ceil(len(poisoned.x) / config.batch_size) * config.epochs,
         checks=monitor.checks if monitor is not None else [],
     )

@@ -142,7 +142,7 @@ def group_inputs(spec: AuditSpec, plan: AuditPlan, data_sha256: str, attack: str
 def stop_inputs(c: ControlsPlan) -> dict[str, Any]:
     """The stopping rule, part of the key: the same cap stopped by another rule is another model."""
     return {"rule": c.stop_rule, "holdout_images": c.holdout_images, "check_every": c.check_every,
-            "min_asr": c.min_asr, "ba_tolerance": c.ba_tolerance}
+            "min_asr": c.min_asr, "ba_tolerance": c.ba_tolerance, "cooldown_share": c.cooldown_share}
 
 
 def control_groups(spec: AuditSpec, plan: AuditPlan, data_sha256: str | None, labelled: bool) -> dict[str, str]:

@@ -119,7 +119,8 @@ def implant_rule(plan: ControlsPlan) -> ImplantRule | None:
     """The plan's stopping rule for control training (None: train every epoch of the cap)."""
     if plan.stop_rule != "implanted":
         return None
-    return ImplantRule(check_every=plan.check_every, min_asr=plan.min_asr, ba_tolerance=plan.ba_tolerance)
+    return ImplantRule(check_every=plan.check_every, min_asr=plan.min_asr, ba_tolerance=plan.ba_tolerance,
+                       cooldown_share=plan.cooldown_share)
 
 
 def control_split(pool: ImageSet, plan: ControlsPlan, seed: int) -> tuple[ImageSet, ImageSet | None]:

@@ -54,6 +54,10 @@ CONTROL_HOLDOUT = 2000
 CONTROL_CHECK_EVERY = 100
 CONTROL_MIN_ASR = 0.9
 CONTROL_BA_TOLERANCE = 0.01
+#: When the rule holds the learning rate is usually still near its peak (BadNets at standard effort: held-out BA
+#: 84.9% at step 600, 91.9% after the full cosine decay of 2,724 steps, bench/results/control_implant.json), so the
+#: control trains on for half as many steps again with the rate falling linearly to zero, then stops.
+CONTROL_COOLDOWN_SHARE = 0.5
 MIN_CONTROL_HOLDOUT = 50  # fewer held-out images cannot tell a plateau from noise: smaller pools train the full cap
 MIN_POOL_IMAGES = 2  # REFINE's contrastive loss compares images within a batch
 
@@ -240,6 +244,7 @@ class ControlsPlan:
     check_every: int = 0  # steps between checks
     min_asr: float = CONTROL_MIN_ASR  # held-out ASR the backdoor must reach
     ba_tolerance: float = CONTROL_BA_TOLERANCE  # BA plateau: within this of the best earlier check
+    cooldown_share: float = 0.0  # after the rule held: this share of the steps taken again, with a decaying rate
 
 
 @with_config(_FORBID_EXTRA)
@@ -414,7 +419,8 @@ def _controls_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> Con
     max_steps = epochs * -(-train // batch)
     return ControlsPlan(attacks=tuple(c.attacks), target=c.target, epochs=epochs, train_images=train,
                         batch_size=batch, stop_rule="implanted" if holdout else "fixed", max_steps=max_steps,
-                        holdout_images=holdout, check_every=max(1, min(CONTROL_CHECK_EVERY, max_steps // 8)))
+                        holdout_images=holdout, check_every=max(1, min(CONTROL_CHECK_EVERY, max_steps // 8)),
+                        cooldown_share=CONTROL_COOLDOWN_SHARE if holdout else 0.0)
 
 
 def _detection_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> DetectionPlan:

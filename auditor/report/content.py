@@ -290,9 +290,10 @@ def _controls(report: Report) -> Section | None:
     if plan is not None and plan.stop_rule == "implanted":
         paragraphs.append(
             f"Each control trained until its backdoor implanted, at most {plan.epochs} epoch(s) ({plan.max_steps:,} "
-            f"steps): checked every {plan.check_every} steps on {plan.holdout_images:,} held-out pool images, it "
-            f"stopped once ASR reached {pct(plan.min_asr)} and BA was within {100 * plan.ba_tolerance:.0f} point(s) of "
-            "its best earlier check.")
+            f"steps): checked every {plan.check_every} steps on {plan.holdout_images:,} held-out pool images, the rule "
+            f"held once ASR reached {pct(plan.min_asr)} and BA was within {100 * plan.ba_tolerance:.0f} point(s) of "
+            f"its best earlier check; it then trained {plan.cooldown_share:g} times as many steps again with the "
+            "learning rate falling to zero, and stopped.")
     cached = [c for c in report.positive_controls if c.cache is not None]
     if cached:
         paragraphs.append("Controls are cached by everything they depend on (data, architecture, attack, training and "

@@ -28,7 +28,7 @@ from auditor.pipeline.verdict import Fitness, Gate
 #: (docs/report-schema.md has the migration note). 2.1 added the optional ``detection`` section,
 #: ``verdict.trigger_evidence``, ``plan.detection`` and ``positive_controls[].origin`` / ``.cache``;
 #: 2.0 reports still validate. 2.2 added ``positive_controls[].training`` (steps trained, the stopping rule and the
-#: held-out BA/ASR it stopped at) and the plan's ``controls.stop_rule`` and its thresholds; 2.0 and 2.1 still validate.
+#: held-out BA/ASR it ended with) and the plan's ``controls.stop_rule`` with its thresholds and cool-down; 2.0 and 2.1 still validate.
 SCHEMA_VERSION = "2.2"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
@@ -321,7 +321,7 @@ class ControlTraining(_Model):
     stop_rule: Literal["implanted", "fixed"]
     stopped_early: bool  # the rule held before the cap
     holdout_images: Count  # held-out pool images the rule was checked on (0: fixed schedule)
-    holdout_ba: Fraction | None = None  # at the last check (None: no check ran)
+    holdout_ba: Fraction | None = None  # of the model training ended with (None: no check ran)
     holdout_asr: Fraction | None = None
 
 

@@ -70,17 +70,20 @@ def test_implant_rule_needs_the_backdoor_and_a_clean_accuracy_plateau():
 
 
 def test_a_control_stops_once_the_backdoor_implanted_on_held_out_images(tiny_data, tiny_holdout, tiny_arch):
-    """The same run with and without the rule: the stopped one is a prefix of the capped one."""
+    """Checked every 5 steps; once the rule holds, half as many steps again with a decaying rate, then the end."""
     train, test = tiny_data
     attack = AttackConfig("badnets", target=0, poison_rate=0.15, seed=0, params={"size": 4})
     config = TrainConfig(epochs=8, batch_size=32, lr=5e-3)
-    rule = ImplantRule(check_every=5, min_asr=0.9, ba_tolerance=0.02)
+    rule = ImplantRule(check_every=5, min_asr=0.9, ba_tolerance=0.02, cooldown_share=0.5)
     stopped = train_backdoored_model(tiny_arch, train, test, attack, config, device=CPU, seed=0,
                                      rule=rule, holdout=tiny_holdout)
     capped = train_backdoored_model(tiny_arch, train, test, attack, config, device=CPU, seed=0)
     assert capped.train_steps == capped.max_steps == 8 * 15 and not capped.checks
-    assert stopped.max_steps == capped.max_steps and stopped.train_steps < stopped.max_steps
-    assert stopped.train_steps == stopped.checks[-1]["step"] and stopped.train_steps % 5 == 0
-    assert rule.holds(stopped.checks) and not any(rule.holds(stopped.checks[:i]) for i in range(len(stopped.checks)))
+    *during, end = stopped.checks
+    held = next(i for i in range(len(during)) if rule.holds(during[: i + 1]))
+    assert held == len(during) - 1  # no check after the rule held: the cool-down ran to its end
+    assert stopped.train_steps == during[held]["step"] + round(0.5 * during[held]["step"]) < stopped.max_steps
+    assert end["step"] == stopped.train_steps  # the report's held-out figures are the model it ends with
+    assert all(c["step"] % 5 == 0 for c in during)
     metrics = attack_metrics(model_predictor(stopped.model, CPU), test, stopped.poisoned_test, 0)
     assert metrics.asr >= 0.8 and metrics.ba > 0.85  # what held on the held-out images holds on the test images

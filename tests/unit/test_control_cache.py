@@ -81,7 +81,7 @@ def test_keys_cover_what_a_control_depends_on():
     assert cc.control_groups(longer, plan_audit(longer, FASHION_MNIST), "0" * 64, True)["badnets"] != base
     assert cc.control_groups(spec, plan, "0" * 64, labelled=False) == {}  # pseudo-labels: never cached
     for rule in ({"stop_rule": "fixed"}, {"min_asr": 0.8}, {"ba_tolerance": 0.02}, {"check_every": 3},
-                 {"holdout_images": 10}):  # the stopping rule decides the weights as much as the epochs do
+                 {"holdout_images": 10}, {"cooldown_share": 0.25}):  # the stopping rule decides the weights as much as the epochs do
         stopped_otherwise = replace(plan, controls=replace(plan.controls, **rule))
         assert cc.control_groups(spec, stopped_otherwise, "0" * 64, True)["badnets"] != base, rule
     narrow, wide = ArchConfig("small_cnn", width=4), ArchConfig("small_cnn", width=8)
