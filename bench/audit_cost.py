@@ -248,6 +248,7 @@ def demo_wall_s(args: argparse.Namespace) -> float | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    where = {**provenance(CPU, "bench.audit_cost"), "git_commit": git_commit()}  # the commit the run starts on
     settings = Settings.from_env()
     train, test = fashion_mnist(settings)
     payload: dict[str, Any] = {"runs": [], "refine": machine_refine(args, train)}
@@ -264,9 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         payload["demo_wall_s"] = demo_wall_s(args)
     else:
         payload["demo_wall_s"] = None
-    where = provenance(CPU, "bench.audit_cost")
     payload.update(load_average=os.getloadavg(), cpu_flags=cpu_flags(), command=where["command"],
-                   git_commit=git_commit())
+                   git_commit=where["git_commit"])
     write_json(args.out, payload)
     print(f"{len(payload['runs'])} audits in {args.out}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", choices=("rule", "watch"), default="rule",
                    help="rule: train as an audit does now; watch: the fixed schedule, noting where the rule held")
+    p.add_argument("--cooldown-share", type=float, default=None,
+                   help="try another cool-down than the plan's (rule schedule; a measurement knob, not a spec field)")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/control_implant_<schedule>.json")
     return p.parse_args(argv)
 
@@ -102,12 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     spec = AuditSpec.model_validate({"effort": args.effort, "seed": args.seed,
                                      "controls": {"attacks": args.attacks.split(",")}})
     plan = plan_audit(spec, FASHION_MNIST)
+    if args.cooldown_share is not None:
+        plan = replace(plan, controls=replace(plan.controls, cooldown_share=args.cooldown_share))
     train_all, test_all = load_fashion_mnist(settings.fmnist_dir)
     pool = take(train_all, plan.data.pool_images, spec.seed)
     test = take(test_all, plan.data.test_images, spec.seed + 1)
     x = pool.x[:5000].float() / 255
     arch = ArchConfig("small_cnn", in_channels=1, num_classes=10, image_size=28,
                       mean=tuple(x.mean(dim=(0, 2, 3)).tolist()), std=tuple(x.std(dim=(0, 2, 3)).tolist()))
+    where = provenance(torch.device("cpu"), "bench.control_implant")  # the commit the run starts on
     runs = []
     for name in args.attacks.split(","):
         run = rule_run if args.schedule == "rule" else control_run
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         print({k: v for k, v in runs[-1].items() if k != "checks"}, flush=True)
         write_json(args.out, {"plan": plan.controls.__dict__, "bf16": plan.bf16, "runs": runs,
                               "load_average": os.getloadavg(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                              **provenance(torch.device("cpu"), "bench.control_implant")})
+                              **where})
 
 
 if __name__ == "__main__":
