@@ -66,7 +66,7 @@ def train_classifier(
     should_cancel: CancelFn = never_cancel,
     stage: str = "train",
     stop: StopFn | None = None,
-    cooldown_share: float = 0.5,
+    cooldown_share: float = 1.0,
 ) -> list[dict[str, float]]:
     """Train on uint8 images ``x`` with hard labels (N,) or soft targets (N, K); returns per-epoch stats.
 

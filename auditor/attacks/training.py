@@ -45,7 +45,7 @@ class ImplantRule:
     check_every: int  # optimizer steps between checks
     min_asr: float = 0.9
     ba_tolerance: float = 0.01
-    cooldown_share: float = 0.5  # steps of linear learning-rate decay after the rule held, per step taken
+    cooldown_share: float = 1.0  # steps of linear learning-rate decay after the rule held, per step taken
 
     def __post_init__(self) -> None:
         if self.check_every < 1 or not 0 < self.min_asr <= 1 or self.ba_tolerance < 0 or self.cooldown_share < 0:

@@ -56,8 +56,11 @@ CONTROL_MIN_ASR = 0.9
 CONTROL_BA_TOLERANCE = 0.01
 #: When the rule holds the learning rate is usually still near its peak (BadNets at standard effort: held-out BA
 #: 84.9% at step 600, 91.9% after the full cosine decay of 2,724 steps, bench/results/control_implant.json), so the
-#: control trains on for half as many steps again with the rate falling linearly to zero, then stops.
-CONTROL_COOLDOWN_SHARE = 0.5
+#: control trains on for as many steps again with the rate falling linearly to zero, then stops. Measured there:
+#: a cool-down of 0.5x ended BadNets / Blended at 900 / 750 steps with test BA 89.6% / 88.7%, 1.0x at 1,200 / 1,000
+#: steps with 90.4% / 89.7% (the fixed 2,724 steps: 91.9% / 92.0%); ASR 99.7-99.9% throughout. 1.0x buys a point
+#: of control BA for a third more steps, still 2.3-2.7x fewer than the fixed schedule.
+CONTROL_COOLDOWN_SHARE = 1.0
 MIN_CONTROL_HOLDOUT = 50  # fewer held-out images cannot tell a plateau from noise: smaller pools train the full cap
 MIN_POOL_IMAGES = 2  # REFINE's contrastive loss compares images within a batch
 

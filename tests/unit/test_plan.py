@@ -106,7 +106,7 @@ def test_efforts_have_named_fields_and_plans_record_every_number():
     assert plan.controls.attacks == ("badnets", "blended")
     c = plan.controls  # 2,000 of the 20,000 pool images are the held-out split the stopping rule reads
     assert (c.train_images, c.holdout_images, c.stop_rule) == (18_000, 2000, "implanted")
-    assert c.max_steps == c.epochs * 141 and c.check_every == 423 // 8 and (c.min_asr, c.ba_tolerance, c.cooldown_share) == (0.9, 0.01, 0.5)
+    assert c.max_steps == c.epochs * 141 and c.check_every == 423 // 8 and (c.min_asr, c.ba_tolerance, c.cooldown_share) == (0.9, 0.01, 1.0)
     assert plan.surrogate is None and plan.queries is None and "surrogate" not in plan.stages
     assert plan.to_dict()["controls"]["attacks"] == ["badnets", "blended"]  # JSON-ready
 
