@@ -175,14 +175,23 @@ def _reused_control(state: AuditState, slot: _Slot, name: str, arch: ArchConfig)
     return BackdooredModel(model=model.to(state.device).eval(), arch=arch, attack=attack,
                            poisoned_test=attack.triggered_test(state.test),
                            poisoned_count=int(entry.manifest.get("poisoned_count", 0)), train_seconds=0.0,
-                           train_steps=int(entry.manifest.get("train_steps", 0)),
-                           max_steps=int(entry.manifest.get("max_steps", 0)), checks=_cached_checks(entry))
+                           train_steps=_cached_count(entry, "train_steps"),
+                           max_steps=_cached_count(entry, "max_steps"), checks=_cached_checks(entry))
+
+
+def _cached_count(entry: cc.Entry, key: str) -> int:
+    """A step count from the manifest (which no hash covers): 0, i.e. unknown, unless it is a sane integer."""
+    value = entry.manifest.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40 else 0
 
 
 def _cached_checks(entry: cc.Entry) -> list[dict[str, float]]:
-    """The held-out check the cached control stopped at, as its manifest recorded it (none if malformed)."""
+    """The held-out check the cached control ended with, as its manifest recorded it (none if malformed: the
+    manifest's numbers are not covered by a hash, and a share outside [0, 1] would fail the report's validation)."""
     last = entry.manifest.get("last_check")
     if not isinstance(last, dict) or not all(isinstance(last.get(k), (int, float)) for k in ("step", "ba", "asr")):
+        return []
+    if not (0 <= last["ba"] <= 1 and 0 <= last["asr"] <= 1 and last["step"] >= 0):
         return []
     return [{k: float(last[k]) for k in ("step", "ba", "asr")}]
 

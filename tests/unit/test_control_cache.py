@@ -180,3 +180,19 @@ def test_only_audits_that_ran_no_submitted_code_publish_controls(tmp_path: Path)
     assert may_publish(inputs(None))  # a model API: no model file is loaded at all
     assert not may_publish(inputs(program))  # TorchScript carries a program
     assert not may_publish(inputs(tmp_path / "junk.bin"))  # refused files publish nothing
+
+
+def test_a_cached_controls_training_record_is_read_only_when_sane(tmp_path):
+    """Manifest numbers carry no hash: a tampered one is dropped, never reported (it would fail validation)."""
+    from auditor.pipeline.controls import _cached_checks, _cached_count
+
+    def entry(**manifest):
+        return cc.Entry(KEY, tmp_path, manifest)
+
+    good = entry(train_steps=1200, max_steps=2724, last_check={"step": 1200, "ba": 0.9, "asr": 0.99})
+    assert (_cached_count(good, "train_steps"), _cached_count(good, "max_steps")) == (1200, 2724)
+    assert _cached_checks(good) == [{"step": 1200.0, "ba": 0.9, "asr": 0.99}]
+    for bad in ({"step": 1, "ba": 5.0, "asr": 0.5}, {"step": 1, "ba": 0.5}, "0.9", None):
+        assert _cached_checks(entry(last_check=bad)) == []
+    for bad in (-1, "12", True, 1.5, None):
+        assert _cached_count(entry(train_steps=bad), "train_steps") == 0
