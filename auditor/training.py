@@ -14,6 +14,8 @@ from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no
 
 #: (float batch in [0, 1] on the device, dataset indices of the batch) -> augmented batch
 Augment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Called after every optimizer step with the number of steps taken; True starts the cool-down (early stopping).
+StopFn = Callable[[int], bool]
 
 
 @dataclass(frozen=True)
@@ -63,20 +65,30 @@ def train_classifier(
     on_progress: ProgressFn = no_progress,
     should_cancel: CancelFn = never_cancel,
     stage: str = "train",
+    stop: StopFn | None = None,
+    cooldown_share: float = 1.0,
 ) -> list[dict[str, float]]:
     """Train on uint8 images ``x`` with hard labels (N,) or soft targets (N, K); returns per-epoch stats.
 
     ``augment`` runs on each float batch in [0, 1] on the device with the batch's
     dataset indices, so poisoning recipes that treat poisoned and clean samples
-    differently (PhysicalBA, BATT) plug in here.
+    differently (PhysicalBA, BATT) plug in here. ``stop`` may end training before
+    ``config.epochs``: the schedule spans all of them (the steps up to a stop are
+    those of the full run), so when ``stop`` says so the learning rate is instead
+    brought linearly from where it is to zero over ``cooldown_share`` of the steps
+    taken, and training ends there. A stop in the warm-up or early cosine phase finds
+    the learning rate near its peak, where accuracy is noisy and well below what the
+    decay reaches; the short decay recovers most of it (a warmup-stable-decay schedule).
+    The last history entry's ``steps`` says how many steps ran.
     """
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(x) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup_steps=max(1, total // 4)))
+    schedule = _Stoppable(warmup_cosine(total, warmup_steps=max(1, total // 4)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(seed)
-    history, step = [], 0
+    history, step, stopped = [], 0, False
     for epoch in range(config.epochs):
         order = torch.randperm(len(x), generator=generator)
         seen, loss_sum, correct = 0, 0.0, 0
@@ -100,9 +112,33 @@ def train_classifier(
             correct += (logits.argmax(1) == hard).sum().item()
             step += 1
             on_progress(stage, step, total)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+            if stop is not None and schedule.end is None and stop(step):
+                schedule.cool_down(step, max(1, round(cooldown_share * step)))
+            if schedule.end is not None and step >= schedule.end:
+                stopped = True
+                break
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen, "steps": step})
+        if stopped:
+            break
     model.eval()
     return history
+
+
+class _Stoppable:
+    """A learning-rate factor that follows ``base`` until ``cool_down``, then falls linearly to zero."""
+
+    def __init__(self, base: Callable[[int], float]):
+        self.base = base
+        self.start: int | None = None
+        self.end: int | None = None
+
+    def cool_down(self, step: int, steps: int) -> None:
+        self.start, self.end = step, step + steps
+
+    def __call__(self, step: int) -> float:
+        if self.start is None or self.end is None:
+            return self.base(step)
+        return self.base(self.start) * max(0.0, (self.end - step) / (self.end - self.start))
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:

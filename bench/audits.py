@@ -155,3 +155,25 @@ def _budget(report: dict[str, Any], spec: dict[str, Any]) -> int | None:
 def environment() -> dict[str, Any]:
     """Machine state a timing depends on: recorded beside every run."""
     return {"load_average_1m": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads()}
+
+
+def shipped_trigger_asr(out_dir: Path, subject: Subject, test: ImageSet, device: torch.device) -> float:
+    """The planted trigger's ASR on the defended model a checkpoint audit wrote (``defended_model.pt``)."""
+    defended = load_checkpoint(out_dir / "defended_model.pt").module.to(device)
+    return _trigger_asr(model_predictor(defended, device), test, subject)
+
+
+def api_trigger_asr(out_dir: Path, subject: Subject, url: str, output: str, test: ImageSet,
+                    device: torch.device) -> float:
+    """The planted trigger's ASR through M ∘ API ∘ T, with the T and M an API audit wrote, on a client of our own."""
+    defense = load_defense(out_dir)
+    config = ApiConfig(url=url, num_classes=10, output=output, query_budget=None, batch_size=256)
+    with HttpModelAPI(config, allowed_hosts=LOOPBACK) as own_client:  # outside the audit's budget
+        return _trigger_asr(defended_api_predictor(own_client, defense.transform, defense.mapping, device), test,
+                            subject)
+
+
+def _trigger_asr(predict: Any, test: ImageSet, subject: Subject) -> float:
+    bd = subject.backdoor
+    assert bd is not None, "a clean subject has no trigger"
+    return attack_metrics(predict, test, bd.attack.triggered_test(test), bd.attack.target).asr

@@ -7,7 +7,8 @@ everything the trained weights depend on, hashed:
 * **group** (computable from the spec, the plan and the data's digest, before
   anything is loaded -- what the trusted side fetches for a sandboxed audit): the
   data digest and how the pool is cut from it, the attack with its resolved
-  parameters, the control training settings, the seed, bf16, the device type,
+  parameters, the control training settings with the stopping rule (held-out
+  split, check interval, ASR and BA thresholds), the seed, bf16, the device type,
   and the software (package version, torch version, ``CACHE_FORMAT``);
 * **architecture** fingerprint of the control model (its ``ArchConfig``; the
   normalisation is measured on the pool, so only the pipeline knows it);
@@ -53,7 +54,7 @@ from auditor.models.checkpoints import sha256_file
 
 if TYPE_CHECKING:
     from auditor.models import ArchConfig
-    from auditor.pipeline.plan import AuditPlan
+    from auditor.pipeline.plan import AuditPlan, ControlsPlan
     from auditor.refine import RefineConfig
     from auditor.spec import AuditSpec
 
@@ -133,9 +134,15 @@ def group_inputs(spec: AuditSpec, plan: AuditPlan, data_sha256: str, attack: str
                  "image_shape": list(plan.data.image_shape), "num_classes": plan.data.num_classes},
         "attack": resolved.to_dict(),
         "training": {**asdict(TrainConfig(epochs=c.epochs, bf16=plan.bf16, batch_size=c.batch_size)),
-                     "train_images": c.train_images, "device": plan.device},
+                     "train_images": c.train_images, "device": plan.device, "stop": stop_inputs(c)},
         "seed": spec.seed,
     }
+
+
+def stop_inputs(c: ControlsPlan) -> dict[str, Any]:
+    """The stopping rule, part of the key: the same cap stopped by another rule is another model."""
+    return {"rule": c.stop_rule, "holdout_images": c.holdout_images, "check_every": c.check_every,
+            "min_asr": c.min_asr, "ba_tolerance": c.ba_tolerance, "cooldown_share": c.cooldown_share}
 
 
 def control_groups(spec: AuditSpec, plan: AuditPlan, data_sha256: str | None, labelled: bool) -> dict[str, str]:

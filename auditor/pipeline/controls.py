@@ -26,14 +26,15 @@ from safetensors.torch import load_file, save_file
 
 from auditor.attacks import AttackConfig, train_backdoored_model
 from auditor.attacks.catalog import build_attack
-from auditor.attacks.training import BackdooredModel
-from auditor.data import ImageSet, take
+from auditor.attacks.training import BackdooredModel, ImplantRule
+from auditor.data import ImageSet
 from auditor.errors import AuditError, ErrorCode
 from auditor.evaluation import attack_metrics, model_predictor
 from auditor.evaluation.intervals import share_interval
 from auditor.models import ArchConfig, UNet, build_classifier, save_classifier
 from auditor.pipeline import cache as cc
 from auditor.pipeline.load import arch_for
+from auditor.pipeline.plan import ControlsPlan
 from auditor.pipeline.refine import refine_config
 from auditor.pipeline.state import AuditState, MetricsFn
 from auditor.pipeline.verdict import ControlFinding
@@ -75,7 +76,7 @@ class _Slot:
 def run_control(state: AuditState, name: str, should_cancel: CancelFn, on_metrics: MetricsFn | None) -> dict[str, Any]:
     """Reuse or train, defend and score one control; returns its report entry."""
     plan = state.plan.controls
-    train_images = take(state.pool, plan.train_images, state.spec.seed + 7)
+    train_images, holdout = control_split(state.pool, plan, state.spec.seed + 7)
     if train_images.y is None:
         raise AuditError(ErrorCode.INVALID_DATASET, "Positive controls need labelled (or pseudo-labelled) data.")
     arch = state.arch if state.arch.name in CONTROL_ARCHITECTURES else arch_for(state)
@@ -89,6 +90,7 @@ def run_control(state: AuditState, name: str, should_cancel: CancelFn, on_metric
             arch, train_images, state.test, AttackConfig(name, target=plan.target, seed=state.spec.seed),
             TrainConfig(epochs=plan.epochs, bf16=state.plan.bf16, batch_size=plan.batch_size),
             device=state.device, seed=state.spec.seed, should_cancel=should_cancel,
+            rule=implant_rule(plan), holdout=holdout,
         )
     before = attack_metrics(model_predictor(bd.model, state.device), state.test, bd.poisoned_test, plan.target)
     control_file = _keep_model(state, name, bd)
@@ -110,10 +112,35 @@ def run_control(state: AuditState, name: str, should_cancel: CancelFn, on_metric
     return {
         "attack": name, "target": plan.target, "poison_rate": bd.attack.poison_rate,
         "no_defense": before.to_dict(), "refine": after.to_dict(),
-        "train_seconds": bd.train_seconds, "refine_seconds": refined.seconds,
+        "train_seconds": bd.train_seconds, "refine_seconds": refined.seconds, "training": _training(bd, plan),
         "test_images": len(state.test), "triggered_images": int((bd.poisoned_test.y != plan.target).sum()),
         "origin": "reused" if reused else "trained", "cache": slot.report(),
     }
+
+
+def implant_rule(plan: ControlsPlan) -> ImplantRule | None:
+    """The plan's stopping rule for control training (None: train every epoch of the cap)."""
+    if plan.stop_rule != "implanted":
+        return None
+    return ImplantRule(check_every=plan.check_every, min_asr=plan.min_asr, ba_tolerance=plan.ba_tolerance,
+                       cooldown_share=plan.cooldown_share)
+
+
+def control_split(pool: ImageSet, plan: ControlsPlan, seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """Disjoint seeded draws from the pool: the control's training images and the held-out split the rule reads."""
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    holdout = pool.subset(order[: plan.holdout_images].sort().values) if plan.holdout_images else None
+    rest = order[plan.holdout_images:]
+    return pool.subset(rest[: plan.train_images].sort().values), holdout
+
+
+def _training(bd: BackdooredModel, plan: ControlsPlan) -> dict[str, Any]:
+    """How long the control trained and what the rule saw when it stopped (the last held-out check)."""
+    last = bd.checks[-1] if bd.checks else None
+    return {"steps": bd.train_steps, "max_steps": bd.max_steps or plan.max_steps, "stop_rule": plan.stop_rule,
+            "stopped_early": bd.train_steps < (bd.max_steps or plan.max_steps),
+            "holdout_images": plan.holdout_images,
+            "holdout_ba": None if last is None else last["ba"], "holdout_asr": None if last is None else last["asr"]}
 
 
 # -- the cache ---------------------------------------------------------------------------------------------------
@@ -170,7 +197,26 @@ def _reused_control(state: AuditState, slot: _Slot, name: str, arch: ArchConfig)
     log.info("control %s: reusing %s (trained by audit %s)", name, entry.key, entry.provenance["audit_id"])
     return BackdooredModel(model=model.to(state.device).eval(), arch=arch, attack=attack,
                            poisoned_test=attack.triggered_test(state.test),
-                           poisoned_count=int(entry.manifest.get("poisoned_count", 0)), train_seconds=0.0)
+                           poisoned_count=int(entry.manifest.get("poisoned_count", 0)), train_seconds=0.0,
+                           train_steps=_cached_count(entry, "train_steps"),
+                           max_steps=_cached_count(entry, "max_steps"), checks=_cached_checks(entry))
+
+
+def _cached_count(entry: cc.Entry, key: str) -> int:
+    """A step count from the manifest (which no hash covers): 0, i.e. unknown, unless it is a sane integer."""
+    value = entry.manifest.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40 else 0
+
+
+def _cached_checks(entry: cc.Entry) -> list[dict[str, float]]:
+    """The held-out check the cached control ended with, as its manifest recorded it (none if malformed: the
+    manifest's numbers are not covered by a hash, and a share outside [0, 1] would fail the report's validation)."""
+    last = entry.manifest.get("last_check")
+    if not isinstance(last, dict) or not all(isinstance(last.get(k), (int, float)) for k in ("step", "ba", "asr")):
+        return []
+    if not (0 <= last["ba"] <= 1 and 0 <= last["asr"] <= 1 and last["step"] >= 0):
+        return []
+    return [{k: float(last[k]) for k in ("step", "ba", "asr")}]
 
 
 def _reused_refine(state: AuditState, slot: _Slot, config: RefineConfig) -> RefineResult | None:
@@ -196,7 +242,8 @@ def _store_control(slot: _Slot, control_file: Path, bd: BackdooredModel, asr: fl
     if slot.cache is None:
         return
     info = {"poisoned_count": bd.poisoned_count, "train_seconds": bd.train_seconds, "asr_when_trained": asr,
-            "arch": bd.arch.to_dict()}
+            "arch": bd.arch.to_dict(), "train_steps": bd.train_steps, "max_steps": bd.max_steps,
+            "last_check": bd.checks[-1] if bd.checks else None}
     slot.control = slot.cache.write(slot.control_key, {MODEL_FILE: control_file}, slot.group, info)
 
 

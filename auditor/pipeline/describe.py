@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from auditor.pipeline.plan import AuditPlan
+from auditor.pipeline.plan import AuditPlan, ControlsPlan
 
 
 def describe_plan(plan: AuditPlan) -> list[tuple[str, str]]:
@@ -19,7 +19,7 @@ def describe_plan(plan: AuditPlan) -> list[tuple[str, str]]:
                                f"{t.batch_size}) of the {t.model} model; success measured on up to "
                                f"{t.holdout_images:,} held-out images")] if t is not None else []),
         ("Positive controls", ", ".join(c.attacks) + f": {_count(c.epochs, 'epoch')} on {c.train_images:,} images"
-         if c.attacks else "none"),
+         + _implant_rule(c) if c.attacks else "none"),
     ]
     if plan.surrogate is not None and plan.queries is not None:
         s, q = plan.surrogate, plan.queries
@@ -42,3 +42,11 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
     return f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def _implant_rule(c: ControlsPlan) -> str:
+    if c.stop_rule != "implanted":
+        return ""
+    return (f" at most; stop when held-out ASR >= {100 * c.min_asr:.0f}% and BA is within {100 * c.ba_tolerance:.0f} "
+            f"point(s) of its best (checked every {c.check_every} steps on {c.holdout_images:,} held-out images), "
+            f"after a cool-down of {c.cooldown_share:g}x the steps taken")

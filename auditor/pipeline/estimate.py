@@ -23,6 +23,9 @@ REFINE_S_PER_IMAGE_EPOCH_W16 = 3.77e-3
 #: Small-CNN training (positive controls, surrogates): 215 s mean for 4 epochs x 60,000 images, the six attacks of
 #: bench/results/refine_fmnist.json trained in 4 epochs (192.6-276.4 s, poisoning included).
 CNN_S_PER_IMAGE_EPOCH = 0.90e-3
+#: Positive controls trained until the backdoor implanted: the rule held at step 600 (BadNets) and 500 (Blended) of a
+#: 2,724-step cap at standard effort (bench/results/control_implant_rule.json), then the cool-down adds its share.
+CONTROL_RULE_HOLDS_STEPS = 550
 #: The label-consistent attack's PGD poisoning: 827.7 s for 8 epochs there, 1.9x the others' per-epoch rate.
 SLOW_ATTACKS = {"lc": 1.9}
 #: One probed image through a local model, probe applied: 91.2 s for 500 images x 159 predictions
@@ -90,7 +93,14 @@ def _evaluate_seconds(data: DataPlan, probes: ProbePlan, controls: ControlsPlan,
     per_query = QUERY_S_PER_IMAGE if api else PREDICT_S_PER_IMAGE
     utility = 2 * data.test_images * per_query
     probing = probes.images * (probes.probes + probes.after_probes + 2) * (QUERY_S_PER_IMAGE if api else PROBE_S_PER_PREDICTION)
-    per_control = controls.epochs * controls.train_images * cnn
+    per_control = controls.epochs * controls.train_images * cnn * _control_step_share(controls)
     # Each control is a local model defended with the same REFINE settings as the submitted one.
     trained = sum(per_control * SLOW_ATTACKS.get(a, 1.0) + refine_one for a in controls.attacks)
     return utility + probing + trained
+
+
+def _control_step_share(controls: ControlsPlan) -> float:
+    """The expected share of the cap a control trains: all of it on a fixed schedule."""
+    if controls.stop_rule != "implanted" or not controls.max_steps:
+        return 1.0
+    return min(1.0, CONTROL_RULE_HOLDS_STEPS * (1 + controls.cooldown_share) / controls.max_steps)

@@ -45,6 +45,23 @@ if TYPE_CHECKING:
 STAGES = ("data", "load", "surrogate", "detect", "refine", "evaluate", "report")
 REFINE_BATCH = RefineConfig.batch_size  # images per REFINE step; a smaller pool trains in one smaller batch
 CONTROL_BATCH = 128  # images per step when training a positive-control model
+#: Positive controls train until the backdoor has implanted (``auditor/attacks/training.py`` ``ImplantRule``):
+#: held-out ASR >= CONTROL_MIN_ASR and held-out BA within CONTROL_BA_TOLERANCE of the best earlier check, checked
+#: every CONTROL_CHECK_EVERY steps (8 times over a shorter cap) on CONTROL_HOLDOUT pool images the control does not train on (at most a fifth of
+#: the pool). The effort's epochs stay the cap. 2,000 images put one check's BA within ~0.7 points (one standard
+#: error near 90%); scoring them costs about as much as 5 training steps, 5% of the 100 steps between checks.
+CONTROL_HOLDOUT = 2000
+CONTROL_CHECK_EVERY = 100
+CONTROL_MIN_ASR = 0.9
+CONTROL_BA_TOLERANCE = 0.01
+#: When the rule holds the learning rate is usually still near its peak (BadNets at standard effort: held-out BA
+#: 84.9% at step 600, 91.9% after the full cosine decay of 2,724 steps, bench/results/control_implant.json), so the
+#: control trains on for as many steps again with the rate falling linearly to zero, then stops. Measured there:
+#: a cool-down of 0.5x ended BadNets / Blended at 900 / 750 steps with test BA 89.6% / 88.7%, 1.0x at 1,200 / 1,000
+#: steps with 90.4% / 89.7% (the fixed 2,724 steps: 91.9% / 92.0%); ASR 99.7-99.9% throughout. 1.0x buys a point
+#: of control BA for a third more steps, still 2.3-2.7x fewer than the fixed schedule.
+CONTROL_COOLDOWN_SHARE = 1.0
+MIN_CONTROL_HOLDOUT = 50  # fewer held-out images cannot tell a plateau from noise: smaller pools train the full cap
 MIN_POOL_IMAGES = 2  # REFINE's contrastive loss compares images within a batch
 
 # -- model-API audits: the query budget and how it is spent (auditor/pipeline/budget.py does the arithmetic) ----
@@ -216,11 +233,21 @@ class DetectionPlan:
 @with_config(_FORBID_EXTRA)
 @dataclass(frozen=True)
 class ControlsPlan:
+    """Each control trains until its backdoor implanted (``stop_rule``), at most ``epochs`` over ``train_images``."""
+
     attacks: tuple[str, ...]
     target: int
-    epochs: int
+    epochs: int  # the cap: a control stopped by the rule trains fewer (the report gives its steps)
     train_images: int
     batch_size: int
+    # Defaults describe plans read back from reports written before the rule existed (a fixed schedule).
+    stop_rule: Literal["implanted", "fixed"] = "fixed"
+    max_steps: int = 0  # epochs x steps per epoch: the cap in optimizer steps
+    holdout_images: int = 0  # pool images, disjoint from train_images, the rule is checked on
+    check_every: int = 0  # steps between checks
+    min_asr: float = CONTROL_MIN_ASR  # held-out ASR the backdoor must reach
+    ba_tolerance: float = CONTROL_BA_TOLERANCE  # BA plateau: within this of the best earlier check
+    cooldown_share: float = 0.0  # after the rule held: this share of the steps taken again, with a decaying rate
 
 
 @with_config(_FORBID_EXTRA)
@@ -387,9 +414,16 @@ def _controls_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> Con
     if c.attacks and c.target >= data.num_classes:
         raise _spec_error("controls.target", f"{c.target} is not a class of this data (0..{data.num_classes - 1})")
     cap = spec.data.train_size or preset.control_train_images
-    train = data.pool_images if cap is None else min(data.pool_images, cap)
-    return ControlsPlan(attacks=tuple(c.attacks), target=c.target, epochs=c.train_epochs or preset.control_epochs,
-                        train_images=train, batch_size=min(CONTROL_BATCH, train))
+    holdout = min(CONTROL_HOLDOUT, data.pool_images // 5)
+    holdout = holdout if holdout >= MIN_CONTROL_HOLDOUT else 0
+    available = data.pool_images - holdout
+    train = available if cap is None else min(available, cap)
+    epochs, batch = c.train_epochs or preset.control_epochs, min(CONTROL_BATCH, train)
+    max_steps = epochs * -(-train // batch)
+    return ControlsPlan(attacks=tuple(c.attacks), target=c.target, epochs=epochs, train_images=train,
+                        batch_size=batch, stop_rule="implanted" if holdout else "fixed", max_steps=max_steps,
+                        holdout_images=holdout, check_every=max(1, min(CONTROL_CHECK_EVERY, max_steps // 8)),
+                        cooldown_share=CONTROL_COOLDOWN_SHARE if holdout else 0.0)
 
 
 def _detection_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> DetectionPlan:

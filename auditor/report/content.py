@@ -280,11 +280,20 @@ def _controls(report: Report) -> Section | None:
         return None
     rows = [[c.attack, report.class_name(c.target), pct(c.poison_rate), change(c.no_defense.ba, c.refine.ba),
              change(c.no_defense.asr, c.refine.asr), change(c.no_defense.ra, c.refine.ra),
-             f"{seconds(c.train_seconds)} + {seconds(c.refine_seconds)}", _origin(c)] for c in report.positive_controls]
+             _trained(c), f"{seconds(c.train_seconds)} + {seconds(c.refine_seconds)}", _origin(c)]
+            for c in report.positive_controls]
     paragraphs = ["Backdoored reference models trained by this service on the same data, defended with the same "
                   f"REFINE configuration. Each cell reads no defense {ARROW} REFINE. ASR counts triggered test "
                   "images outside the target class that are classified as the target; RA counts those classified "
                   "as their true class."]
+    plan = report.plan.controls if report.plan is not None else None
+    if plan is not None and plan.stop_rule == "implanted":
+        paragraphs.append(
+            f"Each control trained until its backdoor implanted, at most {plan.epochs} epoch(s) ({plan.max_steps:,} "
+            f"steps): checked every {plan.check_every} steps on {plan.holdout_images:,} held-out pool images, the rule "
+            f"held once ASR reached {pct(plan.min_asr)} and BA was within {100 * plan.ba_tolerance:.0f} point(s) of "
+            f"its best earlier check; it then trained {plan.cooldown_share:g} times as many steps again with the "
+            "learning rate falling to zero, and stopped.")
     cached = [c for c in report.positive_controls if c.cache is not None]
     if cached:
         paragraphs.append("Controls are cached by everything they depend on (data, architecture, attack, training and "
@@ -292,9 +301,18 @@ def _controls(report: Report) -> Section | None:
                           "test images. Cache keys: " + "; ".join(f"{c.attack} {c.cache.key}" for c in cached) + ".")
     return Section(
         "controls", "Positive controls", paragraphs=paragraphs,
-        tables=[Table(["Attack", "Target", "Poisoned", "BA", "ASR", "RA", "Time (train + REFINE)", "Model"], rows,
-                      align="llrrrrrl")],
+        tables=[Table(["Attack", "Target", "Poisoned", "BA", "ASR", "RA", "Steps (held-out BA / ASR)",
+                       "Time (train + REFINE)", "Model"], rows, align="llrrrrrrl")],
     )
+
+
+def _trained(control: PositiveControl) -> str:
+    """Steps trained of the cap, and what the held-out check read when training stopped."""
+    t = control.training
+    if t is None:
+        return "—"
+    held_out = f" ({pct(t.holdout_ba)} / {pct(t.holdout_asr)})" if t.holdout_ba is not None else ""
+    return f"{t.steps:,} of {t.max_steps:,}{held_out}"
 
 
 def _origin(control: PositiveControl) -> str:

@@ -27,8 +27,9 @@ from auditor.pipeline.verdict import Fitness, Gate
 #: 2.0: verdict.level gained "inconclusive", succeeded reports need plan, gates, defended_model and figures
 #: (docs/report-schema.md has the migration note). 2.1 added the optional ``detection`` section,
 #: ``verdict.trigger_evidence``, ``plan.detection`` and ``positive_controls[].origin`` / ``.cache``;
-#: 2.0 reports still validate.
-SCHEMA_VERSION = "2.1"
+#: 2.0 reports still validate. 2.2 added ``positive_controls[].training`` (steps trained, the stopping rule and the
+#: held-out BA/ASR it ended with) and the plan's ``controls.stop_rule`` with its thresholds and cool-down; 2.0 and 2.1 still validate.
+SCHEMA_VERSION = "2.2"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -312,6 +313,18 @@ class ControlCacheRecord(_Model):
     rejected: list[Annotated[str, Field(max_length=600)]] = Field(default_factory=list)  # entries found invalid
 
 
+class ControlTraining(_Model):
+    """How long a control trained: until its backdoor implanted (plan.controls.stop_rule), or the cap."""
+
+    steps: Count  # optimizer steps the control model trained
+    max_steps: Count  # the cap (plan.controls.epochs over its training images)
+    stop_rule: Literal["implanted", "fixed"]
+    stopped_early: bool  # the rule held before the cap
+    holdout_images: Count  # held-out pool images the rule was checked on (0: fixed schedule)
+    holdout_ba: Fraction | None = None  # of the model training ended with (None: no check ran)
+    holdout_asr: Fraction | None = None
+
+
 class PositiveControl(_Model):
     """A backdoored reference model the service trained itself, defended with the same REFINE config."""
 
@@ -326,6 +339,7 @@ class PositiveControl(_Model):
     triggered_images: Count | None = None  # triggered test images outside the target class, behind ASR and RA
     origin: Literal["trained", "reused"] = "trained"  # reused: from the control cache, re-scored on this audit's images
     cache: ControlCacheRecord | None = None  # None: not cached (no cache, or pseudo-labelled data)
+    training: ControlTraining | None = None  # None in reports before 2.2
 
 
 class Detection(_Model):
@@ -395,7 +409,7 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    schema_version: Literal["2.0", "2.1"] = SCHEMA_VERSION  # 2.0 reports still validate
+    schema_version: Literal["2.0", "2.1", "2.2"] = SCHEMA_VERSION  # 2.0 and 2.1 reports still validate
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status

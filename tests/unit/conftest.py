@@ -28,6 +28,12 @@ def tiny_data() -> tuple[ImageSet, ImageSet]:
 
 
 @pytest.fixture(scope="session")
+def tiny_holdout() -> ImageSet:
+    """Labelled images outside both tiny_data splits (a control's held-out split)."""
+    return synthetic_images(200, seed=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_arch() -> ArchConfig:
     return ArchConfig("small_cnn", in_channels=1, num_classes=4, image_size=16, mean=(0.3,), std=(0.3,), width=8)
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from auditor.attacks import ATTACKS, AttackConfig, build_attack, load_attack, train_backdoored_model
+from auditor.attacks.training import ImplantRule
 from auditor.evaluation import attack_metrics, model_predictor
 from auditor.training import TrainConfig
 
@@ -53,3 +54,36 @@ def test_badnets_model_learns_the_backdoor(tiny_data, tiny_arch):
     metrics = attack_metrics(model_predictor(bd.model, CPU), test, bd.poisoned_test, 0)
     assert metrics.ba > 0.9
     assert metrics.asr > 0.8
+
+
+def test_implant_rule_needs_the_backdoor_and_a_clean_accuracy_plateau():
+    rule = ImplantRule(check_every=10, min_asr=0.9, ba_tolerance=0.01)
+    check = lambda ba, asr: {"step": 0, "ba": ba, "asr": asr}  # noqa: E731
+    assert not rule.holds([check(0.9, 1.0)])  # one check cannot show a plateau
+    assert not rule.holds([check(0.80, 1.0), check(0.85, 1.0)])  # BA still climbing
+    assert not rule.holds([check(0.88, 0.5), check(0.885, 0.89)])  # BA flat, backdoor not implanted
+    assert not rule.holds([check(0.90, 0.95), check(0.85, 0.95)])  # BA fell away from its best
+    assert rule.holds([check(0.80, 0.2), check(0.885, 0.95), check(0.89, 0.95)])
+    assert rule.holds([check(0.80, 0.2), check(0.89, 0.95), check(0.882, 0.95)])  # within 1 point of the best
+    with pytest.raises(ValueError):
+        ImplantRule(check_every=0)
+
+
+def test_a_control_stops_once_the_backdoor_implanted_on_held_out_images(tiny_data, tiny_holdout, tiny_arch):
+    """Checked every 5 steps; once the rule holds, half as many steps again with a decaying rate, then the end."""
+    train, test = tiny_data
+    attack = AttackConfig("badnets", target=0, poison_rate=0.15, seed=0, params={"size": 4})
+    config = TrainConfig(epochs=8, batch_size=32, lr=5e-3)
+    rule = ImplantRule(check_every=5, min_asr=0.9, ba_tolerance=0.02, cooldown_share=0.5)
+    stopped = train_backdoored_model(tiny_arch, train, test, attack, config, device=CPU, seed=0,
+                                     rule=rule, holdout=tiny_holdout)
+    capped = train_backdoored_model(tiny_arch, train, test, attack, config, device=CPU, seed=0)
+    assert capped.train_steps == capped.max_steps == 8 * 15 and not capped.checks
+    *during, end = stopped.checks
+    held = next(i for i in range(len(during)) if rule.holds(during[: i + 1]))
+    assert held == len(during) - 1  # no check after the rule held: the cool-down ran to its end
+    assert stopped.train_steps == during[held]["step"] + round(0.5 * during[held]["step"]) < stopped.max_steps
+    assert end["step"] == stopped.train_steps  # the report's held-out figures are the model it ends with
+    assert all(c["step"] % 5 == 0 for c in during)
+    metrics = attack_metrics(model_predictor(stopped.model, CPU), test, stopped.poisoned_test, 0)
+    assert metrics.asr >= 0.8 and metrics.ba > 0.85  # what held on the held-out images holds on the test images

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -79,6 +80,10 @@ def test_keys_cover_what_a_control_depends_on():
     longer = parse_spec({**SPEC, "controls": {"attacks": ["badnets"], "train_epochs": 2}})
     assert cc.control_groups(longer, plan_audit(longer, FASHION_MNIST), "0" * 64, True)["badnets"] != base
     assert cc.control_groups(spec, plan, "0" * 64, labelled=False) == {}  # pseudo-labels: never cached
+    for rule in ({"stop_rule": "fixed"}, {"min_asr": 0.8}, {"ba_tolerance": 0.02}, {"check_every": 3},
+                 {"holdout_images": 10}, {"cooldown_share": 0.25}):  # the stopping rule decides the weights as much as the epochs do
+        stopped_otherwise = replace(plan, controls=replace(plan.controls, **rule))
+        assert cc.control_groups(spec, stopped_otherwise, "0" * 64, True)["badnets"] != base, rule
     narrow, wide = ArchConfig("small_cnn", width=4), ArchConfig("small_cnn", width=8)
     assert cc.control_key(base, narrow) != cc.control_key(base, wide)
 
@@ -113,6 +118,9 @@ def test_a_second_audit_reuses_the_cached_control_and_a_tampered_entry_is_detect
     first = _control(_audit(tmp_path, "first", store, model_file))
     assert first["origin"] == "trained" and first["cache"]["refine_origin"] == "trained"
     assert first["train_seconds"] > 0 and first["refine_seconds"] > 0
+    trained = first["training"]
+    assert trained["stop_rule"] == "implanted" and 0 < trained["steps"] <= trained["max_steps"]
+    assert trained["holdout_images"] == 60 and trained["holdout_ba"] is not None
     key, refine_key = first["cache"]["key"], first["cache"]["refine_key"]
     entry = tmp_path / "artifacts" / cc.STORE_PREFIX / key
     manifest = json.loads((entry / cc.MANIFEST).read_text())
@@ -123,8 +131,10 @@ def test_a_second_audit_reuses_the_cached_control_and_a_tampered_entry_is_detect
     assert (second["cache"]["key"], second["cache"]["refine_key"]) == (key, refine_key)
     assert second["cache"]["created_by"] == "first"
     assert second["train_seconds"] == 0.0 and second["refine_seconds"] == 0.0  # nothing was trained
+    assert second["training"] == trained  # how the cached control was trained, from its manifest
     assert second["no_defense"] == first["no_defense"] and second["refine"] == first["refine"]  # re-scored alike
-    assert "reused from audit first" in (tmp_path / "second" / "out" / "report.html").read_text()
+    html = (tmp_path / "second" / "out" / "report.html").read_text()
+    assert "reused from audit first" in html and f"{trained['steps']:,} of {trained['max_steps']:,}" in html
 
     other_refine = _control(_audit(tmp_path, "other-refine", store, model_file, refine={"epochs": 2}))
     assert other_refine["origin"] == "reused" and other_refine["train_seconds"] == 0.0
@@ -170,3 +180,19 @@ def test_only_audits_that_ran_no_submitted_code_publish_controls(tmp_path: Path)
     assert may_publish(inputs(None))  # a model API: no model file is loaded at all
     assert not may_publish(inputs(program))  # TorchScript carries a program
     assert not may_publish(inputs(tmp_path / "junk.bin"))  # refused files publish nothing
+
+
+def test_a_cached_controls_training_record_is_read_only_when_sane(tmp_path):
+    """Manifest numbers carry no hash: a tampered one is dropped, never reported (it would fail validation)."""
+    from auditor.pipeline.controls import _cached_checks, _cached_count
+
+    def entry(**manifest):
+        return cc.Entry(KEY, tmp_path, manifest)
+
+    good = entry(train_steps=1200, max_steps=2724, last_check={"step": 1200, "ba": 0.9, "asr": 0.99})
+    assert (_cached_count(good, "train_steps"), _cached_count(good, "max_steps")) == (1200, 2724)
+    assert _cached_checks(good) == [{"step": 1200.0, "ba": 0.9, "asr": 0.99}]
+    for bad in ({"step": 1, "ba": 5.0, "asr": 0.5}, {"step": 1, "ba": 0.5}, "0.9", None):
+        assert _cached_checks(entry(last_check=bad)) == []
+    for bad in (-1, "12", True, 1.5, None):
+        assert _cached_count(entry(train_steps=bad), "train_steps") == 0

@@ -103,7 +103,10 @@ def test_efforts_have_named_fields_and_plans_record_every_number():
     assert EFFORTS["standard"].refine_epochs == 6 and EFFORTS["tiny"].unet_width == 8
     plan = plan_audit(parse_spec({"effort": "quick"}), FASHION_MNIST)
     assert plan.refine.epochs == EFFORTS["quick"].refine_epochs
-    assert plan.controls.attacks == ("badnets", "blended") and plan.controls.train_images == 20_000
+    assert plan.controls.attacks == ("badnets", "blended")
+    c = plan.controls  # 2,000 of the 20,000 pool images are the held-out split the stopping rule reads
+    assert (c.train_images, c.holdout_images, c.stop_rule) == (18_000, 2000, "implanted")
+    assert c.max_steps == c.epochs * 141 and c.check_every == 423 // 8 and (c.min_asr, c.ba_tolerance, c.cooldown_share) == (0.9, 0.01, 1.0)
     assert plan.surrogate is None and plan.queries is None and "surrogate" not in plan.stages
     assert plan.to_dict()["controls"]["attacks"] == ["badnets", "blended"]  # JSON-ready
 
@@ -145,3 +148,13 @@ def test_the_pipeline_imports_no_web_queue_or_database_library():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'celery', 'sqlalchemy', 'boto3', 'redis', 'werkzeug'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_controls_train_until_implanted_with_a_held_out_split_unless_the_pool_is_too_small():
+    standard = plan_audit(parse_spec({"effort": "standard"}), FASHION_MNIST).controls
+    assert standard.train_images + standard.holdout_images == FASHION_MNIST.pool_images
+    assert standard.max_steps == 6 * 454 and standard.check_every == 100 and standard.stop_rule == "implanted"
+    tiny = plan_audit(parse_spec({"effort": "tiny", "data": {"train_size": 200}}), FASHION_MNIST).controls
+    assert (tiny.stop_rule, tiny.holdout_images, tiny.train_images) == ("fixed", 0, 200)  # 40 would be noise
+    assert tiny.cooldown_share == 0.0
+    assert tiny.check_every >= 1

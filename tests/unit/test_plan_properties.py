@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from auditor.blackbox import DistillConfig, RefitConfig
 from auditor.errors import AuditError
 from auditor.pipeline import FASHION_MNIST, DataSummary, plan_audit, upload_summary
+from auditor.pipeline.controls import implant_rule
 from auditor.pipeline.plan import probe_config
 from auditor.pipeline.refine import refine_config
 from auditor.spec import parse_spec, spec_json_schema
@@ -116,7 +117,10 @@ def _assert_runnable(plan, summary: DataSummary) -> None:
     assert 1 <= plan.probes.images <= d.test_images
     if plan.controls.attacks:
         assert plan.controls.target < d.num_classes
-        TrainConfig(epochs=plan.controls.epochs, batch_size=plan.controls.batch_size)
+        c = plan.controls
+        TrainConfig(epochs=c.epochs, batch_size=c.batch_size)
+        assert 1 <= c.train_images and c.train_images + c.holdout_images <= d.pool_images
+        assert c.max_steps >= c.epochs and (implant_rule(c) is None) == (c.holdout_images == 0)
     if plan.source == "api":
         q = plan.queries
         assert q.distillation + q.refits + q.evaluation + q.probes + q.unallocated == q.budget

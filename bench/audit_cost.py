@@ -1,0 +1,275 @@
+"""What an audit costs, stage by stage, and how far the code has come from the 45d0dbd baseline (Fashion-MNIST).
+
+    OMP_NUM_THREADS=1 python -m bench.audit_cost                       # the full grid: a quiet machine, an hour+
+    python -m bench.audit_cost --efforts tiny --sources checkpoint --no-baseline --no-demo \\
+        --subject-train-size 2000 --out /tmp/audit_cost.json           # a smoke run (minutes)
+    python -m bench.audit_cost --refine-step-only                      # peaks and the REFINE step (minutes)
+
+A backdoored small CNN (BadNets, the recipe of ``refine-audit attack``) is audited through
+``run_audit`` with spec fields only (``{"effort": E}``, plus ``model.api`` for the same
+model served label-only over loopback HTTP), at each effort, for each source, by each
+code version: ``new`` (this tree) and ``baseline`` (commit 45d0dbd, checked out with
+``git worktree add`` and run with its own PYTHONPATH), side by side on the same machine
+so each speed-up is a measured ratio. New-code audits run twice against one control-cache
+folder: ``cold`` (empty: every control trained) then ``warm`` (the controls reused); the
+baseline has no cache, so it runs cold only. Every audit runs in a child process
+(``bench/audit_cost_worker.py``) whose wall time, CPU time (all threads and children,
+``resource.getrusage``) and per-stage split are recorded, with BA before minus after (the
+audit's figures) and the planted trigger's ASR on what the audit shipped (measured here).
+
+``refine`` is the REFINE train step at standard effort measured on its own: its FLOPs
+(``torch.utils.flop_counter.FlopCounterMode`` over one step), images/s and achieved
+GFLOP/s over a few dozen steps, beside this machine's fp32 and bf16 matmul peaks
+(2048x2048, same torch threads) that bound it, and T's inference FLOPs relative to the
+audited model's. ``demo_wall_s`` is ``refine-audit demo`` end to end. The plans, the
+per-stage CPU split and the controls of each audit go beside the output
+(``<out>/runs/*.json``); the output keeps the fixed shape the README describes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from auditor.blackbox import ModelServer
+from auditor.data import ImageSet, take
+from auditor.models import ArchConfig, UNet, build_classifier
+from auditor.pipeline.plan import FASHION_MNIST, plan_audit
+from auditor.pipeline.refine import refine_config
+from auditor.refine import train_refine
+from auditor.runtime import cpu_bf16_pays
+from auditor.settings import Settings
+from auditor.spec import parse_spec
+from bench.audits import LOOPBACK, Subject, api_trigger_asr, fashion_mnist, make_subject, shipped_trigger_asr
+from bench.common import RESULTS, git_commit, provenance, write_json
+
+BASELINE_COMMIT = "45d0dbd"
+EFFORTS = ("quick", "standard", "thorough")
+WORKER = Path(__file__).resolve().parent / "audit_cost_worker.py"
+TREE = Path(__file__).resolve().parents[1]
+PEAK_SIZE = 2048
+CPU = torch.device("cpu")
+TRIGGER_TEST_IMAGES = 2000  # API audits: the planted trigger is scored through the API on this many test images
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--efforts", default=",".join(EFFORTS))
+    p.add_argument("--sources", default="checkpoint,api")
+    p.add_argument("--code", default="new,baseline", help="which code versions run the audits")
+    p.add_argument("--no-baseline", action="store_true", help="same as --code new")
+    p.add_argument("--no-demo", action="store_true", help="skip timing refine-audit demo")
+    p.add_argument("--refine-step-only", action="store_true", help="only the matmul peaks and the REFINE step")
+    p.add_argument("--refine-steps", type=int, default=30, help="REFINE steps timed for images/s")
+    p.add_argument("--subject-train-size", type=int, default=None, help="training images of the audited model (all)")
+    p.add_argument("--subject-epochs", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the peak and REFINE-step measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline-tree", type=Path, default=Path(f"/tmp/baseline-{BASELINE_COMMIT}"))
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/audit_cost"))
+    p.add_argument("--out", type=Path, default=RESULTS / "audit_cost.json")
+    return p.parse_args(argv)
+
+
+# -- the machine and the REFINE step -------------------------------------------------------------------------------
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = PEAK_SIZE, repeats: int = 5) -> float:
+    """Best of ``repeats`` size x size matmuls, in GFLOP/s (2 n^3 FLOPs each): the ceiling a dense kernel meets."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # warm-up: kernel selection, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
+def refine_step(pool: ImageSet, seed: int, steps: int) -> dict[str, Any]:
+    """The standard effort's REFINE train step: FLOPs, images/s, achieved GFLOP/s, and T's cost beside the model's."""
+    plan = plan_audit(parse_spec({"effort": "standard", "seed": seed}), FASHION_MNIST)
+    config = refine_config(plan)
+    device = CPU
+    model = build_classifier(ArchConfig("small_cnn")).eval()
+    batch = config.batch_size
+    one = ImageSet(pool.x[:batch], None)
+    with FlopCounterMode(display=False) as counter:  # a pool of one batch: train_refine takes exactly one step
+        train_refine(model, one, _sized(config, batch), num_classes=10, device=device, seed=seed)
+    step_flops = counter.get_total_flops()
+    train_refine(model, one, _sized(config, batch), num_classes=10, device=device, seed=seed)  # warm-up
+    images = ImageSet(pool.x[: batch * steps], None)
+    started = time.perf_counter()
+    train_refine(model, images, _sized(config, len(images)), num_classes=10, device=device, seed=seed)
+    seconds = time.perf_counter() - started
+    x = pool.x[:batch].float() / 255
+    transform = UNet(config.unet).eval()
+    return {"effort": "standard", "batch_size": batch, "unet_width": config.unet.width, "steps": steps,
+            "seconds": seconds, "images_per_s": steps * batch / seconds, "step_gflop": step_flops / 1e9,
+            "achieved_gflops": step_flops * steps / seconds / 1e9, "train_dtype": "bf16" if config.bf16 else "fp32",
+            "transform_over_model_flops": forward_flops(transform, x) / forward_flops(model, x)}
+
+
+def _sized(config: Any, pool_size: int) -> Any:
+    from dataclasses import replace
+
+    return replace(config, epochs=1, pool_size=pool_size)
+
+
+def machine_refine(args: argparse.Namespace, pool: ImageSet) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    step = refine_step(pool, args.seed, args.refine_steps)
+    peak = peaks[step["train_dtype"]]
+    return {"images_per_s": step["images_per_s"], "achieved_gflops": step["achieved_gflops"],
+            "train_dtype": step["train_dtype"], "bf16_peak_gflops": peaks["bf16"], "fp32_peak_gflops": peaks["fp32"],
+            "bound": {"peak": step["train_dtype"], "peak_gflops": peak, "fraction_of_peak": step["achieved_gflops"] / peak,
+                      "torch_threads": args.threads, "step": step}}
+
+
+def cpu_flags() -> list[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return sorted(line.split(":", 1)[1].split())
+    return []
+
+
+# -- audits ------------------------------------------------------------------------------------------------------
+
+
+def baseline_tree(path: Path) -> Path:
+    """The 45d0dbd checkout, added as a git worktree the first time."""
+    if not (path / "auditor").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), BASELINE_COMMIT], cwd=TREE, check=True)
+    return path
+
+
+def run_worker(job: dict[str, Any], tree: Path, folder: Path) -> dict[str, Any]:
+    """One audit in a child process on ``tree``'s code; its wall and CPU time as this process sees them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = folder / "job.json", folder / "result.json"
+    job_file.write_text(json.dumps(job))
+    result_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(WORKER), str(job_file), str(result_file)], env=env, cwd=folder,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (folder / "worker.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0 or not result_file.exists():
+        return {"status": "crashed", "error": {"code": f"exit {done.returncode}", "message": done.stderr[-2000:]},
+                "process_wall_s": wall}
+    result = json.loads(result_file.read_text())
+    result["process_wall_s"] = wall  # includes interpreter start and imports, which the worker's own clock misses
+    result["process_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
+
+
+def audit(subject: Subject, effort: str, source: str, code: str, cache: str, args: argparse.Namespace,
+          tree: Path, test: ImageSet) -> dict[str, Any]:
+    """One audit as a user runs it, and what it costs; the trigger is scored on what it shipped."""
+    name = f"{effort}-{source}-{code}-{cache}"
+    folder = args.work_dir / name
+    spec: dict[str, Any] = {"effort": effort, "seed": args.seed}
+    job = {"spec": spec, "work_dir": str(folder / "audit"), "allowed_hosts": list(LOOPBACK),
+           "control_cache": str(args.work_dir / f"control-cache-{effort}-{source}") if code == "new" else None}
+    if cache == "cold" and job["control_cache"]:
+        shutil.rmtree(job["control_cache"], ignore_errors=True)  # cold: every control trained
+    if source == "checkpoint":
+        job["model_path"] = str(subject.path)
+        result = run_worker(job, tree, folder)
+        asr_after = _scored(result, lambda out: shipped_trigger_asr(out, subject, test, CPU))
+    else:
+        with ModelServer(subject.model, protocol="v1", labels_only=True) as server:
+            url = server.url + "/v1/models/model:predict"
+            job["spec"] = {**spec, "model": {"source": "api", "api": {"url": url, "output": "labels"}}}
+            result = run_worker(job, tree, folder)
+            trigger_test = take(test, TRIGGER_TEST_IMAGES, args.seed + 1)
+            asr_after = _scored(result, lambda out: api_trigger_asr(out, subject, url, "labels", trigger_test, CPU))
+    before, after = result.get("ba_before"), result.get("ba_after")
+    row = {"effort": effort, "source": source, "controls": result.get("controls", []), "cache": cache, "code": code,
+           "wall_s": result.get("wall_s"), "cpu_s": result.get("cpu_s"), "stages": result.get("stages_wall", {}),
+           "ba_drop": None if before is None or after is None else before - after, "asr_after": asr_after}
+    write_json(args.out.with_suffix("") / "runs" / f"{name}.json", {**row, "detail": result, "job": job})
+    print(json.dumps({k: row[k] for k in ("effort", "source", "code", "cache", "wall_s", "cpu_s", "ba_drop",
+                                          "asr_after")}), result.get("status"), flush=True)
+    return row
+
+
+def _scored(result: dict[str, Any], score: Any) -> float | None:
+    """The trigger's ASR on what a succeeded audit shipped; None (and why, in the run's detail) otherwise."""
+    if result["status"] != "succeeded":
+        return None
+    try:
+        return score(Path(result["out_dir"]))
+    except Exception as exc:  # noqa: BLE001 -- an older version's output this code cannot read is a finding
+        result["trigger_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        return None
+
+
+def grid(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    codes = ["new"] if args.no_baseline else args.code.split(",")
+    cells = []
+    for effort in args.efforts.split(","):
+        for source in args.sources.split(","):
+            for code in codes:
+                cells += [(effort, source, code, cache) for cache in (("cold", "warm") if code == "new" else ("cold",))]
+    return cells
+
+
+def demo_wall_s(args: argparse.Namespace) -> float | None:
+    """``refine-audit demo`` end to end, in a child process on this tree."""
+    if args.no_demo:
+        return None
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "auditor.cli", "demo", "--out", str(args.work_dir / "demo")],
+                   env={**os.environ, "PYTHONPATH": str(TREE)}, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    where = {**provenance(CPU, "bench.audit_cost"), "git_commit": git_commit()}  # the commit the run starts on
+    settings = Settings.from_env()
+    train, test = fashion_mnist(settings)
+    payload: dict[str, Any] = {"runs": [], "refine": machine_refine(args, train)}
+    print(json.dumps(payload["refine"], indent=1), flush=True)
+    if not args.refine_step_only:
+        torch.set_num_threads(args.threads)
+        subject = make_subject("badnets", train, test, epochs=args.subject_epochs, train_size=args.subject_train_size,
+                               seed=args.seed, folder=args.work_dir / "subject", device=CPU, bf16=cpu_bf16_pays(CPU))
+        trees = {"new": TREE}
+        for effort, source, code, cache in grid(args):
+            if code == "baseline" and "baseline" not in trees:
+                trees["baseline"] = baseline_tree(args.baseline_tree)
+            payload["runs"].append(audit(subject, effort, source, code, cache, args, trees[code], test))
+        payload["demo_wall_s"] = demo_wall_s(args)
+    else:
+        payload["demo_wall_s"] = None
+    payload.update(load_average=os.getloadavg(), cpu_flags=cpu_flags(), command=where["command"],
+                   git_commit=where["git_commit"])
+    write_json(args.out, payload)
+    print(f"{len(payload['runs'])} audits in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
