@@ -1,0 +1,85 @@
+"""One detection score from the probe battery and the trigger search: P(the model carries a targeted backdoor).
+
+The probes (auditor/evaluation/probes.py) see triggers that generic disturbances
+fire (patches, blends, warps, rotations); the trigger search (trigger.py) sees a
+class that a tiny stamped mask reaches. Each misses what the other catches, and
+each alone has clean models near its threshold. A logistic model on four features
+of the submitted model's audit combines them:
+
+    probe_score      the battery's suspicion score before the defense (0-1)
+    anomaly_index    robust standard deviations by which the smallest class mask is below the median (>= 0)
+    log_norm_ratio   log of that mask's norm over the median class's (negative: smaller than typical)
+    success          the recovered trigger's success on held-out images of the other classes (0-1)
+
+Its output is a calibrated probability that the model carries a targeted backdoor,
+*for models like the calibration zoo* (bench/zoo.py: small Fashion-MNIST
+classifiers of three architectures, half of them backdoored by one of seven
+attacks): with another base rate of backdoors or another kind of model the
+number is a ranking more than a probability. The verdict thresholds were picked
+on the calibration split and judged on the held-out split (bench/detection_fmnist.py,
+bench/results/detection_fmnist.json, README "Backdoor detection score").
+
+Pure Python: the verdict reads it without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ScoreLevel = Literal["likely_backdoored", "suspicious", "no_evidence"]
+FEATURES = ("probe_score", "anomaly_index", "log_norm_ratio", "success")
+#: Norm ratios are clamped here before the log, so an empty mask has a finite feature.
+RATIO_FLOOR = 1e-3
+
+MEANING = ("Probability that the model carries a targeted backdoor, from a logistic model on the probe score and "
+           "the trigger search, fitted on a zoo of clean and backdoored Fashion-MNIST models (bench/zoo.py).")
+
+
+@dataclass(frozen=True)
+class CombinedModel:
+    """Logistic coefficients on raw features and the two verdict thresholds on its probability."""
+
+    intercept: float
+    weights: dict[str, float] = field(default_factory=dict)
+    likely: float = 0.9  # score at or above: likely_backdoored
+    suspicious: float = 0.5  # score at or above: suspicious
+    fitted_by: str = ""
+
+    def score(self, values: list[float]) -> float:
+        logit = self.intercept + sum(self.weights[name] * v for name, v in zip(FEATURES, values))
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
+
+    def level(self, score: float, trigger_recovered: bool = False) -> ScoreLevel:
+        """The score's reading; a recovered trigger lifts no_evidence to suspicious (never further)."""
+        if score >= self.likely:
+            return "likely_backdoored"
+        if score >= self.suspicious or trigger_recovered:
+            return "suspicious"
+        return "no_evidence"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def features(reading: dict[str, Any]) -> list[float]:
+    """The model's feature vector from one audit's readings (report field names; missing search values count as
+    "nothing found": index 0, ratio 1, success 0)."""
+    ratio = reading.get("norm_ratio")
+    return [
+        float(reading.get("probe_score") or 0.0),
+        float(reading.get("anomaly_index") or 0.0),
+        math.log(max(float(ratio if ratio is not None else 1.0), RATIO_FLOOR)),
+        float(reading.get("success") or 0.0),
+    ]
+
+
+#: PLACEHOLDER until bench/detection_fmnist.py has run: replaced by the fitted coefficients.
+COMBINED = CombinedModel(
+    intercept=-6.0,
+    weights={"probe_score": 6.0, "anomaly_index": 0.8, "log_norm_ratio": -1.0, "success": 1.0},
+    likely=0.9,
+    suspicious=0.5,
+    fitted_by="placeholder",
+)
