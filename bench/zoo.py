@@ -2,6 +2,7 @@
 
     python -m bench.zoo                          # build every model missing from --out, write the manifest
     python -m bench.zoo --only clean-00,badnets-00   # a few, e.g. to check the recipe
+    python -m bench.zoo --reverse                # a second builder in parallel, from the end of the list
 
 Why a zoo of its own: the audit's positive controls and ``train_backdoored_model``
 share one recipe (AdamW, warm-up + cosine, the small CNN), so a detector tuned on
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -269,16 +271,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.only:
         wanted = set(args.only.split(","))
         specs = [s for s in specs if s.name in wanted]
-    manifest = load_manifest(args.out)
+    if args.reverse:
+        specs = specs[::-1]
     for spec in specs:
+        manifest = load_manifest(args.out)
         entry = manifest["models"].get(spec.name)
-        if entry and entry.get("spec") == asdict(spec) and (args.out / spec.name / spec.file).exists():
+        claim = args.out / f"{spec.name}.claim"
+        done = entry and entry.get("spec") == asdict(spec) and (args.out / spec.name / spec.file).exists()
+        if done or claim.exists():
             continue
+        args.out.mkdir(parents=True, exist_ok=True)
+        claim.write_text(str(os.getpid()))  # parallel builders (--reverse) skip it
         facts = make_model(spec, full_train, test, args.out / spec.name)
-        manifest["models"][spec.name] = {"spec": asdict(spec), "path": str(args.out / spec.name / spec.file), **facts}
         print(f"{spec.name}: {facts}", flush=True)
+        manifest = load_manifest(args.out)  # again: another builder may have added models meanwhile
+        manifest["models"][spec.name] = {"spec": asdict(spec), "path": str(args.out / spec.name / spec.file), **facts}
         manifest.update(provenance(torch.device("cpu"), "bench.zoo"))
         write_json(args.out / "manifest.json", manifest)
+        claim.unlink()
+    manifest = load_manifest(args.out)
     write_json(RESULTS / "zoo_manifest.json", summary(manifest))
     return manifest
 
@@ -295,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--only", default="", help="comma-separated model names")
+    p.add_argument("--reverse", action="store_true", help="build from the end of the list (a second, parallel builder)")
     return p.parse_args(argv)
 
 
