@@ -258,6 +258,20 @@ def make_model(spec: ZooSpec, full_train: ImageSet, test: ImageSet, folder: Path
     return facts
 
 
+def interleaved(specs: list[ZooSpec]) -> list[ZooSpec]:
+    """Backdoored models first, one of each attack in turn (LC, the slowest, last), then clean ones: a partial
+    build still has every attack in both splits."""
+    order = {a: i for i, a in enumerate(ATTACK_ORDER)}
+    order["lc"] = len(ATTACK_ORDER)
+
+    def key(spec: ZooSpec) -> tuple[int, int, int]:
+        if spec.attack is None:
+            return (1, 0, 0)
+        return (0, int(spec.name.rsplit("-", 1)[1]) + (10 if spec.attack == "lc" else 0), order[spec.attack])
+
+    return sorted(specs, key=key)
+
+
 def load_manifest(out: Path) -> dict[str, Any]:
     path = out / "manifest.json"
     return json.loads(path.read_text()) if path.exists() else {"models": {}}
@@ -273,6 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         specs = [s for s in specs if s.name in wanted]
     if args.reverse:
         specs = specs[::-1]
+    elif args.interleave:
+        specs = interleaved(specs)
     for spec in specs:
         manifest = load_manifest(args.out)
         entry = manifest["models"].get(spec.name)
@@ -307,6 +323,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--only", default="", help="comma-separated model names")
     p.add_argument("--reverse", action="store_true", help="build from the end of the list (a second, parallel builder)")
+    p.add_argument("--interleave", action="store_true", help="backdoored models first, attacks in turn (builders may "
+                                                                 "run in parallel: each claims its model)")
     return p.parse_args(argv)
 
 
