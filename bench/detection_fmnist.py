@@ -47,6 +47,7 @@ from bench.zoo import DEFAULT_OUT, load_manifest, zoo_specs
 
 LOOPBACK = ("127.0.0.1",)
 FEATURES = ("probe_score", "anomaly_index", "log_norm_ratio", "success")
+IMPLANTED_ASR = 0.5
 
 
 def audit_spec(effort: str, arch_spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -179,7 +180,10 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     models = manifest["models"]
     rows = [p for p in parts.values() if p["status"] == "succeeded" and p["name"] in models]
     truth = {n: models[n]["spec"]["attack"] is not None for n in models}
-    calib = [r for r in rows if models[r["name"]]["spec"]["split"] == "calibration"]
+    # A poisoned model whose trigger does not work (ASR < 50%) carries no working backdoor: the fit neither
+    # rewards nor punishes a score for it; the held-out figures count it both ways (by construction, implanted).
+    calib = [r for r in rows if models[r["name"]]["spec"]["split"] == "calibration"
+             and not (truth[r["name"]] and not implanted(models[r["name"]]))]
     fitted = fit_logistic([features(r) for r in calib], [truth[r["name"]] for r in calib]) if calib else None
     if fitted is not None:
         likely, suspicious = pick_thresholds([fitted.score(features(r)) for r in calib], [truth[r["name"]] for r in calib])
@@ -204,14 +208,22 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     return out
 
 
+def implanted(model: dict[str, Any]) -> bool:
+    """A backdoored zoo model whose own trigger sends at least half the other classes' test images to its target."""
+    return (model.get("asr") or 0.0) >= IMPLANTED_ASR
+
+
 def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel) -> dict[str, Any]:
     spec = m["spec"]
     score = scorer.score(features(r))
     return {
         "name": r["name"], "split": spec["split"], "backdoored": spec["attack"] is not None, "attack": spec["attack"],
         "architecture": spec["arch"], "score_whitebox": round(score, 4), "score_blackbox": None,
-        "verdict": r["verdict"], "verdict_from_score": scorer.level(score, r.get("recovered") and (r.get("mask_fraction") or 1) <= 0.1),
-        "recovered_asr": r["success"], "true_asr": m.get("asr"), "clean_accuracy": m["ba"], "target": spec["target"],
+        # The level the combined score gives (gates aside): the audits' own verdicts are inconclusive by design,
+        # their one-epoch REFINE breaks the model and trips the defense gates (audit_spec).
+        "verdict": scorer.level(score, bool(r.get("recovered"))), "audit_verdict": r["verdict"],
+        "recovered_asr": r["success"], "true_asr": m.get("asr"),
+        "implanted": implanted(m) if spec["attack"] else None, "clean_accuracy": m["ba"], "target": spec["target"],
         "suspected_class": r["suspected_class"], "probe_suspected": r["probe_suspected"],
         "poison_rate": spec["poison_rate"], "augmented": spec["augmented"], "width": spec["width"],
         "recipe": spec["recipe"], "probe_score": r["probe_score"], "anomaly_index": r["anomaly_index"],
@@ -228,7 +240,7 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
         return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "n": len(entries)}
     neg = [e for e in entries if not e["backdoored"]]
     pos = [e for e in entries if e["backdoored"]]
-    implanted = [e for e in pos if (e["true_asr"] or 0) >= 0.5]
+    working = [e for e in pos if e["implanted"]]
     return {
         "roc_auc": round(roc_auc(scores, positive), 3), "ci95": [round(v, 3) for v in bootstrap_auc(scores, positive)],
         "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3),
@@ -238,13 +250,23 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
         "fpr_flagged_augmented": _share([e for e in neg if e["augmented"]], lambda e: e["score_whitebox"] >= scorer.suspicious),
         "tpr_likely": _share(pos, lambda e: e["score_whitebox"] >= scorer.likely),
         "tpr_flagged": _share(pos, lambda e: e["score_whitebox"] >= scorer.suspicious),
-        "tpr_flagged_implanted": _share(implanted, lambda e: e["score_whitebox"] >= scorer.suspicious),
-        "roc_auc_implanted_only": (round(roc_auc([e["score_whitebox"] for e in implanted + neg],
-                                                 [True] * len(implanted) + [False] * len(neg)), 3)
-                                   if implanted and neg else None),
-        "verdicts_reported": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
-                              sorted({str(e["verdict"]) for e in entries})},
+        "implanted_only": _implanted_only(working, neg, scorer),
+        "verdicts": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
+                     ("likely_backdoored", "suspicious", "no_evidence")},
     }
+
+
+def _implanted_only(working: list[dict[str, Any]], neg: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
+    """The same figures against the backdoored models whose trigger works (ASR >= 50%) only."""
+    if not working or not neg:
+        return {"n_backdoored": len(working)}
+    scores = [e["score_whitebox"] for e in working + neg]
+    positive = [True] * len(working) + [False] * len(neg)
+    return {"n_backdoored": len(working), "roc_auc": round(roc_auc(scores, positive), 3),
+            "ci95": [round(v, 3) for v in bootstrap_auc(scores, positive)],
+            "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3),
+            "tpr_flagged": _share(working, lambda e: e["score_whitebox"] >= scorer.suspicious),
+            "tpr_likely": _share(working, lambda e: e["score_whitebox"] >= scorer.likely)}
 
 
 def _share(entries: list[dict[str, Any]], hit) -> dict[str, Any] | None:
@@ -262,11 +284,14 @@ def _per_attack(entries: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for attack in sorted({e["attack"] or "clean" for e in entries}):
         group = [e for e in entries if (e["attack"] or "clean") == attack]
-        out[attack] = {"n": len(group), "flagged": sum(e["verdict_from_score"] != "no_evidence" for e in group),
-                       "likely_backdoored": sum(e["verdict_from_score"] == "likely_backdoored" for e in group),
+        out[attack] = {"n": len(group), "flagged": sum(e["verdict"] != "no_evidence" for e in group),
+                       "likely_backdoored": sum(e["verdict"] == "likely_backdoored" for e in group),
                        "median_true_asr": _median([e["true_asr"] for e in group if e["true_asr"] is not None]),
-                       "target_named": sum(e["suspected_class"] == e["target"] or e["probe_suspected"] == e["target"]
-                                           for e in group) if attack != "clean" else None}
+                       "implanted": sum(bool(e["implanted"]) for e in group) if attack != "clean" else None,
+                       "search_named_target": sum(e["suspected_class"] == e["target"] for e in group)
+                       if attack != "clean" else None,
+                       "probes_named_target": sum(e["probe_suspected"] == e["target"] for e in group)
+                       if attack != "clean" else None}
     return out
 
 
