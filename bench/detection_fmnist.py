@@ -161,11 +161,12 @@ def tpr_at_fpr(scores: list[float], positive: list[bool], fpr: float) -> float:
 
 
 def pick_thresholds(scores: list[float], positive: list[bool]) -> tuple[float, float]:
-    """likely_backdoored: the lowest cut above every clean calibration model (0% FPR there);
-    suspicious: the lowest cut that flags at most 10% of them. Both are midpoints between neighbouring scores."""
+    """likely_backdoored: the lowest cut above every clean calibration model (0% FPR there), and never below a
+    probability of 0.5 (the word "likely" must hold for the number); suspicious: the lowest cut that flags at most
+    10% of them. Cuts are midpoints between neighbouring scores."""
     neg = sorted((s for s, p in zip(scores, positive) if not p), reverse=True)
     above = sorted({s for s in scores if s > neg[0]})
-    likely = (neg[0] + above[0]) / 2 if above else min(0.99, neg[0] + 0.01)
+    likely = max(0.5, (neg[0] + above[0]) / 2 if above else min(0.99, neg[0] + 0.01))
     k = math.floor(0.10 * len(neg))
     cut = neg[k]
     higher = sorted({s for s in scores if s > cut})
@@ -350,7 +351,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
-NOTES: list[str] = []
+NOTES: list[str] = [
+    "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
+    "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
+    "(gates aside) with the shipped thresholds; 'audit_verdict' is what the audit reported.",
+    "'backdoored' is by construction (the model was trained on poisoned data). Some poisoned models did not "
+    "implant (true ASR < 50%, see 'true_asr'/'implanted'): they are left out of the fit and counted both ways in "
+    "the held-out figures ('implanted_only' gives the working backdoors against the clean models).",
+    "The registry's resnet18 is not in the zoo: one training step of a batch of 128 took 4.3 s on one core, "
+    "~10 min per model at the zoo's budget. The zoo's three architectures are the registry's small_cnn "
+    "(safetensors, widths 8-24) and two the registry does not know, uploaded as TorchScript (lenet, mlp_conv).",
+    "On these small, briefly trained models a universal small-mask 'trigger' exists for almost any class: the "
+    "recovered trigger's success was 0.88-0.99 on clean models too, and clean models' anomaly index reached 4-5 "
+    "(some flagged by index and ratio). Success alone, and the index alone, do not separate.",
+    "Figures are from few models (about 13 per split and class): the bootstrap interval of the held-out ROC-AUC "
+    "is wide, and a threshold picked on about 12 clean calibration models cannot promise an FPR below ~8%.",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
