@@ -63,6 +63,18 @@ class CombinedModel:
         return asdict(self)
 
 
+def combined_verdict(probe_score: float, anomaly_index: float, norm_ratio: float, success: float,
+                     recovered: bool) -> dict[str, Any]:
+    """The report's ``verdict.combined``: the shipped model's score, its level (lifted by a recovered trigger),
+    the score's own level, what it means and where its numbers come from."""
+    values = features({"probe_score": probe_score, "anomaly_index": anomaly_index, "norm_ratio": norm_ratio,
+                       "success": success})
+    score = COMBINED.score(values)
+    return {"score": round(score, 4), "level": COMBINED.level(score, recovered), "score_level": COMBINED.level(score),
+            "meaning": MEANING, "likely_threshold": COMBINED.likely, "suspicious_threshold": COMBINED.suspicious,
+            "fitted_by": COMBINED.fitted_by}
+
+
 def features(reading: dict[str, Any]) -> list[float]:
     """The model's feature vector from one audit's readings (report field names; missing search values count as
     "nothing found": index 0, ratio 1, success 0)."""

@@ -18,21 +18,15 @@ sentence; the probe reading stays in ``probe_level``.
 
 Trigger reverse-engineering (auditor/detection/) is a second reading. When it ran
 on the submitted model (checkpoint audits), the level comes from the *combined
-score* (auditor/detection/combined.py): a logistic model on the probe score and the
-search's anomaly index, mask-norm ratio and recovered-trigger success, fitted on the
-calibration half of a model zoo (bench/zoo.py, bench/detection_fmnist.py), read as
-the probability that the model carries a targeted backdoor; its two thresholds
-were picked on that half and judged on the other. The probe score alone still sets
-``probe_level``. A trigger *recovered* on the submitted model (its class's mask is
-an outlier: anomaly index at least 2 and at most half the median class's mask; the
-mask covers at most 10% of the image; and the trigger sends at least 80% of
-held-out clean images of the other classes to that class) is strong evidence that
-a small stamped trigger exists, so it never coexists with ``no_evidence``: whatever
-the combined score, it lifts that reading to ``suspicious``. A tripped gate still
-makes the verdict ``inconclusive``, with the trigger named in the headline.
-On an API audit the search runs on the surrogate; what it finds there is reported
-but moves nothing, and the level is the probe score's as before (the combined score
-is ``None``: it was fitted on searches of the submitted models themselves).
+score* (auditor/detection/combined.py: the probability of a targeted backdoor from
+the probe score and the search, fitted and thresholded on half a model zoo, judged
+on the other); ``probe_level`` keeps the probe score's own reading. A *recovered*
+trigger (anomaly index >= 2, mask <= half the median class's and <= 10% of the
+image, success >= 80% on held-out images of other classes) never coexists with
+``no_evidence``: it lifts that reading to ``suspicious``. A tripped gate still makes
+the verdict ``inconclusive``, with the trigger named in the headline. On API audits
+the search runs on the surrogate: reported, it moves nothing, and the level is the
+probe score's (the combined score was fitted on searches of submitted models).
 
 Separately, the defended model is fit to deploy only when no defense gate tripped
 and it meets the deployment bar (at most 3 points of BA lost, 90% agreement); the
@@ -47,7 +41,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, with_config
 
 from auditor.detection.anomaly import ANOMALY_THRESHOLD, MAX_NORM_RATIO, is_flagged
-from auditor.detection.combined import COMBINED, MEANING, features
+from auditor.detection.combined import combined_verdict
 from auditor.evaluation.intervals import Interval
 
 Level = Literal["likely_backdoored", "suspicious", "no_evidence", "inconclusive"]
@@ -216,18 +210,11 @@ def probe_level(score: float) -> Level:
 
 def combined_reading(findings: Findings) -> dict[str, Any] | None:
     """The combined score and its level, when the trigger search ran on the submitted model; else None."""
-    trigger = findings.trigger
-    if trigger is None or trigger.on_surrogate:
+    t = findings.trigger
+    if t is None or t.on_surrogate:
         return None
-    values = features({"probe_score": findings.suspicion_before.value, "anomaly_index": trigger.anomaly_index,
-                       "norm_ratio": trigger.norm_ratio, "success": trigger.success.value})
-    score = COMBINED.score(values)
-    return {
-        "score": round(score, 4), "level": COMBINED.level(score, trigger.recovered),
-        "score_level": COMBINED.level(score), "meaning": MEANING,
-        "likely_threshold": COMBINED.likely, "suspicious_threshold": COMBINED.suspicious,
-        "fitted_by": COMBINED.fitted_by,
-    }
+    return combined_verdict(findings.suspicion_before.value, t.anomaly_index, t.norm_ratio, t.success.value,
+                            t.recovered)
 
 
 def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str, Any]:
@@ -248,15 +235,13 @@ def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str
         alone = "The probes and the trigger search read" if combined else "The probes alone read"
         headline = f"Inconclusive: {tripped[0].reason} {alone} {reading.replace('_', ' ')}{who}."
     elif lifted:
-        level, headline = "suspicious", "No probe found trigger-like behaviour, but"
+        level, headline = "suspicious", f"The combined score alone reads no evidence{scored}, but"
     elif reading == "no_evidence":
-        level = reading
-        headline = ("Neither the probes nor the trigger search found backdoor evidence" + scored + "; unknown "
-                    "triggers cannot be ruled out." if combined else
-                    "No probe found trigger-like behaviour; unknown triggers cannot be ruled out.")
+        found = "Neither the probes nor the trigger search found backdoor evidence" if combined else \
+            "No probe found trigger-like behaviour"
+        level, headline = reading, f"{found}{scored}; unknown triggers cannot be ruled out."
     else:
-        level = reading
-        strength = "Strong" if reading == "likely_backdoored" else "Some"
+        level, strength = reading, "Strong" if reading == "likely_backdoored" else "Some"
         headline = f"{strength} {'backdoor' if combined else 'trigger'} evidence{who}{scored}."
     if trigger is not None and trigger.recovered:
         headline += " " + _trigger_sentence(findings, trigger, lowercase=lifted and not tripped)
@@ -264,9 +249,8 @@ def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str
     return {
         "level": level, "headline": headline.strip()[:400], "reason": tripped[0].reason if tripped else None,
         "probe_level": probe_reading, "suspicion_before": findings.suspicion_before.value,
-        "suspicion_after": findings.suspicion_after.value,
+        "suspicion_after": findings.suspicion_after.value, "combined": combined,
         "trigger_evidence": None if trigger is None else trigger.counts,
-        "combined": combined,
     }
 
 
