@@ -352,6 +352,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 NOTES: list[str] = [
+    "The 52 audits ran in two processes (held-out, calibration) while the zoo was being built, between commits "
+    "f9573c4 and 6e21334 of branch zoo; the probe and trigger-search code they read did not change in between. This "
+    "file was written by --analyse-only from their saved readings at the commit given.",
     "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
     "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
     "(gates aside) with the shipped thresholds; 'audit_verdict' is what the audit reported.",

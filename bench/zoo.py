@@ -316,7 +316,11 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     models = [{**m["spec"], **{k: v for k, v in m.items() if k not in ("spec", "path")}}
               for m in manifest["models"].values()]
     return {"benchmark": "zoo", "train_size": TRAIN_SIZE, "command": manifest.get("command"),
-            "git_commit": manifest.get("git_commit"), "models": models}
+            "git_commit": manifest.get("git_commit"),
+            "note": "command and git_commit are those of the run that wrote the manifest last; the zoo was built by "
+                    "several runs (restarted to reorder and to raise later poisoning rates), each model's spec is "
+                    "stored beside it, and a model is rebuilt whenever its spec changes.",
+            "models": models}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
