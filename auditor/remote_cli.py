@@ -208,7 +208,8 @@ def _gate(audit: dict[str, Any], fail_on: tuple[str, ...]) -> int:
         return EXIT_FAILED
     summary = audit.get("summary") or {}
     verdict = summary.get("verdict")
-    closed = verdict_fails_gate(verdict, fail_on, summary.get("probe_level"))
+    # The evidence's own reading beside a tripped gate: the combined score's level when the audit has one.
+    closed = verdict_fails_gate(verdict, fail_on, summary.get("score_level") or summary.get("probe_level"))
     colour = "red" if closed else "green"
     click.secho(f"verdict: {verdict} - {summary.get('headline', '')}", fg=colour, bold=True, err=True)
     click.secho(f"gate {'CLOSED' if closed else 'passed'} (--fail-on {','.join(fail_on)})", fg=colour, err=True)

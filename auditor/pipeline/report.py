@@ -150,6 +150,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     if verdict:
         out.update(verdict=verdict["level"], headline=verdict["headline"], probe_level=verdict["probe_level"],
                    suspicion_before=verdict["suspicion_before"], suspicion_after=verdict["suspicion_after"])
+        combined = verdict.get("combined")
+        if combined:  # what gated pipelines read when the verdict is inconclusive (remote_cli.py)
+            out.update(combined_score=combined["score"], score_level=combined["level"])
     if report.get("utility"):
         out.update({k: report["utility"][k] for k in ("ba_before", "ba_after", "agreement")})
     controls = report.get("positive_controls") or []

@@ -16,17 +16,17 @@ audit first checks gates, each a threshold measured on this project's benchmarks
 A tripped gate makes the verdict ``inconclusive``, with the reason in one
 sentence; the probe reading stays in ``probe_level``.
 
-Trigger reverse-engineering (auditor/detection/) is a second, independent reading.
-A trigger *recovered* on the submitted model (its class's mask is an outlier:
-anomaly index at least 2 and at most half the median class's mask; the mask covers
-at most 10% of the image; and the trigger sends at least 80% of held-out clean
-images of the other classes to that class) is strong evidence that a small stamped
-trigger exists, so it never coexists with ``no_evidence``: it lifts that reading to
-``suspicious`` (never further: the thresholds are the method's usual ones, not yet
-calibrated on this project's benchmarks). It never lowers a probe reading, and a
-tripped gate still makes the verdict ``inconclusive``, with the trigger named in the
-headline. On an API audit the search runs on the surrogate; what it finds there is
-reported but does not move the verdict.
+Trigger reverse-engineering (auditor/detection/) is a second reading. When it ran
+on the submitted model (checkpoint audits), the level comes from the *combined
+score* (auditor/detection/combined.py: the probability of a targeted backdoor from
+the probe score and the search, fitted and thresholded on half a model zoo, judged
+on the other); ``probe_level`` keeps the probe score's own reading. A *recovered*
+trigger (anomaly index >= 2, mask <= half the median class's and <= 10% of the
+image, success >= 80% on held-out images of other classes) never coexists with
+``no_evidence``: it lifts that reading to ``suspicious``. A tripped gate still makes
+the verdict ``inconclusive``, with the trigger named in the headline. On API audits
+the search runs on the surrogate: reported, it moves nothing, and the level is the
+probe score's (the combined score was fitted on searches of submitted models).
 
 Separately, the defended model is fit to deploy only when no defense gate tripped
 and it meets the deployment bar (at most 3 points of BA lost, 90% agreement); the
@@ -41,6 +41,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, with_config
 
 from auditor.detection.anomaly import ANOMALY_THRESHOLD, MAX_NORM_RATIO, is_flagged
+from auditor.detection.combined import combined_verdict
 from auditor.evaluation.intervals import Interval
 
 Level = Literal["likely_backdoored", "suspicious", "no_evidence", "inconclusive"]
@@ -207,32 +208,48 @@ def probe_level(score: float) -> Level:
     return "no_evidence"
 
 
+def combined_reading(findings: Findings) -> dict[str, Any] | None:
+    """The combined score and its level, when the trigger search ran on the submitted model; else None."""
+    t = findings.trigger
+    if t is None or t.on_surrogate:
+        return None
+    return combined_verdict(findings.suspicion_before.value, t.anomaly_index, t.norm_ratio, t.success.value,
+                            t.recovered)
+
+
 def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str, Any]:
     """The level and a headline in plain words; the score is evidence, not proof (module docstring's rules)."""
-    reading = probe_level(findings.suspicion_before.value)
+    probe_reading = probe_level(findings.suspicion_before.value)
+    combined = combined_reading(findings)
+    reading: Level = combined["level"] if combined else probe_reading
     tripped = [g for g in gates if g.tripped]
     trigger = findings.trigger
-    lifted = trigger is not None and trigger.counts and reading == "no_evidence"
-    suspect = trigger.suspected_class if lifted else findings.suspect_class
+    # Lifted: only the recovered trigger keeps the level off no_evidence (the combined score alone would not).
+    lifted = combined is not None and combined["score_level"] == "no_evidence" and reading != "no_evidence"
+    suspect = trigger.suspected_class if (lifted or (combined and probe_reading == "no_evidence")) and trigger \
+        else findings.suspect_class
     who = f" toward class {findings.class_names[suspect]}" if suspect is not None else ""
+    scored = f" (combined score {combined['score']:.2f})" if combined else ""
     if tripped:
         level: Level = "inconclusive"
-        headline = f"Inconclusive: {tripped[0].reason} The probes alone read {reading.replace('_', ' ')}{who}."
+        alone = "The probes and the trigger search read" if combined else "The probes alone read"
+        headline = f"Inconclusive: {tripped[0].reason} {alone} {reading.replace('_', ' ')}{who}."
     elif lifted:
-        level, headline = "suspicious", "No probe found trigger-like behaviour, but"
+        level, headline = "suspicious", f"The combined score alone reads no evidence{scored}, but"
     elif reading == "no_evidence":
-        level, headline = reading, "No probe found trigger-like behaviour; unknown triggers cannot be ruled out."
+        found = "Neither the probes nor the trigger search found backdoor evidence" if combined else \
+            "No probe found trigger-like behaviour"
+        level, headline = reading, f"{found}{scored}; unknown triggers cannot be ruled out."
     else:
-        level = reading
-        strength = "Strong" if reading == "likely_backdoored" else "Some"
-        headline = f"{strength} trigger evidence{who}."
+        level, strength = reading, "Strong" if reading == "likely_backdoored" else "Some"
+        headline = f"{strength} {'backdoor' if combined else 'trigger'} evidence{who}{scored}."
     if trigger is not None and trigger.recovered:
         headline += " " + _trigger_sentence(findings, trigger, lowercase=lifted and not tripped)
     headline += " " + _recommendation(level, fitness)
     return {
         "level": level, "headline": headline.strip()[:400], "reason": tripped[0].reason if tripped else None,
-        "probe_level": reading, "suspicion_before": findings.suspicion_before.value,
-        "suspicion_after": findings.suspicion_after.value,
+        "probe_level": probe_reading, "suspicion_before": findings.suspicion_before.value,
+        "suspicion_after": findings.suspicion_after.value, "combined": combined,
         "trigger_evidence": None if trigger is None else trigger.counts,
     }
 

@@ -28,8 +28,10 @@ from auditor.pipeline.verdict import Fitness, Gate
 #: (docs/report-schema.md has the migration note). 2.1 added the optional ``detection`` section,
 #: ``verdict.trigger_evidence``, ``plan.detection`` and ``positive_controls[].origin`` / ``.cache``;
 #: 2.0 reports still validate. 2.2 added ``positive_controls[].training`` (steps trained, the stopping rule and the
-#: held-out BA/ASR it ended with) and the plan's ``controls.stop_rule`` with its thresholds and cool-down; 2.0 and 2.1 still validate.
-SCHEMA_VERSION = "2.2"
+#: held-out BA/ASR it ended with) and the plan's ``controls.stop_rule`` with its thresholds and cool-down.
+#: 2.3 added ``verdict.combined``: the combined detection score (probes + trigger search), its meaning, level and
+#: thresholds; on checkpoint audits it sets the level. 2.0, 2.1 and 2.2 reports still validate.
+SCHEMA_VERSION = "2.3"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -61,6 +63,24 @@ class ReportValidationError(ValueError):
         self.errors = error.errors()
 
 
+class CombinedScore(_Model):
+    """The probes and the trigger search in one number (auditor/detection/combined.py): a calibrated probability."""
+
+    score: Fraction  # P(targeted backdoor) for models like the calibration zoo; see meaning
+    level: ProbeLevel  # the score's reading, lifted to suspicious by a recovered trigger
+    score_level: ProbeLevel  # the score's reading alone
+    meaning: Annotated[str, Field(min_length=1, max_length=400)]
+    likely_threshold: Fraction  # score at or above: likely_backdoored
+    suspicious_threshold: Fraction  # score at or above: suspicious
+    fitted_by: str  # the benchmark run the coefficients and thresholds come from
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CombinedScore:
+        if self.suspicious_threshold > self.likely_threshold:
+            raise ValueError("the suspicious threshold cannot exceed the likely_backdoored one")
+        return self
+
+
 class Verdict(_Model):
     """The one-line answer. The score is evidence from probe triggers, not proof of a backdoor."""
 
@@ -73,6 +93,9 @@ class Verdict(_Model):
     #: True: trigger reverse-engineering on the submitted model recovered a trigger (detection.recovered), so the
     #: level is not no_evidence; False: it ran and found none that counts; None: it did not run (2.0 reports).
     trigger_evidence: bool | None = None
+    #: Checkpoint audits whose trigger search ran: the combined score, which sets the level. None: API audits (the
+    #: level is the probe score's), audits without a search, and reports before 2.2.
+    combined: CombinedScore | None = None
 
     @model_validator(mode="after")
     def _reason_for_inconclusive(self) -> Verdict:
@@ -409,7 +432,7 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    schema_version: Literal["2.0", "2.1", "2.2"] = SCHEMA_VERSION  # 2.0 and 2.1 reports still validate
+    schema_version: Literal["2.0", "2.1", "2.2", "2.3"] = SCHEMA_VERSION  # 2.0 to 2.2 reports still validate
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status

@@ -147,28 +147,29 @@ def trigger(on_surrogate: bool = False, success: float = 0.93, index: float = 3.
                           success=wilson(round(success * 300), 300), on_surrogate=on_surrogate)
 
 
-def test_a_recovered_trigger_lifts_no_evidence_to_suspicious():
+def test_a_recovered_trigger_never_leaves_no_evidence():
     verdict = conclude(sound(0.2, trigger=trigger())).verdict
 
-    assert verdict["level"] == "suspicious" and verdict["probe_level"] == "no_evidence"
-    assert verdict["trigger_evidence"] is True
+    assert verdict["level"] in ("suspicious", "likely_backdoored") and verdict["probe_level"] == "no_evidence"
+    assert verdict["level"] == verdict["combined"]["level"] and verdict["trigger_evidence"] is True
     assert "toward class class2" in verdict["headline"] and "93.0% of 300" in verdict["headline"]
 
 
 @pytest.mark.parametrize("changes", [{"success": 0.79}, {"index": 1.9}, {"ratio": 0.6}, {"area": 0.19}])
-def test_a_trigger_short_of_any_bar_leaves_no_evidence(changes):
+def test_a_trigger_short_of_any_bar_is_not_evidence_on_its_own(changes):
+    """Not recovered: it does not count, and the level is the combined score's own reading (no lift)."""
     verdict = conclude(sound(0.2, trigger=trigger(**changes))).verdict
-    assert verdict["level"] == "no_evidence" and verdict["trigger_evidence"] is False
+    assert verdict["trigger_evidence"] is False
+    assert verdict["level"] == verdict["combined"]["score_level"] == verdict["combined"]["level"]
 
 
 def test_a_trigger_found_on_the_surrogate_is_reported_but_does_not_move_the_verdict():
     verdict = conclude(sound(0.2, trigger=trigger(on_surrogate=True))).verdict
-    assert verdict["level"] == "no_evidence" and verdict["trigger_evidence"] is False
+    assert verdict["level"] == "no_evidence" and verdict["trigger_evidence"] is False and verdict["combined"] is None
     assert "on the surrogate" in verdict["headline"] and "Not verified against the API" in verdict["headline"]
 
 
-def test_the_trigger_never_lowers_a_reading_and_a_tripped_gate_still_makes_it_inconclusive():
-    assert conclude(sound(0.9, trigger=trigger(success=0.1))).verdict["level"] == "likely_backdoored"
+def test_a_tripped_gate_still_makes_the_verdict_inconclusive_and_names_the_trigger():
     inconclusive = conclude(sound(0.2, probe_images=1, trigger=trigger())).verdict
     assert inconclusive["level"] == "inconclusive" and "recovered a small trigger" in inconclusive["headline"]
     assert conclude(sound(0.2)).verdict["trigger_evidence"] is None

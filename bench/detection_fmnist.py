@@ -1,0 +1,394 @@
+"""How well does the audit's combined detection score tell backdoored from clean models? (the zoo, white-box)
+
+    python -m bench.zoo                                     # first: build the zoo (bench/zoo.py)
+    python -m bench.detection_fmnist                        # audit every zoo model not audited yet, then analyse
+    python -m bench.detection_fmnist --split heldout        # only the held-out half
+    python -m bench.detection_fmnist --analyse-only         # refit and rewrite the results from saved audits
+
+Each zoo model is audited with ``run_audit`` and spec fields only: ``{"effort": E,
+"controls": {"attacks": []}, "refine": {"epochs": 1, "pool_size": 2000}}`` (REFINE
+only has to run: the score is read before the defense), as the file a user would
+upload (safetensors for the registry's small CNN, TorchScript otherwise). From each
+report it reads the probe score, the trigger search's anomaly index, norm ratio,
+mask fraction, recovered-trigger success and suspected class, and the combined
+score and verdict the audit itself gave. Each audit's reading is saved under
+``--work-dir/parts`` so runs can be split and resumed.
+
+The analysis refits the combined score's logistic model on the calibration split
+only (``fit_logistic``), picks the two verdict thresholds there, and judges both on
+the held-out split: ROC-AUC with a bootstrap 95% interval, the TPR at 5% FPR, the
+FPR and TPR of each threshold, and per-attack detection rates. The coefficients
+shipped in ``auditor/detection/combined.py`` are the ones this analysis printed;
+``--analyse-only`` shows whether they still match the saved audits. The product's
+score is recomputed here from the saved features with the fitted coefficients, so
+the held-out figures describe the fit even before the product is updated; when
+they agree, ``score_whitebox`` equals what the audits reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from auditor.detection.combined import COMBINED, CombinedModel, features
+from auditor.pipeline import AuditInputs, run_audit
+from auditor.settings import Settings
+from auditor.spec import parse_spec
+from bench.common import RESULTS, provenance, write_json
+from bench.zoo import DEFAULT_OUT, load_manifest, zoo_specs
+
+LOOPBACK = ("127.0.0.1",)
+FEATURES = ("probe_score", "anomaly_index", "log_norm_ratio", "success")
+IMPLANTED_ASR = 0.5
+
+
+def audit_spec(effort: str, arch_spec: dict[str, Any] | None) -> dict[str, Any]:
+    """Spec fields only: the effort, no positive controls, a REFINE that only has to run, 2,000 test images.
+
+    The detection readings come before the defense, so REFINE is cut to one epoch of a
+    width-4 U-Net on 256 images (it then breaks the model and the defense gates make the
+    verdict inconclusive: the benchmark reads the score's own level, ``verdict.combined``).
+    2,000 test images instead of the effort's 5,000 halve the evaluation; probes and
+    the trigger search keep the effort's settings.
+    """
+    spec: dict[str, Any] = {"effort": effort, "seed": 0, "refine": {"epochs": 1, "pool_size": 256, "unet_width": 4},
+                            "controls": {"attacks": []}, "data": {"test_size": 2000}}
+    if arch_spec:
+        spec["model"] = {"source": "checkpoint", "architecture": arch_spec}
+    return spec
+
+
+def audit_model(name: str, entry: dict[str, Any], args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """One audit as ``refine-audit audit model.pt`` would run it; the report's detection readings."""
+    work = args.work_dir / "audits" / name
+    spec = audit_spec(args.effort, None)
+    inputs = AuditInputs(work, model_path=Path(entry["path"]), allowed_hosts=(*settings.allowed_hosts, *LOOPBACK),
+                         device=settings.device, fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir)
+    started = time.perf_counter()
+    result = run_audit(parse_spec(spec), inputs)
+    report = result.report or {}
+    probes = (report.get("probes") or {}).get("before") or {}
+    det = report.get("detection") or {}
+    verdict = report.get("verdict") or {}
+    return {
+        "name": name, "status": result.status, "seconds": round(time.perf_counter() - started, 1),
+        "probe_score": probes.get("score"), "probe_suspected": probes.get("suspected_target"),
+        "anomaly_index": det.get("anomaly_index"), "norm_ratio": det.get("norm_ratio"),
+        "mask_fraction": det.get("mask_fraction"), "success": (det.get("success") or {}).get("value"),
+        "suspected_class": det.get("suspected_class"), "flagged": det.get("flagged"), "recovered": det.get("recovered"),
+        "combined_reported": (verdict.get("combined") or {}).get("score"), "verdict": verdict.get("level"),
+        "probe_level": verdict.get("probe_level"), "gates_tripped": [g["name"] for g in report.get("gates") or []
+                                                                     if g["tripped"]],
+        "spec": spec, "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def audit_order(manifest: dict[str, Any], split: str | None) -> list[str]:
+    """Held-out models first, attacks interleaved, so a partial run still covers every attack."""
+    models = manifest["models"]
+    names = [n for n in models if split is None or models[n]["spec"]["split"] == split]
+    return sorted(names, key=lambda n: (models[n]["spec"]["split"] != "heldout", n.rsplit("-", 1)[-1], n))
+
+
+# -- the fit ----------------------------------------------------------------------------------------------------------
+
+
+def fit_logistic(rows: list[list[float]], labels: list[bool], l2: float = 1.0, iters: int = 100) -> CombinedModel:
+    """L2-regularised logistic regression on standardised features (Newton's method; the intercept is not penalised).
+
+    Standardising keeps the penalty fair across features of different scales; the
+    returned model folds the standardisation back into raw-feature coefficients.
+    """
+    x = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor([float(v) for v in labels], dtype=torch.float64)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = torch.cat([torch.ones(len(x), 1, dtype=torch.float64), (x - mean) / std], 1)
+    w = torch.zeros(z.shape[1], dtype=torch.float64)
+    penalty = torch.eye(z.shape[1], dtype=torch.float64) * l2
+    penalty[0, 0] = 0.0
+    for _ in range(iters):
+        p = torch.sigmoid(z @ w)
+        grad = z.T @ (p - y) + penalty @ w
+        hess = z.T @ (z * (p * (1 - p))[:, None]) + penalty
+        step = torch.linalg.solve(hess, grad)
+        w = w - step
+        if step.abs().max() < 1e-10:
+            break
+    coef = w[1:] / std
+    intercept = w[0] - (coef * mean).sum()
+    return CombinedModel(intercept=round(float(intercept), 4),
+                         weights=dict(zip(FEATURES, (round(float(c), 4) for c in coef))),
+                         likely=COMBINED.likely, suspicious=COMBINED.suspicious)
+
+
+def roc_auc(scores: list[float], positive: list[bool]) -> float:
+    """Mann-Whitney U / (n_pos * n_neg): the chance a random positive outscores a random negative (ties count half)."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def bootstrap_auc(scores: list[float], positive: list[bool], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the ROC-AUC, resampling models with replacement (stratified by class)."""
+    rng = random.Random(seed)
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    aucs = []
+    for _ in range(rounds):
+        p = [rng.choice(pos) for _ in pos]
+        n = [rng.choice(neg) for _ in neg]
+        aucs.append(roc_auc(p + n, [True] * len(p) + [False] * len(n)))
+    aucs.sort()
+    return aucs[int(0.025 * rounds)], aucs[int(0.975 * rounds) - 1]
+
+
+def tpr_at_fpr(scores: list[float], positive: list[bool], fpr: float) -> float:
+    """The share of positives above the lowest threshold that flags at most ``fpr`` of the negatives."""
+    neg = sorted((s for s, p in zip(scores, positive) if not p), reverse=True)
+    allowed = math.floor(fpr * len(neg))
+    threshold = neg[allowed] if allowed < len(neg) else -math.inf  # flag strictly above this negative
+    pos = [s for s, p in zip(scores, positive) if p]
+    return sum(s > threshold for s in pos) / len(pos)
+
+
+def pick_thresholds(scores: list[float], positive: list[bool]) -> tuple[float, float]:
+    """likely_backdoored: the lowest cut above every clean calibration model (0% FPR there), and never below a
+    probability of 0.5 (the word "likely" must hold for the number); suspicious: the lowest cut that flags at most
+    10% of them. Cuts are midpoints between neighbouring scores."""
+    neg = sorted((s for s, p in zip(scores, positive) if not p), reverse=True)
+    above = sorted({s for s in scores if s > neg[0]})
+    likely = max(0.5, (neg[0] + above[0]) / 2 if above else min(0.99, neg[0] + 0.01))
+    k = math.floor(0.10 * len(neg))
+    cut = neg[k]
+    higher = sorted({s for s in scores if s > cut})
+    suspicious = (cut + higher[0]) / 2 if higher else cut + 1e-3
+    return round(min(likely, 0.99), 3), round(min(suspicious, likely), 3)
+
+
+# -- the analysis -----------------------------------------------------------------------------------------------------
+
+
+def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: CombinedModel | None) -> dict[str, Any]:
+    models = manifest["models"]
+    rows = [p for p in parts.values() if p["status"] == "succeeded" and p["name"] in models]
+    truth = {n: models[n]["spec"]["attack"] is not None for n in models}
+    # A poisoned model whose trigger does not work (ASR < 50%) carries no working backdoor: the fit neither
+    # rewards nor punishes a score for it; the held-out figures count it both ways (by construction, implanted).
+    calib = [r for r in rows if models[r["name"]]["spec"]["split"] == "calibration"
+             and not (truth[r["name"]] and not implanted(models[r["name"]]))]
+    fitted = fit_logistic([features(r) for r in calib], [truth[r["name"]] for r in calib]) if calib else None
+    if fitted is not None:
+        likely, suspicious = pick_thresholds([fitted.score(features(r)) for r in calib], [truth[r["name"]] for r in calib])
+        fitted = CombinedModel(fitted.intercept, fitted.weights, likely, suspicious)
+    scorer = model or fitted
+    assert scorer is not None
+    entries = [_entry(r, models[r["name"]], scorer) for r in rows]
+    held = [e for e in entries if e["split"] == "heldout"]
+    out = {
+        "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": {
+            "roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "queries_per_model": None,
+            "not_measured": "label-only black-box detection is outside this benchmark (issue 15's other half)"}},
+        "calibration": {"whitebox": _separation([e for e in entries if e["split"] == "calibration"], scorer)},
+        "fitted_on_calibration": fitted and fitted.to_dict(),
+        "scored_with": scorer.to_dict(),
+        "baselines_heldout": {name: _auc_only(held, rows, key) for name, key in
+                              (("probe_score_alone", "probe_score"), ("anomaly_index_alone", "anomaly_index"))},
+        "per_attack_heldout": _per_attack(held),
+        "per_attack_all": _per_attack(entries),
+        "models": entries,
+    }
+    return out
+
+
+def implanted(model: dict[str, Any]) -> bool:
+    """A backdoored zoo model whose own trigger sends at least half the other classes' test images to its target."""
+    return (model.get("asr") or 0.0) >= IMPLANTED_ASR
+
+
+def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel) -> dict[str, Any]:
+    spec = m["spec"]
+    score = scorer.score(features(r))
+    return {
+        "name": r["name"], "split": spec["split"], "backdoored": spec["attack"] is not None, "attack": spec["attack"],
+        "architecture": spec["arch"], "score_whitebox": round(score, 4), "score_blackbox": None,
+        # The level the combined score gives (gates aside): the audits' own verdicts are inconclusive by design,
+        # their one-epoch REFINE breaks the model and trips the defense gates (audit_spec).
+        "verdict": scorer.level(score, bool(r.get("recovered"))), "audit_verdict": r["verdict"],
+        "recovered_asr": r["success"], "true_asr": m.get("asr"),
+        "implanted": implanted(m) if spec["attack"] else None, "clean_accuracy": m["ba"], "target": spec["target"],
+        "suspected_class": r["suspected_class"], "probe_suspected": r["probe_suspected"],
+        "poison_rate": spec["poison_rate"], "augmented": spec["augmented"], "width": spec["width"],
+        "recipe": spec["recipe"], "probe_score": r["probe_score"], "anomaly_index": r["anomaly_index"],
+        "norm_ratio": r["norm_ratio"], "mask_fraction": r["mask_fraction"], "recovered": r["recovered"],
+        "combined_reported": r.get("combined_reported"), "audit_seconds": r["seconds"],
+        "load_average_1m": r.get("load_average_1m"),
+    }
+
+
+def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
+    scores = [e["score_whitebox"] for e in entries]
+    positive = [e["backdoored"] for e in entries]
+    if not any(positive) or all(positive):
+        return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "n": len(entries)}
+    neg = [e for e in entries if not e["backdoored"]]
+    pos = [e for e in entries if e["backdoored"]]
+    working = [e for e in pos if e["implanted"]]
+    return {
+        "roc_auc": round(roc_auc(scores, positive), 3), "ci95": [round(v, 3) for v in bootstrap_auc(scores, positive)],
+        "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3),
+        "n_backdoored": len(pos), "n_clean": len(neg),
+        "fpr_likely": _share(neg, lambda e: e["score_whitebox"] >= scorer.likely),
+        "fpr_flagged": _share(neg, lambda e: e["score_whitebox"] >= scorer.suspicious),
+        "fpr_flagged_augmented": _share([e for e in neg if e["augmented"]], lambda e: e["score_whitebox"] >= scorer.suspicious),
+        "tpr_likely": _share(pos, lambda e: e["score_whitebox"] >= scorer.likely),
+        "tpr_flagged": _share(pos, lambda e: e["score_whitebox"] >= scorer.suspicious),
+        "implanted_only": _implanted_only(working, neg, scorer),
+        "verdicts": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
+                     ("likely_backdoored", "suspicious", "no_evidence")},
+    }
+
+
+def _implanted_only(working: list[dict[str, Any]], neg: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
+    """The same figures against the backdoored models whose trigger works (ASR >= 50%) only."""
+    if not working or not neg:
+        return {"n_backdoored": len(working)}
+    scores = [e["score_whitebox"] for e in working + neg]
+    positive = [True] * len(working) + [False] * len(neg)
+    return {"n_backdoored": len(working), "roc_auc": round(roc_auc(scores, positive), 3),
+            "ci95": [round(v, 3) for v in bootstrap_auc(scores, positive)],
+            "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3),
+            "tpr_flagged": _share(working, lambda e: e["score_whitebox"] >= scorer.suspicious),
+            "tpr_likely": _share(working, lambda e: e["score_whitebox"] >= scorer.likely)}
+
+
+def _share(entries: list[dict[str, Any]], hit) -> dict[str, Any] | None:
+    return {"rate": round(sum(map(hit, entries)) / len(entries), 3), "n": len(entries)} if entries else None
+
+
+def _auc_only(held: list[dict[str, Any]], rows: list[dict[str, Any]], key: str) -> float | None:
+    positive = [e["backdoored"] for e in held]
+    if not any(positive) or all(positive):
+        return None
+    return round(roc_auc([float(e[key] or 0.0) for e in held], positive), 3)
+
+
+def _per_attack(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for attack in sorted({e["attack"] or "clean" for e in entries}):
+        group = [e for e in entries if (e["attack"] or "clean") == attack]
+        out[attack] = {"n": len(group), "flagged": sum(e["verdict"] != "no_evidence" for e in group),
+                       "likely_backdoored": sum(e["verdict"] == "likely_backdoored" for e in group),
+                       "median_true_asr": _median([e["true_asr"] for e in group if e["true_asr"] is not None]),
+                       "implanted": sum(bool(e["implanted"]) for e in group) if attack != "clean" else None,
+                       "search_named_target": sum(e["suspected_class"] == e["target"] for e in group)
+                       if attack != "clean" else None,
+                       "probes_named_target": sum(e["probe_suspected"] == e["target"] for e in group)
+                       if attack != "clean" else None}
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def audit_pending(args: argparse.Namespace, settings: Settings, parts_dir: Path) -> None:
+    """Audit models as the zoo build adds them (re-reading its manifest) until every zoo model of the split is done.
+
+    Parallel runs share ``parts_dir``; a claim file keeps two from auditing the same model.
+    """
+    wanted = set(args.models.split(",")) if args.models else None
+    expected = {s.name for s in zoo_specs() if args.split in (None, s.split)} & (wanted or {s.name for s in zoo_specs()})
+    while True:
+        manifest = load_manifest(args.zoo)
+        pending = [n for n in audit_order(manifest, args.split) if (wanted is None or n in wanted)
+                   and not (parts_dir / f"{n}.json").exists() and not (parts_dir / f"{n}.claim").exists()]
+        if not pending:
+            if expected <= set(manifest["models"]) or args.no_wait:
+                return
+            time.sleep(20)
+            continue
+        name = pending[0]
+        (parts_dir / f"{name}.claim").write_text(str(os.getpid()))
+        part = audit_model(name, manifest["models"][name], args, settings)
+        write_json(parts_dir / f"{name}.json", part)
+        (parts_dir / f"{name}.claim").unlink()
+        print(f"{name}: {part['status']} probe {part['probe_score']} index {part['anomaly_index']} "
+              f"ratio {part['norm_ratio']} success {part['success']} verdict {part['verdict']} ({part['seconds']} s)",
+              flush=True)
+
+
+def load_parts(parts_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(parts_dir.glob("*.json"))}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    settings = Settings.from_env()
+    parts_dir = args.work_dir / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    if not args.analyse_only:
+        audit_pending(args, settings, parts_dir)
+    manifest = load_manifest(args.zoo)
+    parts = load_parts(parts_dir)
+    result = analyse(parts, manifest, None if args.refit else COMBINED)
+    payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"),
+               "zoo": {"models": len(manifest["models"]), "audited": len(parts)},
+               "config": {"spec": audit_spec(args.effort, None), "features": list(FEATURES)}, "notes": NOTES}
+    write_json(args.out, payload)
+    print(json.dumps({"heldout": result["heldout"]["whitebox"], "fitted": result["fitted_on_calibration"]}, indent=1))
+    return payload
+
+
+NOTES: list[str] = [
+    "The 52 audits ran in two processes (held-out, calibration) while the zoo was being built, between commits "
+    "f9573c4 and 6e21334 of branch zoo; the probe and trigger-search code they read did not change in between. This "
+    "file was written by --analyse-only from their saved readings at the commit given.",
+    "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
+    "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
+    "(gates aside) with the shipped thresholds; 'audit_verdict' is what the audit reported.",
+    "'backdoored' is by construction (the model was trained on poisoned data). Some poisoned models did not "
+    "implant (true ASR < 50%, see 'true_asr'/'implanted'): they are left out of the fit and counted both ways in "
+    "the held-out figures ('implanted_only' gives the working backdoors against the clean models).",
+    "The registry's resnet18 is not in the zoo: one training step of a batch of 128 took 4.3 s on one core, "
+    "~10 min per model at the zoo's budget. The zoo's three architectures are the registry's small_cnn "
+    "(safetensors, widths 8-24) and two the registry does not know, uploaded as TorchScript (lenet, mlp_conv).",
+    "On these small, briefly trained models a universal small-mask 'trigger' exists for almost any class: the "
+    "recovered trigger's success was 0.88-0.99 on clean models too, and clean models' anomaly index reached 4-5 "
+    "(some flagged by index and ratio). Success alone, and the index alone, do not separate.",
+    "Figures are from few models (about 13 per split and class): the bootstrap interval of the held-out ROC-AUC "
+    "is wide, and a threshold picked on about 12 clean calibration models cannot promise an FPR below ~8%.",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", type=Path, default=DEFAULT_OUT, help="bench/zoo.py's --out")
+    p.add_argument("--effort", default="quick")
+    p.add_argument("--split", choices=["calibration", "heldout"], default=None)
+    p.add_argument("--models", default="", help="comma-separated subset")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/detection_fmnist"))
+    p.add_argument("--analyse-only", action="store_true")
+    p.add_argument("--no-wait", action="store_true", help="audit what the zoo has now instead of waiting for the rest")
+    p.add_argument("--refit", action="store_true", help="score with the coefficients fitted now, not the shipped ones")
+    p.add_argument("--out", type=Path, default=RESULTS / "detection_fmnist.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
