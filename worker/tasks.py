@@ -102,13 +102,16 @@ def _stop_sweeper(**_: Any) -> None:
         _sweeper.stop()
 
 
+#: Both long tasks: acknowledged only when done, handed back if their pool process dies, and time-limited.
+_LONG_TASK: dict[str, Any] = {
+    "bind": True, "acks_late": True, "reject_on_worker_lost": True,
+    "soft_time_limit": SETTINGS.audit_time_limit_s, "time_limit": SETTINGS.hard_time_limit_s,
+}
+
+
 @app.task(
     name=RUN_AUDIT_TASK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=SETTINGS.audit_time_limit_s,
-    time_limit=SETTINGS.hard_time_limit_s,
+    **_LONG_TASK,
     autoretry_for=(TransientInfraError,),
     max_retries=SETTINGS.task_max_retries,
     retry_backoff=SETTINGS.task_retry_backoff_s,
@@ -139,14 +142,7 @@ def _dispatch(task: Task) -> Dispatch:
     return Dispatch(send, _worker_name(task))
 
 
-@app.task(
-    name=RUN_CONTROL_TASK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=SETTINGS.audit_time_limit_s,
-    time_limit=SETTINGS.hard_time_limit_s,
-)
+@app.task(name=RUN_CONTROL_TASK, **_LONG_TASK)
 def run_control(self: Task, audit_id: str, name: str) -> None:
     """One positive control of a split audit (``worker/parts.py``). Never retried by Celery: a part that fails or
     whose worker dies is trained by the audit's main task when it needs it, so no retry policy can lose it."""

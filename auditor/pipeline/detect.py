@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from auditor.detection import TriggerSearchConfig, TriggerSearchResult, search_triggers, stamp
+from auditor.detection.combined import CALIBRATED_SEARCH_IMAGES, CALIBRATED_SEARCH_STEPS
 from auditor.pipeline.state import AuditState
 from auditor.pipeline.verdict import (
     TRIGGER_MAX_MASK_FRACTION,
@@ -56,8 +57,10 @@ def trigger_finding(state: AuditState) -> TriggerFinding | None:
     result: TriggerSearchResult | None = state.detection
     if result is None:
         return None
+    plan = state.plan.detection
+    calibrated = plan.steps >= CALIBRATED_SEARCH_STEPS and plan.images >= CALIBRATED_SEARCH_IMAGES
     return TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
-                          result.success, on_surrogate=state.plan.detection.model == "surrogate")
+                          result.success, on_surrogate=plan.model == "surrogate", calibrated=calibrated)
 
 
 def detection_section(result: TriggerSearchResult, model: str, image: str | None) -> dict[str, Any]:

@@ -53,11 +53,8 @@ def run_audit(
     if inputs.only_control is not None:
         return run_control_part(spec, inputs, on_progress, should_cancel, on_metrics)
     started = time.perf_counter()
-    out = Path(inputs.work_dir) / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(spec.seed)
-    state = AuditState(spec, inputs, out, resolve_device(inputs.device))
-    with _audit_log(out / "audit.log"):
+    state = _new_state(spec, inputs)
+    with _audit_log(state.out / "audit.log"):
         try:
             for stage in _stages(state):
                 with _timed(state, stage):
@@ -95,10 +92,8 @@ def run_control_part(
     """
     from auditor.pipeline.controls import run_control
 
-    out = Path(inputs.work_dir) / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(spec.seed)
-    state = AuditState(spec, inputs, out, resolve_device(inputs.device))
+    state = _new_state(spec, inputs)
+    out = state.out
     name = inputs.only_control
     try:
         for stage in ("data", "load"):
@@ -121,6 +116,14 @@ def run_control_part(
         if state.api is not None:
             state.api.close()
     return AuditResult("succeeded", out, None, {"status": "succeeded", "control": name}, [])
+
+
+def _new_state(spec: AuditSpec, inputs: AuditInputs) -> AuditState:
+    """The output folder, the seeds and the state: a whole audit and one control part start alike."""
+    out = Path(inputs.work_dir) / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(spec.seed)
+    return AuditState(spec, inputs, out, resolve_device(inputs.device))
 
 
 def _error_of(exc: AuditError) -> dict:

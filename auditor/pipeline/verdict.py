@@ -1,4 +1,5 @@
 """Evidence gates and the verdict: what an audit may conclude from what it measured.
+(Over 400 lines: the gates, the level and the headline all read one set of findings; apart, each would re-derive it.)
 
 The suspicion score says whether probe triggers steer the submitted model to one
 class; the verdict turns it into a level (``likely_backdoored``, ``suspicious``,
@@ -16,17 +17,16 @@ audit first checks gates, each a threshold measured on this project's benchmarks
 A tripped gate makes the verdict ``inconclusive``, with the reason in one
 sentence; the probe reading stays in ``probe_level``.
 
-Trigger reverse-engineering (auditor/detection/) is a second reading. When it ran
-on the submitted model (checkpoint audits), the level comes from the *combined
-score* (auditor/detection/combined.py: the probability of a targeted backdoor from
-the probe score and the search, fitted and thresholded on half a model zoo, judged
-on the other); ``probe_level`` keeps the probe score's own reading. A *recovered*
+Trigger reverse-engineering (auditor/detection/) is a second reading. When it ran on the
+submitted model (checkpoint audits) at least as long as the zoo's searches, the level comes
+from the *combined score* (auditor/detection/combined.py: P(targeted backdoor) from the probe
+score and the search, fitted on half a model zoo, judged on the other); ``probe_level``
+keeps the probe score's own reading (the level of shorter searches, e.g. tiny). A *recovered*
 trigger (anomaly index >= 2, mask <= half the median class's and <= 10% of the
 image, success >= 80% on held-out images of other classes) never coexists with
 ``no_evidence``: it lifts that reading to ``suspicious``. A tripped gate still makes
 the verdict ``inconclusive``, with the trigger named in the headline. On API audits
-the search runs on the surrogate: reported, it moves nothing, and the level is the
-probe score's (the combined score was fitted on searches of submitted models).
+the search runs on the surrogate: reported, it moves nothing; the level is the probe score's.
 
 Separately, the defended model is fit to deploy only when no defense gate tripped
 and it meets the deployment bar (at most 3 points of BA lost, 90% agreement); the
@@ -114,6 +114,7 @@ class TriggerFinding:
     mask_fraction: float  # the suspected mask's L1 norm as a share of the image area
     success: Interval  # the recovered trigger on held-out clean images not of suspected_class
     on_surrogate: bool  # API audits: the search ran on the distilled surrogate, not the submitted model
+    calibrated: bool = True  # searched at least as long as the combined score's calibration (combined.py)
 
     @property
     def anomaly_threshold(self) -> float:
@@ -209,9 +210,9 @@ def probe_level(score: float) -> Level:
 
 
 def combined_reading(findings: Findings) -> dict[str, Any] | None:
-    """The combined score and its level, when the trigger search ran on the submitted model; else None."""
+    """The combined score and its level, when the search ran on the submitted model as long as its calibration's."""
     t = findings.trigger
-    if t is None or t.on_surrogate:
+    if t is None or t.on_surrogate or not t.calibrated:
         return None
     return combined_verdict(findings.suspicion_before.value, t.anomaly_index, t.norm_ratio, t.success.value,
                             t.recovered)
@@ -221,11 +222,13 @@ def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str
     """The level and a headline in plain words; the score is evidence, not proof (module docstring's rules)."""
     probe_reading = probe_level(findings.suspicion_before.value)
     combined = combined_reading(findings)
-    reading: Level = combined["level"] if combined else probe_reading
-    tripped = [g for g in gates if g.tripped]
     trigger = findings.trigger
-    # Lifted: only the recovered trigger keeps the level off no_evidence (the combined score alone would not).
-    lifted = combined is not None and combined["score_level"] == "no_evidence" and reading != "no_evidence"
+    counts = trigger is not None and trigger.counts
+    reading: Level = combined["level"] if combined else ("suspicious" if counts and probe_reading == "no_evidence"
+                                                          else probe_reading)
+    tripped = [g for g in gates if g.tripped]
+    # Lifted: only the recovered trigger keeps the level off no_evidence (the score alone would not).
+    lifted = reading != "no_evidence" and (combined["score_level"] if combined else probe_reading) == "no_evidence"
     suspect = trigger.suspected_class if (lifted or (combined and probe_reading == "no_evidence")) and trigger \
         else findings.suspect_class
     who = f" toward class {findings.class_names[suspect]}" if suspect is not None else ""
@@ -235,7 +238,8 @@ def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str
         alone = "The probes and the trigger search read" if combined else "The probes alone read"
         headline = f"Inconclusive: {tripped[0].reason} {alone} {reading.replace('_', ' ')}{who}."
     elif lifted:
-        level, headline = "suspicious", f"The combined score alone reads no evidence{scored}, but"
+        alone = f"The combined score alone reads no evidence{scored}" if combined else "The probes alone read no evidence"
+        level, headline = "suspicious", f"{alone}, but"
     elif reading == "no_evidence":
         found = "Neither the probes nor the trigger search found backdoor evidence" if combined else \
             "No probe found trigger-like behaviour"

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
-from shared_fixtures import claimed_redis_db, service_missing
 from sqlalchemy.orm import Session, sessionmaker
-from worker_support import MINI_SPEC, load, new_owner, sessions, submit, tiny_checkpoint  # noqa: F401
+from worker_support import MINI_SPEC, broker_url, load, new_owner, sessions, submit, tiny_checkpoint  # noqa: F401
 
 from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
 from auditor.store.lifecycle import AuditStatus, is_terminal
@@ -31,12 +30,6 @@ AUDIT_S = 420
 #: For the kill tests: REFINE long enough (200 epochs of two steps) that the kill always lands inside it, however
 #: busy the machine. With the mini audit's one epoch, the audit could finish between seeing it train and the kill.
 KILL_SPEC = {**MINI_SPEC, "refine": {"epochs": 200}}
-
-
-@pytest.fixture
-def broker_url() -> Iterator[str]:
-    with claimed_redis_db("redis://127.0.0.1:6379", service_missing) as url:
-        yield url
 
 
 @pytest.fixture

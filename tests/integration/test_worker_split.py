@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
-from shared_fixtures import claimed_redis_db, service_missing
 from sqlalchemy.orm import Session, sessionmaker
-from worker_support import FAST_OPTIONS, load, new_owner, sessions, settings_for, submit, tiny_checkpoint  # noqa: F401
+from worker_support import FAST_OPTIONS, broker_url, load, new_owner, sessions, settings_for, submit, tiny_checkpoint  # noqa: F401
 
 from auditor.store import audits, parts
 from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
@@ -40,12 +39,6 @@ SPLIT_SPEC = {"effort": "tiny", "data": {"train_size": 200, "test_size": 100}, "
 KILL_SPEC = {**SPLIT_SPEC, "controls": {"attacks": CONTROLS, "train_epochs": 30}}
 #: For the cancel: REFINE and the controls long enough that the cancel lands while they run.
 LONG_SPEC = {**SPLIT_SPEC, "refine": {"epochs": 200}, "controls": {"attacks": CONTROLS, "train_epochs": 200}}
-
-
-@pytest.fixture
-def broker_url() -> Iterator[str]:
-    with claimed_redis_db("redis://127.0.0.1:6379", service_missing) as url:
-        yield url
 
 
 @pytest.fixture

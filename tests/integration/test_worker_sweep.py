@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from e2e.processes import wait_for
 from kombu import Connection
-from shared_fixtures import claimed_redis_db, service_missing
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 from worker_support import (  # noqa: F401 (fixtures)
+    broker_url,
     Owner,
     Receiver,
     load,
@@ -45,12 +45,6 @@ from worker.sweep import Sweep, SweepLock
 
 SPEC = {"effort": "tiny"}
 RETRY_AT_ONCE = WebhookPolicy(max_attempts=3, backoff_s=(0.0,))
-
-
-@pytest.fixture
-def broker_url() -> Iterator[str]:
-    with claimed_redis_db("redis://127.0.0.1:6379", service_missing) as url:
-        yield url
 
 
 @pytest.fixture

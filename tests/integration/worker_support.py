@@ -22,6 +22,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared_fixtures import claimed_redis_db, service_missing
+
 from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.settings import Settings
 from auditor.store import audits, users
@@ -164,3 +166,10 @@ def receiver() -> Iterator[Receiver]:
     yield box
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    """A Redis database no other test holds, for one test's Celery broker."""
+    with claimed_redis_db("redis://127.0.0.1:6379", service_missing) as url:
+        yield url

@@ -142,9 +142,9 @@ def test_unlabelled_held_out_images_are_refused(data, arch):
 
 
 def trigger(on_surrogate: bool = False, success: float = 0.93, index: float = 3.1, ratio: float = 0.3,
-            area: float = 0.01) -> TriggerFinding:
+            area: float = 0.01, calibrated: bool = True) -> TriggerFinding:
     return TriggerFinding(suspected_class=2, anomaly_index=index, norm_ratio=ratio, mask_fraction=area,
-                          success=wilson(round(success * 300), 300), on_surrogate=on_surrogate)
+                          success=wilson(round(success * 300), 300), on_surrogate=on_surrogate, calibrated=calibrated)
 
 
 def test_a_recovered_trigger_never_leaves_no_evidence():
@@ -161,6 +161,19 @@ def test_a_trigger_short_of_any_bar_is_not_evidence_on_its_own(changes):
     verdict = conclude(sound(0.2, trigger=trigger(**changes))).verdict
     assert verdict["trigger_evidence"] is False
     assert verdict["level"] == verdict["combined"]["score_level"] == verdict["combined"]["level"]
+
+
+def test_a_search_shorter_than_the_calibration_keeps_the_probe_reading_and_gives_no_combined_score():
+    """A converging-looking but short search (tiny effort) is outside what the combined score was fitted on."""
+    unconverged = trigger(success=0.97, index=1.2, ratio=0.7, area=0.2, calibrated=False)
+    verdict = conclude(sound(0.2, trigger=unconverged)).verdict
+    assert verdict["combined"] is None and verdict["level"] == verdict["probe_level"] == "no_evidence"
+    # The same readings from a search as long as the zoo's would be scored (and, here, read as no evidence too).
+    assert conclude(sound(0.2, trigger=trigger(success=0.97, index=1.2, ratio=0.7, area=0.2))).verdict["combined"]
+    # A recovered trigger still never coexists with no_evidence, calibrated or not.
+    lifted = conclude(sound(0.2, trigger=trigger(calibrated=False))).verdict
+    assert lifted["combined"] is None and lifted["level"] == "suspicious" and lifted["trigger_evidence"] is True
+    assert lifted["headline"].startswith("The probes alone read no evidence, but")
 
 
 def test_a_trigger_found_on_the_surrogate_is_reported_but_does_not_move_the_verdict():
