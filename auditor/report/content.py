@@ -14,6 +14,7 @@ from datetime import timezone
 
 from auditor.pipeline.describe import describe_plan
 from auditor.report.schema import (
+    CombinedScore,
     DefenseExport,
     Detection,
     Figure,
@@ -178,6 +179,13 @@ def _model_text(report: Report) -> str:
     return f"{m.source} ({m.format}{arch}) {ident}".strip()
 
 
+def _combined_text(c: CombinedScore) -> str:
+    """The score with the thresholds it is read against, so a reader can place it without the schema."""
+    reads = VERDICT_LABELS[c.score_level][0].lower()
+    return (f"{c.score:.2f}: reads {reads} (likely backdoored \u2265 {c.likely_threshold:.2f}, suspicious "
+            f"\u2265 {c.suspicious_threshold:.2f}). {c.meaning}")
+
+
 def _data_text(report: Report) -> str:
     d = report.inputs.data
     if d is None:
@@ -195,6 +203,8 @@ def _summary(report: Report) -> Section:
                                                                        report.verdict.suspicion_before)])
         rows.append(["Suspicion score, defended model", with_interval(figures.get("suspicion_after"),
                                                                       report.verdict.suspicion_after)])
+        if report.verdict.combined is not None:
+            rows.append(["Combined detection score (sets the level)", _combined_text(report.verdict.combined)])
     if report.probes and report.probes.before.suspected_target is not None:
         rows.append(["Suspected target class", report.class_name(report.probes.before.suspected_target)])
     if report.detection is not None:

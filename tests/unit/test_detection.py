@@ -221,6 +221,11 @@ def test_the_report_shows_the_recovered_trigger_and_refuses_it_beside_no_evidenc
     html = written["report.html"].read_text()
     assert "Trigger reverse-engineering" in html and "97.3% [94.5\u201398.7], n = 270" in html
     assert "3 Dress" in html and html.count('alt="Recovered trigger"') == 1
+    assert "Combined detection score" not in html  # the sample carries no combined score
+    combined = conclude(sound(0.2, trigger=trigger())).verdict["combined"]
+    scored = write_report({**report, "verdict": {**report["verdict"], "combined": combined}}, tmp_path / "scored")
+    row = f"{combined['score']:.2f}: reads {combined['score_level'].replace('_', ' ')} (likely backdoored \u2265 0.50"
+    assert row in scored["report.html"].read_text()
     lifted = {**report, "verdict": {**report["verdict"], "level": "no_evidence", "probe_level": "no_evidence"}}
     with pytest.raises(ReportValidationError, match="never coexists with no_evidence"):
         validate_report(lifted)
