@@ -160,14 +160,23 @@ def tpr_at_fpr(scores: list[float], positive: list[bool], fpr: float) -> float:
     return sum(s > threshold for s in pos) / len(pos)
 
 
+#: A suspicious tier below likely_backdoored is cut at SUSPICIOUS_FPR of the clean calibration models, which needs
+#: at least 1 / SUSPICIOUS_FPR of them to mean anything. The first fit cut it at 10% of 12 (0.126): it flagged 2 of
+#: 12 held-out clean models and the CI's clean model (score 0.19), so with fewer clean models there is no such tier.
+SUSPICIOUS_FPR = 0.05
+
+
 def pick_thresholds(scores: list[float], positive: list[bool]) -> tuple[float, float]:
     """likely_backdoored: the lowest cut above every clean calibration model (0% FPR there), and never below a
     probability of 0.5 (the word "likely" must hold for the number); suspicious: the lowest cut that flags at most
-    10% of them. Cuts are midpoints between neighbouring scores."""
+    SUSPICIOUS_FPR of them, or the likely cut when there are too few to measure that. Cuts are midpoints between
+    neighbouring scores."""
     neg = sorted((s for s, p in zip(scores, positive) if not p), reverse=True)
     above = sorted({s for s in scores if s > neg[0]})
     likely = max(0.5, (neg[0] + above[0]) / 2 if above else min(0.99, neg[0] + 0.01))
-    k = math.floor(0.10 * len(neg))
+    k = math.floor(SUSPICIOUS_FPR * len(neg))
+    if k == 0:
+        return round(min(likely, 0.99), 3), round(min(likely, 0.99), 3)
     cut = neg[k]
     higher = sorted({s for s in scores if s > cut})
     suspicious = (cut + higher[0]) / 2 if higher else cut + 1e-3

@@ -224,8 +224,8 @@ def test_the_report_shows_the_recovered_trigger_and_refuses_it_beside_no_evidenc
     assert "Combined detection score" not in html  # the sample carries no combined score
     combined = conclude(sound(0.2, trigger=trigger())).verdict["combined"]
     scored = write_report({**report, "verdict": {**report["verdict"], "combined": combined}}, tmp_path / "scored")
-    row = f"{combined['score']:.2f}: reads {combined['score_level'].replace('_', ' ')} (likely backdoored \u2265 0.50"
-    assert row in scored["report.html"].read_text()
+    html = scored["report.html"].read_text()
+    assert f"{combined['score']:.2f}: reads " in html and "(likely backdoored \u2265 0.50, suspicious \u2265 0.50)" in html
     lifted = {**report, "verdict": {**report["verdict"], "level": "no_evidence", "probe_level": "no_evidence"}}
     with pytest.raises(ReportValidationError, match="never coexists with no_evidence"):
         validate_report(lifted)
