@@ -17,7 +17,9 @@ baseline has no cache, so it runs cold only. Every audit runs in a child process
 ``resource.getrusage``) and per-stage split are recorded, with BA before minus after (the
 audit's figures) and the planted trigger's ASR on what the audit shipped (measured here).
 
-``refine`` is the REFINE train step at standard effort measured on its own: its FLOPs
+``refine`` is the REFINE train step at standard effort measured on its own -- deliberately below the audit,
+because the figure asked for is per train step; its settings come from the product's own plan
+(``plan_audit`` + ``refine_config`` of a standard spec), and no audit-level figure is taken from it: its FLOPs
 (``torch.utils.flop_counter.FlopCounterMode`` over one step), images/s and achieved
 GFLOP/s over a few dozen steps, beside this machine's fp32 and bf16 matmul peaks
 (2048x2048, same torch threads) that bound it, and T's inference FLOPs relative to the

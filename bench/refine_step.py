@@ -12,8 +12,11 @@ Measures, in one run so the figures are comparable:
 * a quality check of the layout lever: two short ``train_refine`` runs on Fashion-MNIST that differ only in
   ``RefineConfig.channels_last``, with their training fidelity and the defended model's accuracy.
 
-The step is timed through the trainer's own pieces (the U-Net, the losses, autocast); the audit-level cost, through
-``run_audit``, is ``bench/audit_cost.py``'s job.
+The step is timed through the trainer's own pieces (the U-Net, the losses, autocast), and the quality check calls
+``train_refine`` with the product's default ``RefineConfig``: both sit deliberately below the audit, because a
+layout lever has no spec field and the figure asked for is per train step. No audit-level figure comes from here;
+the audit-level cost, through ``run_audit``, is ``bench/audit_cost.py``'s job, and the layout's effect on BA/ASR
+across the seven attacks is the product-path benchmarks' (channels-last is the default they run).
 """
 
 from __future__ import annotations
