@@ -3,7 +3,6 @@
     OMP_NUM_THREADS=1 python -m bench.audit_cost                       # the full grid: a quiet machine, an hour+
     python -m bench.audit_cost --efforts tiny --sources checkpoint --no-baseline --no-demo \\
         --subject-train-size 2000 --out /tmp/audit_cost.json           # a smoke run (minutes)
-    python -m bench.audit_cost --refine-step-only                      # peaks and the REFINE step (minutes)
 
 A backdoored small CNN (BadNets, the recipe of ``refine-audit attack``) is audited through
 ``run_audit`` with spec fields only (``{"effort": E}``, plus ``model.api`` for the same
@@ -17,13 +16,12 @@ baseline has no cache, so it runs cold only. Every audit runs in a child process
 ``resource.getrusage``) and per-stage split are recorded, with BA before minus after (the
 audit's figures) and the planted trigger's ASR on what the audit shipped (measured here).
 
-``refine`` is the REFINE train step at standard effort measured on its own -- deliberately below the audit,
-because the figure asked for is per train step; its settings come from the product's own plan
-(``plan_audit`` + ``refine_config`` of a standard spec), and no audit-level figure is taken from it: its FLOPs
-(``torch.utils.flop_counter.FlopCounterMode`` over one step), images/s and achieved
-GFLOP/s over a few dozen steps, beside this machine's fp32 and bf16 matmul peaks
-(2048x2048, same torch threads) that bound it, and T's inference FLOPs relative to the
-audited model's. ``demo_wall_s`` is ``refine-audit demo`` end to end. The plans, the
+``refine`` is the REFINE throughput of an audit itself: the plan's epochs x pool images over the
+seconds its REFINE training took (``report.refine.seconds``) in the first new-code checkpoint run at the
+highest effort measured. Achieved GFLOP/s is that rate times the FLOPs of one train step per image (the
+trainer's step counted once by ``torch.utils.flop_counter`` at the plan's U-Net width and batch, no training),
+beside this machine's fp32 and bf16 matmul peaks (2048x2048, same torch threads, measured in the same run),
+with T's inference FLOPs relative to the audited model's. ``demo_wall_s`` is ``refine-audit demo`` end to end. The plans, the
 per-stage CPU split and the controls of each audit go beside the output
 (``<out>/runs/*.json``); the output keeps the fixed shape the README describes.
 """
@@ -46,21 +44,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from auditor.blackbox import ModelServer
 from auditor.data import ImageSet, take
-from auditor.models import ArchConfig, UNet, build_classifier
-from auditor.pipeline.plan import FASHION_MNIST, plan_audit
-from auditor.pipeline.refine import refine_config
-from auditor.refine import train_refine
+from auditor.models import ArchConfig, UNet, UNetConfig, build_classifier
 from auditor.runtime import cpu_bf16_pays
 from auditor.settings import Settings
-from auditor.spec import parse_spec
 from bench.audits import LOOPBACK, Subject, api_trigger_asr, fashion_mnist, make_subject, shipped_trigger_asr
 from bench.common import RESULTS, git_commit, provenance, write_json
+from bench.refine_step import matmul_peak_gflops, step_flops
 
 BASELINE_COMMIT = "45d0dbd"
 EFFORTS = ("quick", "standard", "thorough")
 WORKER = Path(__file__).resolve().parent / "audit_cost_worker.py"
 TREE = Path(__file__).resolve().parents[1]
-PEAK_SIZE = 2048
 CPU = torch.device("cpu")
 TRIGGER_TEST_IMAGES = 2000  # API audits: the planted trigger is scored through the API on this many test images
 
@@ -72,11 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--code", default="new,baseline", help="which code versions run the audits")
     p.add_argument("--no-baseline", action="store_true", help="same as --code new")
     p.add_argument("--no-demo", action="store_true", help="skip timing refine-audit demo")
-    p.add_argument("--refine-step-only", action="store_true", help="only the matmul peaks and the REFINE step")
-    p.add_argument("--refine-steps", type=int, default=30, help="REFINE steps timed for images/s")
     p.add_argument("--subject-train-size", type=int, default=None, help="training images of the audited model (all)")
     p.add_argument("--subject-epochs", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the peak and REFINE-step measurements")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the matmul peaks (the audits: OMP_NUM_THREADS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline-tree", type=Path, default=Path(f"/tmp/baseline-{BASELINE_COMMIT}"))
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/audit_cost"))
@@ -87,63 +79,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- the machine and the REFINE step -------------------------------------------------------------------------------
 
 
-def matmul_peak_gflops(dtype: torch.dtype, size: int = PEAK_SIZE, repeats: int = 5) -> float:
-    """Best of ``repeats`` size x size matmuls, in GFLOP/s (2 n^3 FLOPs each): the ceiling a dense kernel meets."""
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # warm-up: kernel selection, page faults
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
-
-
 def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x)
     return counter.get_total_flops()
 
 
-def refine_step(pool: ImageSet, seed: int, steps: int) -> dict[str, Any]:
-    """The standard effort's REFINE train step: FLOPs, images/s, achieved GFLOP/s, and T's cost beside the model's."""
-    plan = plan_audit(parse_spec({"effort": "standard", "seed": seed}), FASHION_MNIST)
-    config = refine_config(plan)
-    device = CPU
-    model = build_classifier(ArchConfig("small_cnn")).eval()
-    batch = config.batch_size
-    one = ImageSet(pool.x[:batch], None)
-    with FlopCounterMode(display=False) as counter:  # a pool of one batch: train_refine takes exactly one step
-        train_refine(model, one, _sized(config, batch), num_classes=10, device=device, seed=seed)
-    step_flops = counter.get_total_flops()
-    train_refine(model, one, _sized(config, batch), num_classes=10, device=device, seed=seed)  # warm-up
-    images = ImageSet(pool.x[: batch * steps], None)
-    started = time.perf_counter()
-    train_refine(model, images, _sized(config, len(images)), num_classes=10, device=device, seed=seed)
-    seconds = time.perf_counter() - started
-    x = pool.x[:batch].float() / 255
-    transform = UNet(config.unet).eval()
-    return {"effort": "standard", "batch_size": batch, "unet_width": config.unet.width, "steps": steps,
-            "seconds": seconds, "images_per_s": steps * batch / seconds, "step_gflop": step_flops / 1e9,
-            "achieved_gflops": step_flops * steps / seconds / 1e9, "train_dtype": "bf16" if config.bf16 else "fp32",
-            "transform_over_model_flops": forward_flops(transform, x) / forward_flops(model, x)}
+def matmul_peaks(threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    return {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
 
-def _sized(config: Any, pool_size: int) -> Any:
-    from dataclasses import replace
-
-    return replace(config, epochs=1, pool_size=pool_size)
-
-
-def machine_refine(args: argparse.Namespace, pool: ImageSet) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
-    step = refine_step(pool, args.seed, args.refine_steps)
-    peak = peaks[step["train_dtype"]]
-    return {"images_per_s": step["images_per_s"], "achieved_gflops": step["achieved_gflops"],
-            "train_dtype": step["train_dtype"], "bf16_peak_gflops": peaks["bf16"], "fp32_peak_gflops": peaks["fp32"],
-            "bound": {"peak": step["train_dtype"], "peak_gflops": peak, "fraction_of_peak": step["achieved_gflops"] / peak,
-                      "torch_threads": args.threads, "step": step}}
+def refine_throughput(details: list[dict[str, Any]], peaks: dict[str, float], threads: int) -> dict[str, Any] | None:
+    """The audit's own REFINE rate, turned into GFLOP/s by one counted train step; None if no audit trained REFINE."""
+    measured = [d for d in details if d["code"] == "new" and d["source"] == "checkpoint"
+                and d.get("refine_seconds") and d.get("plan")]
+    if not measured:
+        return None
+    run = max(measured, key=lambda d: EFFORTS.index(d["effort"]) if d["effort"] in EFFORTS else -1)
+    refine, bf16 = run["plan"]["refine"], bool(run["plan"].get("bf16"))
+    images_per_s = refine["epochs"] * refine["pool_images"] / run["refine_seconds"]
+    model = build_classifier(ArchConfig("small_cnn")).eval().requires_grad_(False)
+    unet, batch = UNetConfig(width=refine["unet_width"]), refine["batch_size"]
+    flops_per_image = step_flops(model, unet, batch) / batch
+    achieved = images_per_s * flops_per_image / 1e9
+    dtype = "bf16" if bf16 else "fp32"
+    x = torch.rand(batch, 1, 28, 28)
+    return {"images_per_s": images_per_s, "achieved_gflops": achieved, "train_dtype": dtype,
+            "bf16_peak_gflops": peaks["bf16"], "fp32_peak_gflops": peaks["fp32"],
+            "bound": {"peak": dtype, "peak_gflops": peaks[dtype], "fraction_of_peak": achieved / peaks[dtype],
+                      "peak_threads": threads, "from_run": f"{run['effort']}-checkpoint-new-{run['cache']}",
+                      "refine_seconds": run["refine_seconds"], "plan_refine": refine,
+                      "step_gflop_per_image": flops_per_image / 1e9,
+                      "transform_over_model_flops": forward_flops(UNet(unet).eval(), x) / forward_flops(model, x)}}
 
 
 def cpu_flags() -> list[str]:
@@ -187,8 +155,8 @@ def run_worker(job: dict[str, Any], tree: Path, folder: Path) -> dict[str, Any]:
 
 
 def audit(subject: Subject, effort: str, source: str, code: str, cache: str, args: argparse.Namespace,
-          tree: Path, test: ImageSet) -> dict[str, Any]:
-    """One audit as a user runs it, and what it costs; the trigger is scored on what it shipped."""
+          tree: Path, test: ImageSet) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One audit as a user runs it, and what it costs (the row, and the worker's detail with the plan)."""
     name = f"{effort}-{source}-{code}-{cache}"
     folder = args.work_dir / name
     spec: dict[str, Any] = {"effort": effort, "seed": args.seed}
@@ -214,7 +182,7 @@ def audit(subject: Subject, effort: str, source: str, code: str, cache: str, arg
     write_json(args.out.with_suffix("") / "runs" / f"{name}.json", {**row, "detail": result, "job": job})
     print(json.dumps({k: row[k] for k in ("effort", "source", "code", "cache", "wall_s", "cpu_s", "ba_drop",
                                           "asr_after")}), result.get("status"), flush=True)
-    return row
+    return row, {**result, "effort": effort, "source": source, "code": code, "cache": cache}
 
 
 def _scored(result: dict[str, Any], score: Any) -> float | None:
@@ -253,23 +221,22 @@ def main(argv: list[str] | None = None) -> None:
     where = {**provenance(CPU, "bench.audit_cost"), "git_commit": git_commit()}  # the commit the run starts on
     settings = Settings.from_env()
     train, test = fashion_mnist(settings)
-    payload: dict[str, Any] = {"runs": [], "refine": machine_refine(args, train)}
-    print(json.dumps(payload["refine"], indent=1), flush=True)
-    if not args.refine_step_only:
-        torch.set_num_threads(args.threads)
-        subject = make_subject("badnets", train, test, epochs=args.subject_epochs, train_size=args.subject_train_size,
-                               seed=args.seed, folder=args.work_dir / "subject", device=CPU, bf16=cpu_bf16_pays(CPU))
-        trees = {"new": TREE}
-        for effort, source, code, cache in grid(args):
-            if code == "baseline" and "baseline" not in trees:
-                trees["baseline"] = baseline_tree(args.baseline_tree)
-            payload["runs"].append(audit(subject, effort, source, code, cache, args, trees[code], test))
-        payload["demo_wall_s"] = demo_wall_s(args)
-    else:
-        payload["demo_wall_s"] = None
-    payload.update(load_average=os.getloadavg(), cpu_flags=cpu_flags(), command=where["command"],
-                   git_commit=where["git_commit"])
+    peaks = matmul_peaks(args.threads)
+    print(json.dumps({"matmul_peak_gflops": peaks}), flush=True)
+    subject = make_subject("badnets", train, test, epochs=args.subject_epochs, train_size=args.subject_train_size,
+                           seed=args.seed, folder=args.work_dir / "subject", device=CPU, bf16=cpu_bf16_pays(CPU))
+    trees, runs, details = {"new": TREE}, [], []
+    for effort, source, code, cache in grid(args):
+        if code == "baseline" and "baseline" not in trees:
+            trees["baseline"] = baseline_tree(args.baseline_tree)
+        row, detail = audit(subject, effort, source, code, cache, args, trees[code], test)
+        runs.append(row)
+        details.append(detail)
+    payload: dict[str, Any] = {"runs": runs, "refine": refine_throughput(details, peaks, args.threads),
+                               "demo_wall_s": demo_wall_s(args), "load_average": os.getloadavg(),
+                               "cpu_flags": cpu_flags(), "command": where["command"], "git_commit": where["git_commit"]}
     write_json(args.out, payload)
+    print(json.dumps(payload["refine"], indent=1))
     print(f"{len(payload['runs'])} audits in {args.out}")
 
 

@@ -70,9 +70,13 @@ def make_subject(attack: str | None, train: ImageSet, test: ImageSet, *, epochs:
 
 
 def checkpoint_audit(subject: Subject, spec: dict[str, Any], work_dir: Path, settings: Settings,
-                     test: ImageSet, device: torch.device) -> dict[str, Any]:
-    """Audit the subject's file as ``refine-audit audit model.pt`` would; score its trigger on the defended model."""
-    result = run_audit(parse_spec(spec), _inputs(work_dir, settings, model_path=subject.path))
+                     test: ImageSet, device: torch.device, control_cache: Path | None = None) -> dict[str, Any]:
+    """Audit the subject's file as ``refine-audit audit model.pt`` would; score its trigger on the defended model.
+
+    ``control_cache``: a folder of positive controls shared by the audits, as the CLI's cache
+    is (None: every control trained).
+    """
+    result = run_audit(parse_spec(spec), _inputs(work_dir, settings, control_cache, model_path=subject.path))
     run = _run(result, spec)
     if result.status == "succeeded" and subject.backdoor is not None:
         defended = load_checkpoint(result.out_dir / "defended_model.pt").module.to(device)
@@ -81,7 +85,7 @@ def checkpoint_audit(subject: Subject, spec: dict[str, Any], work_dir: Path, set
 
 
 def api_audit(subject: Subject, spec: dict[str, Any], output: str, work_dir: Path, settings: Settings,
-              test: ImageSet, device: torch.device) -> dict[str, Any]:
+              test: ImageSet, device: torch.device, control_cache: Path | None = None) -> dict[str, Any]:
     """Serve the subject over KServe v1 on loopback and audit its URL; score its trigger through M ∘ API ∘ T.
 
     ``test`` is where the trigger is scored, each image twice through the API (raw and
@@ -91,7 +95,7 @@ def api_audit(subject: Subject, spec: dict[str, Any], output: str, work_dir: Pat
         url = server.url + "/v1/models/model:predict"
         api_spec = {**spec, "model": {"source": "api", "api": {**spec.get("model", {}).get("api", {}), "url": url,
                                                                  "output": output}}}
-        result = run_audit(parse_spec(api_spec), _inputs(work_dir, settings))
+        result = run_audit(parse_spec(api_spec), _inputs(work_dir, settings, control_cache))
         run = _run(result, api_spec)
         run["queries_served"] = server.stats()["queries"]
         if result.status == "succeeded" and subject.backdoor is not None:
@@ -104,9 +108,10 @@ def api_audit(subject: Subject, spec: dict[str, Any], output: str, work_dir: Pat
     return run
 
 
-def _inputs(work_dir: Path, settings: Settings, **files: Path) -> AuditInputs:
+def _inputs(work_dir: Path, settings: Settings, control_cache: Path | None = None, **files: Path) -> AuditInputs:
     return AuditInputs(work_dir, allowed_hosts=(*settings.allowed_hosts, *LOOPBACK), device=settings.device,
-                       fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir, **files)
+                       fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir, control_cache=control_cache,
+                       **files)
 
 
 def _add_trigger(run: dict[str, Any], submitted, defended, test: ImageSet, subject: Subject) -> None:
@@ -140,6 +145,9 @@ def _run(result: Any, spec: dict[str, Any]) -> dict[str, Any]:
         "query_budget": _budget(report, spec),
         "probes": {side: (report.get("probes") or {}).get(side, {}).get("score") for side in ("before", "after")},
         "refine_seconds": (report.get("refine") or {}).get("seconds"),
+        "controls": [{"attack": c.get("attack"), "origin": c.get("origin", "trained"),
+                      "asr_before": (c.get("no_defense") or {}).get("asr"), "asr_after": (c.get("refine") or {}).get("asr")}
+                     for c in report.get("positive_controls") or []],
         "spec": spec,
     }
 

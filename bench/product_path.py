@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/product_path"))
+    p.add_argument("--control-cache", type=Path, default=None,
+                   help="folder of positive controls shared by the runs, as the CLI's cache is (<work-dir>/control-cache)")
+    p.add_argument("--no-control-cache", action="store_true", help="train every control in every run")
     p.add_argument("--out", type=Path, default=RESULTS / "product_path.json")
     return p.parse_args(argv)
 
@@ -64,6 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = {"train_epochs": args.train_epochs, "train_size": args.train_size, "seed": args.seed,
               "outputs": args.outputs}
     parts = args.out.with_suffix("")
+    controls = None if args.no_control_cache else args.control_cache or args.work_dir / "control-cache"
     for attack in args.attacks.split(","):
         subject = make_subject(attack, train, test, epochs=args.train_epochs, train_size=args.train_size,
                                seed=args.seed, folder=args.work_dir / "models", device=device,
@@ -76,10 +80,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 work = args.work_dir / f"{attack}-{effort}-{source}-{output}"
                 spec = {"effort": effort, "seed": args.seed}
                 if source == "checkpoint":
-                    entry.update(checkpoint_audit(subject, spec, work, settings, test, device))
+                    entry.update(checkpoint_audit(subject, spec, work, settings, test, device, controls))
                 else:
                     trigger_test = take(test, TRIGGER_TEST_IMAGES, args.seed + 1)
-                    entry.update(api_audit(subject, spec, output, work, settings, trigger_test, device))
+                    entry.update(api_audit(subject, spec, output, work, settings, trigger_test, device, controls))
                 entry["wall_seconds"] = round(time.perf_counter() - started, 1)
                 entry["load_average_1m_after"] = environment()["load_average_1m"]
                 write_json(parts / f"{attack}-{effort}-{source}-{output or 'file'}.json", {"config": config, "entry": entry})

@@ -8,15 +8,14 @@ Measures, in one run so the figures are comparable:
 * this machine's matmul peaks (2048x2048, fp32 and bf16): the ceiling a train step is judged against;
 * one REFINE train step (U-Net width 16, batch 128, the kd + supervised-contrastive loss, AdamW) against a small
   CNN, for fp32 / bf16 autocast x default / channels-last layout, interleaved over several rounds (median), with
-  its FLOPs counted by ``torch.utils.flop_counter``, so achieved GFLOP/s and the share of the peak follow;
-* a quality check of the layout lever: two short ``train_refine`` runs on Fashion-MNIST that differ only in
-  ``RefineConfig.channels_last``, with their training fidelity and the defended model's accuracy.
+  its FLOPs counted by ``torch.utils.flop_counter``, so achieved GFLOP/s and the share of the peak follow.
 
-The step is timed through the trainer's own pieces (the U-Net, the losses, autocast), and the quality check calls
-``train_refine`` with the product's default ``RefineConfig``: both sit deliberately below the audit, because a
-layout lever has no spec field and the figure asked for is per train step. No audit-level figure comes from here;
-the audit-level cost, through ``run_audit``, is ``bench/audit_cost.py``'s job, and the layout's effect on BA/ASR
-across the seven attacks is the product-path benchmarks' (channels-last is the default they run).
+The step is built from the trainer's own pieces (the U-Net, the losses, autocast), deliberately below the audit:
+a layout or dtype lever has no spec field, and what it changes is the cost of one step. No audit-level figure
+comes from here. The audit's REFINE throughput, through ``run_audit``, is ``bench/audit_cost.py``'s (it reuses
+``step_flops`` to turn that rate into GFLOP/s), and a lever's effect on BA/ASR across the seven attacks is the
+product-path benchmarks' (channels-last is the default they run). ``refine_step.json`` came from an
+avx512_bf16 machine and an earlier version of this script that also trained REFINE twice to compare layouts.
 """
 
 from __future__ import annotations
@@ -25,19 +24,18 @@ import argparse
 import os
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from auditor.data import load_fashion_mnist, take
-from auditor.models import ArchConfig, UNet, build_classifier
-from auditor.refine import DefendedModel, RefineConfig, train_refine
+from auditor.models import ArchConfig, UNet, UNetConfig, build_classifier
+from auditor.refine import RefineConfig
 from auditor.refine.losses import fit_loss, supcon_loss
 from auditor.refine.remap import derangement, inverse
-from auditor.training import TrainConfig, autocast, predict_logits, train_classifier
+from auditor.runtime import cpu_bf16_pays
+from auditor.training import autocast
 from bench.common import RESULTS, provenance, write_json
 
 CPU = torch.device("cpu")
@@ -45,7 +43,12 @@ BATCH, WIDTH = 128, 16
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best of a few square matmuls: the dense-compute ceiling for ``dtype`` at the current thread count."""
+    """Best of a few square matmuls: the dense-compute ceiling for ``dtype`` at the current thread count.
+
+    Without native bf16 (AVX2 only) a 2048-square bf16 matmul takes about a minute; 512 gives the same rate.
+    """
+    if dtype == torch.bfloat16 and not cpu_bf16_pays(CPU):
+        size = min(size, 512)
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     a @ b
@@ -60,14 +63,15 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -
 class StepRig:
     """One REFINE train step, as ``auditor.refine.trainer`` takes it, for a given dtype and layout."""
 
-    def __init__(self, model: torch.nn.Module, bf16: bool, channels_last: bool, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, bf16: bool, channels_last: bool, seed: int = 0,
+                 unet: UNetConfig | None = None, batch: int = BATCH):
         torch.manual_seed(seed)
         layout = torch.channels_last if channels_last else torch.contiguous_format
         self.model, self.bf16, self.layout = model, bf16, layout
-        self.transform = UNet(RefineConfig().unet).to(CPU, memory_format=layout)
+        self.transform = UNet(unet or RefineConfig().unet).to(CPU, memory_format=layout)
         self.optimizer = torch.optim.AdamW(self.transform.parameters(), lr=3e-3)
         self.inv = inverse(derangement(10, seed))
-        self.x = torch.rand(BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).contiguous(memory_format=layout)
+        self.x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).contiguous(memory_format=layout)
 
     def step(self) -> None:
         with torch.no_grad(), autocast(CPU, self.bf16):
@@ -81,8 +85,9 @@ class StepRig:
         self.optimizer.step()
 
 
-def step_flops(model: torch.nn.Module) -> int:
-    rig = StepRig(model, bf16=False, channels_last=False)
+def step_flops(model: torch.nn.Module, unet: UNetConfig | None = None, batch: int = BATCH) -> int:
+    """FLOPs of one train step (forward, backward, optimizer) on a ``batch`` of 28x28 images: the same in any dtype."""
+    rig = StepRig(model, bf16=False, channels_last=False, unet=unet, batch=batch)
     with FlopCounterMode(display=False) as counter:
         rig.step()
     return counter.get_total_flops()
@@ -105,41 +110,11 @@ def time_steps(model: torch.nn.Module, rounds: int, steps: int) -> dict[str, lis
     return seconds
 
 
-def quality_check(epochs: int, pool: int, seed: int) -> dict[str, Any]:
-    """Two short REFINE runs that differ only in layout: the lever must not cost fidelity or accuracy."""
-    train, test = load_fashion_mnist()
-    torch.manual_seed(seed)
-    model = build_classifier(ArchConfig("small_cnn", in_channels=1, num_classes=10))
-    labelled = take(train, 10_000, seed)
-    train_classifier(model, labelled.x, labelled.y, TrainConfig(epochs=2, bf16=True), device=CPU, seed=seed)
-    model.eval()
-    held_out = take(test, 2000, seed)
-    x_test = held_out.x.float().div(255)
-    base = RefineConfig(epochs=epochs, pool_size=pool, bf16=True)
-    out: dict[str, Any] = {"model_ba": _accuracy(model, x_test, held_out.y), "epochs": epochs, "pool": pool}
-    for channels_last in (False, True):
-        config = replace(base, channels_last=channels_last)
-        result = train_refine(model, take(train, pool, seed + 1), config, num_classes=10, device=CPU, seed=seed)
-        defended = DefendedModel(result.transform, model, result.mapping)
-        out["channels_last" if channels_last else "contiguous"] = {
-            "seconds": round(result.seconds, 1),
-            "fidelity_last_epoch": round(result.history[-1]["fidelity"], 4),
-            "defended_ba": _accuracy(defended, x_test, held_out.y),
-        }
-    return out
-
-
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return round((predict_logits(model, x, device=CPU).argmax(1) == y).float().mean().item(), 4)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--quality-epochs", type=int, default=2)
-    parser.add_argument("--quality-pool", type=int, default=4000)
     parser.add_argument("--out", type=Path, default=RESULTS / "refine_step.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,7 +138,6 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "step": {"batch": BATCH, "unet_width": WIDTH, "gflop_per_step": round(flops / 1e9, 2), "variants": steps},
-        "quality": quality_check(args.quality_epochs, args.quality_pool, seed=0),
     })
     print(f"wrote {args.out}")
 
