@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python -m bench.audit_cost                       # the full grid: a quiet machine, an hour+
     python -m bench.audit_cost --efforts tiny --sources checkpoint --no-baseline --no-demo \\
         --subject-train-size 2000 --out /tmp/audit_cost.json           # a smoke run (minutes)
+    python -m bench.audit_cost --assemble --out F                      # F from the runs saved under F's folder
 
 A backdoored small CNN (BadNets, the recipe of ``refine-audit attack``) is audited through
 ``run_audit`` with spec fields only (``{"effort": E}``, plus ``model.api`` for the same
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--code", default="new,baseline", help="which code versions run the audits")
     p.add_argument("--no-baseline", action="store_true", help="same as --code new")
     p.add_argument("--no-demo", action="store_true", help="skip timing refine-audit demo")
+    p.add_argument("--assemble", action="store_true",
+                   help="run no audit: rebuild the output from the runs finished under <out>/runs (peaks measured now)")
     p.add_argument("--subject-train-size", type=int, default=None, help="training images of the audited model (all)")
     p.add_argument("--subject-epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the matmul peaks (the audits: OMP_NUM_THREADS)")
@@ -223,6 +226,19 @@ def main(argv: list[str] | None = None) -> None:
     train, test = fashion_mnist(settings)
     peaks = matmul_peaks(args.threads)
     print(json.dumps({"matmul_peak_gflops": peaks}), flush=True)
+    runs, details = finished_runs(args.out) if args.assemble else audits(args, train, test)
+    payload: dict[str, Any] = {"runs": runs, "refine": refine_throughput(details, peaks, args.threads),
+                               "demo_wall_s": None if args.assemble else demo_wall_s(args),
+                               "load_average": os.getloadavg(), "cpu_flags": cpu_flags(),
+                               "command": where["command"], "git_commit": where["git_commit"]}
+    write_json(args.out, payload)
+    print(json.dumps(payload["refine"], indent=1))
+    print(f"{len(payload['runs'])} audits in {args.out}")
+
+
+def audits(args: argparse.Namespace, train: ImageSet,
+           test: ImageSet) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every audit of the grid, on its code version: the rows and the workers' details."""
     subject = make_subject("badnets", train, test, epochs=args.subject_epochs, train_size=args.subject_train_size,
                            seed=args.seed, folder=args.work_dir / "subject", device=CPU, bf16=cpu_bf16_pays(CPU))
     trees, runs, details = {"new": TREE}, [], []
@@ -232,12 +248,19 @@ def main(argv: list[str] | None = None) -> None:
         row, detail = audit(subject, effort, source, code, cache, args, trees[code], test)
         runs.append(row)
         details.append(detail)
-    payload: dict[str, Any] = {"runs": runs, "refine": refine_throughput(details, peaks, args.threads),
-                               "demo_wall_s": demo_wall_s(args), "load_average": os.getloadavg(),
-                               "cpu_flags": cpu_flags(), "command": where["command"], "git_commit": where["git_commit"]}
-    write_json(args.out, payload)
-    print(json.dumps(payload["refine"], indent=1))
-    print(f"{len(payload['runs'])} audits in {args.out}")
+    return runs, details
+
+
+def finished_runs(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows and details ``audit`` saved, for a run stopped before its summary was written."""
+    runs, details = [], []
+    for path in sorted((out.with_suffix("") / "runs").glob("*.json")):
+        saved = json.loads(path.read_text())
+        row = {k: saved[k] for k in ("effort", "source", "controls", "cache", "code", "wall_s", "cpu_s", "stages",
+                                     "ba_drop", "asr_after")}
+        runs.append(row)
+        details.append({**saved["detail"], **{k: row[k] for k in ("effort", "source", "code", "cache")}})
+    return runs, details
 
 
 if __name__ == "__main__":
