@@ -28,8 +28,10 @@ For each candidate class t and a few held-out clean images the API labels otherw
 Measured while building this (tests/unit/test_label_only.py's 16x16 gratings, five
 classes, a 3x3 checkerboard patch): with one image per class, five rounds of 80
 directions (2,275 queries), the backdoored model's target had the highest peak, at
-the patch, for four seeds of four; the clean model's anomaly index ranged 1.4-7.2
-over the same seeds, so one run's index is noisy with few classes. Averaging more
+the patch, for four seeds of six (seeds 0-3; at seed 5 its peak sat on the patch but
+another class's was higher); the clean model's anomaly index ranged 1.0-7.2 over the
+same seeds, above the backdoored model's at two of them, so one run's index is noisy
+with few classes. Eight rounds of 50 directions named the target for three of six. Averaging more
 images per class did not sharpen the target's peak there: a source image whose
 rounds do not find the shortcut dilutes the map. A white-box check of the premise
 (minimal L2 perturbations by gradient descent) peaked at the patch only on the

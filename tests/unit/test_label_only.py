@@ -4,7 +4,9 @@ The data are oriented gratings over the whole 16x16 image, so a normal class's b
 spreads over the image and a corner patch is no natural feature. The models train on
 three noisy copies of each image: without noise a tiny CNN's smallest change to any
 class is a faint ripple over the gratings, smaller than the trigger (the module
-docstring of auditor/detection/label_only.py has the measurements).
+docstring of auditor/detection/label_only.py has the measurements). The search's seed 0
+is one of the four of six seeds at which it named the target here: the test pins the
+method's behaviour at that seed, not a rate.
 """
 
 from __future__ import annotations
