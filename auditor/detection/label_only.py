@@ -107,9 +107,9 @@ class LabelOnlyResult:
     anomaly_index: float  # its MAD anomaly index (>= 0; 0: typical)
     peaks: tuple[float, ...]  # per class: the map's largest window mean over its mean (1.0: flat or unmeasured)
     anomaly_indices: tuple[float, ...]  # per class (positive: a sharper peak than typical)
-    images: tuple[int, ...]  # per class: images whose perturbation went into the map
+    images: tuple[int, ...]  # per class: images whose estimates went into the map
     peak_pixels: tuple[tuple[int, int], ...]  # per class: (row, col) of the peak window's centre
-    maps: torch.Tensor  # (K, H, W), each a mean of unit-length absolute perturbations
+    maps: torch.Tensor  # (K, H, W), each a mean of unit-length maps of absolute normal estimates
     queries: int  # images sent, every one counted (cached answers too)
     query_cap: int
     config: LabelOnlyConfig
@@ -147,7 +147,7 @@ class _Counted:
 def label_only_detection(predict: LabelFn, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                          config: LabelOnlyConfig, query_cap: int, *, on_progress: ProgressFn = no_progress,
                          should_cancel: CancelFn = never_cancel, stage: str = "detect") -> LabelOnlyResult:
-    """Score every class by its perturbation map's peak (module docstring); never sends more than ``query_cap``.
+    """Score every class by its boundary map's peak (module docstring); never sends more than ``query_cap``.
 
     ``images`` are held-out clean images in [0, 1] (N, C, H, W) with their ``labels``; the
     API's own labels decide which images anchor and start each search. Raises ValueError

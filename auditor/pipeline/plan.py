@@ -122,7 +122,8 @@ class EffortPreset:
     detect_batch: int  # ... clean images stamped per step and class (cost: steps x classes x batch predictions)
     # Label-only detection on a model API (auditor/detection/label_only.py). Per image and class it costs
     # LABEL_ONLY_SEARCH_STEPS + rounds x (directions + 13) queries: 473 at standard, so 10 classes x 1 image fit
-    # the 5,000 the detection may take there (the share of an audit's budget).
+    # the 5,000 the detection may take there (the share of an audit's budget). Tiny's 390 for 10 classes
+    # is a smoke check of the stage: more took the surrogate of a 3,000-query tiny audit below 50% agreement.
     label_only_queries: int  # the most it may take of the query budget
     label_only_images: int  # clean images per class whose boundary is probed (fewer when the share is smaller)
     label_only_rounds: int  # HopSkipJump rounds per image
@@ -135,7 +136,7 @@ EFFORTS: dict[str, EffortPreset] = {
         refine_epochs=1, refine_pool=512, unet_width=8, control_epochs=1, control_train_images=1000,
         probe_images=60, api_probe_images=30, test_images=300, distill_epochs=2, min_distill_queries=200,
         detect_steps=30, detect_images=32, detect_holdout=100, detect_batch=8,
-        label_only_queries=1000, label_only_images=1, label_only_rounds=2, label_only_directions=30,
+        label_only_queries=400, label_only_images=1, label_only_rounds=1, label_only_directions=16,
     ),
     "quick": EffortPreset(
         refine_epochs=3, refine_pool=10_000, unet_width=16, control_epochs=3, control_train_images=20_000,
