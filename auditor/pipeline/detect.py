@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from auditor.blackbox import api_predictor
 from auditor.detection import TriggerSearchConfig, TriggerSearchResult, search_triggers, stamp
@@ -99,13 +100,16 @@ def label_only_section(result: LabelOnlyResult, image: str | None) -> dict[str, 
 
 
 def _draw_maps(state: AuditState, result: LabelOnlyResult) -> str | None:
-    """Every class's boundary map (scaled to its own maximum) above a held-out image of that class."""
-    maps = result.maps / result.maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    """Every class's boundary map as the peak reads it (window means, scaled to its own maximum) under a held-out
+    image of that class."""
+    w = result.config.peak_window
+    smooth = F.avg_pool2d(result.maps.unsqueeze(1), w, stride=1, padding=w // 2, count_include_pad=False)
+    smooth = smooth[..., :result.maps.shape[1], :result.maps.shape[2]]
+    maps = smooth / smooth.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     examples = [state.test.x[state.test.y == k][:1].float() / 255 for k in range(state.num_classes)]
     blank = torch.zeros(1, *state.test.x.shape[1:])
-    rows = {"class image": torch.cat([e if len(e) else blank for e in examples]), "boundary map": maps.unsqueeze(1)}
-    name = state.data_info["class_names"][result.suspected_class]
-    title = f"Label-only boundary maps per class (highest peak: class {name}; not calibrated)"
+    rows = {"class image": torch.cat([e if len(e) else blank for e in examples]), f"map ({w}x{w} mean)": maps}
+    title = f"Label-only maps, peak: {state.data_info['class_names'][result.suspected_class]} (not calibrated)"
     try:
         image_grid(rows, state.out / LABEL_ONLY_IMAGE, title=title, max_images=state.num_classes)
     except (ValueError, RuntimeError, OSError) as exc:
