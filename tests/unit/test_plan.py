@@ -69,7 +69,8 @@ def test_label_only_detection_takes_what_the_minimum_audit_leaves_up_to_its_shar
     assert q.distillation + q.refits + q.evaluation + q.probes + q.detection + q.unallocated == with_detection
     assert plan_audit(parse_spec(api_spec(budget=with_detection - 1)), FASHION_MNIST).label_only is None
     rows = dict(describe_plan(plan))
-    assert "label-only detection 4,750" in rows["Queries"] and "does not move the verdict" in rows["Label-only detection"]
+    assert "label-only detection 4,750" in rows["Queries"]
+    assert "does not move the verdict" in rows["Label-only detection"]
     large = plan_audit(parse_spec(api_spec(budget=60_000)), FASHION_MNIST)
     assert large.queries.detection == lo.queries  # never more than the effort's share, however large the budget
 
