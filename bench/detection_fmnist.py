@@ -107,7 +107,8 @@ def audit_model(name: str, entry: dict[str, Any], args: argparse.Namespace, sett
 def label_only_spec(effort: str, url: str, budget: int) -> dict[str, Any]:
     """The white-box spec as a label-only model-API audit of ``url`` with ``budget`` queries."""
     return {**audit_spec(effort, None), "model": {"source": "api", "api": {"url": url, "output": "labels",
-                                                                         "query_budget": budget}}}
+                                                                         "query_budget": budget,
+                                                                         "label_only_detection": True}}}
 
 
 def label_only_budget(effort: str) -> int:

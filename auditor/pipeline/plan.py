@@ -336,18 +336,19 @@ def plan_audit(spec: AuditSpec, data: DataSummary, *, device: str | torch.device
     label_only = None
     if spec.model.source == "api":
         shape = _label_only_shape(preset, spec.seed)
+        wanted = preset.label_only_queries if spec.model.api.label_only_detection else 0
         queries = split_query_budget(
             budget=spec.model.api.query_budget, evaluation_images=data_plan.test_images,
             probe_images=probes.images, probe_queries_per_image=probes.probes + probes.after_probes + 2,
             pool_images=data_plan.pool_images, min_distill=preset.min_distill_queries,
             refit_share=REFIT_SHARE if refine.epochs > 1 else 0.0, effort=spec.effort,
-            detection_wanted=preset.label_only_queries, detection_floor=_label_only_floor(shape, num_classes, preset),
+            detection_wanted=wanted, detection_floor=_label_only_floor(shape, num_classes, wanted),
         )
         label_only, queries = _label_only_plan(shape, num_classes, queries, refit_share=REFIT_SHARE
                                                if refine.epochs > 1 else 0.0, pool_images=data_plan.pool_images)
         spare = queries.budget - queries.evaluation - queries.probes - surrogate_queries_for(
             min(preset.min_distill_queries, data_plan.pool_images), REFIT_SHARE if refine.epochs > 1 else 0.0)
-        notes += _label_only_notes(label_only, shape, num_classes, preset, spare)
+        notes += _label_only_notes(label_only, shape, num_classes, wanted, spare) if wanted else []
         surrogate = SurrogatePlan(
             architecture=(spec.model.architecture.name if spec.model.architecture else "small_cnn"),
             distill_queries=queries.distillation, distill_epochs=preset.distill_epochs,
@@ -484,10 +485,10 @@ def _label_only_shape(preset: EffortPreset, seed: int) -> LabelOnlyConfig:
                            search_steps=LABEL_ONLY_SEARCH_STEPS, seed=seed)
 
 
-def _label_only_floor(shape: LabelOnlyConfig, num_classes: int, preset: EffortPreset) -> int:
-    """One image per class: the smallest run worth its queries (0 when even that exceeds the effort's share)."""
+def _label_only_floor(shape: LabelOnlyConfig, num_classes: int, wanted: int) -> int:
+    """One image per class: the smallest run worth its queries (0 when even that exceeds the share ``wanted``)."""
     floor = queries_for(num_classes, 1, shape)
-    return floor if floor <= preset.label_only_queries else 0
+    return floor if floor <= wanted else 0
 
 
 def _label_only_plan(shape: LabelOnlyConfig, num_classes: int, queries: QueryPlan, *, refit_share: float,
@@ -511,7 +512,7 @@ def _with_detection(queries: QueryPlan, detection: int, refit_share: float, pool
                    unallocated=surrogate - distillation - refits)
 
 
-def _label_only_notes(plan: LabelOnlyPlan | None, shape: LabelOnlyConfig, num_classes: int, preset: EffortPreset,
+def _label_only_notes(plan: LabelOnlyPlan | None, shape: LabelOnlyConfig, num_classes: int, wanted: int,
                       spare: int) -> list[str]:
     """What the plan says about the label-only detection: its cost, or why it is skipped (``spare``: the queries
     above the minimum audit)."""
@@ -519,9 +520,9 @@ def _label_only_notes(plan: LabelOnlyPlan | None, shape: LabelOnlyConfig, num_cl
         return [f"Label-only trigger detection on the API: {plan.queries:,} queries ({plan.images_per_class} image(s) "
                 "per class); reported beside the verdict, not in it (not yet calibrated)."]
     floor = queries_for(num_classes, 1, shape)
-    if floor > preset.label_only_queries:
+    if floor > wanted:
         return [f"No label-only trigger detection: one image for each of {num_classes} classes costs {floor:,} "
-                f"queries, over the {preset.label_only_queries:,} this effort gives it."]
+                f"queries, over the {wanted:,} this effort gives it."]
     return [f"No label-only trigger detection: it needs {floor:,} queries beyond the minimum audit; raise "
             f"model.api.query_budget by {floor - spare:,} or more to run it."]
 

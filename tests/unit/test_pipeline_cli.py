@@ -146,7 +146,7 @@ def test_an_api_audit_runs_the_label_only_detection_within_its_reserved_queries(
         spec = parse_spec({"effort": "tiny", "data": {"train_size": 600, "test_size": 200},
                            "controls": {"attacks": []}, "refine": {"epochs": 1}, "model": {"source": "api", "api": {
                                "url": server.url + "/v1/models/model:predict", "output": "labels",
-                               "query_budget": 3000}}})
+                               "query_budget": 3000, "label_only_detection": True}}})
         result = run_audit(spec, AuditInputs(tmp_path, allowed_hosts=("127.0.0.1",)))
         served = server.stats()["queries"]
     assert result.status == "succeeded", result.error
