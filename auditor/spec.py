@@ -47,6 +47,10 @@ class ApiSpec(_Strict):
     auth_value: str | None = Field(None, max_length=4096, description="Secret header value; redacted in reports.", json_schema_extra={"writeOnly": True})
     query_budget: int = Field(DEFAULT_QUERY_BUDGET, ge=100, le=10_000_000,
                               description="Hard cap on images sent to the API; the plan splits it (auditor/pipeline/budget.py).")
+    label_only_detection: bool = Field(
+        False, description="Also search the API itself for a trigger with label-only queries (up to the effort's "
+                            "share of the budget, taken from the surrogate's). Not yet calibrated: reported beside "
+                            "the verdict, never in it.")
     batch_size: int = Field(64, ge=1, le=4096)
     max_concurrency: int = Field(4, ge=1, le=64)
     rate_limit_per_s: float | None = Field(None, gt=0)

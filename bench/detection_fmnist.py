@@ -4,6 +4,7 @@
     python -m bench.detection_fmnist                        # audit every zoo model not audited yet, then analyse
     python -m bench.detection_fmnist --split heldout        # only the held-out half
     python -m bench.detection_fmnist --analyse-only         # refit and rewrite the results from saved audits
+    python -m bench.detection_fmnist --blackbox-labels      # also audit every model as a label-only API
 
 Each zoo model is audited with ``run_audit`` and spec fields only: ``{"effort": E,
 "controls": {"attacks": []}, "refine": {"epochs": 1, "pool_size": 2000}}`` (REFINE
@@ -23,6 +24,15 @@ shipped in ``auditor/detection/combined.py`` are the ones this analysis printed;
 score is recomputed here from the saved features with the fitted coefficients, so
 the held-out figures describe the fit even before the product is updated; when
 they agree, ``score_whitebox`` equals what the audits reported.
+
+``--blackbox-labels`` audits every zoo model a second time as a model API: the
+reference ``ModelServer`` serves it on loopback with labels only (as bench/audits.py's
+``api_audit`` does) and ``run_audit`` audits its URL with the same spec fields plus
+``model.api`` (``output: labels`` and the smallest query budget whose plan runs the
+label-only detection, read from the plan's own refusal). Its readings are saved under
+``--work-dir/parts_labels``; the analysis then fills ``heldout.blackbox_labels`` with
+the label-only anomaly index as the score (uncalibrated: ROC-AUC and TPR at 5% FPR
+need no threshold) and the detection's median queries per model.
 """
 
 from __future__ import annotations
@@ -38,8 +48,11 @@ from typing import Any
 
 import torch
 
+from auditor.blackbox import ModelServer
 from auditor.detection.combined import COMBINED, CombinedModel, features
-from auditor.pipeline import AuditInputs, run_audit
+from auditor.errors import AuditError, ErrorCode
+from auditor.models import load_checkpoint
+from auditor.pipeline import FASHION_MNIST, AuditInputs, plan_audit, run_audit
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.common import RESULTS, provenance, write_json
@@ -88,6 +101,50 @@ def audit_model(name: str, entry: dict[str, Any], args: argparse.Namespace, sett
         "probe_level": verdict.get("probe_level"), "gates_tripped": [g["name"] for g in report.get("gates") or []
                                                                      if g["tripped"]],
         "spec": spec, "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def label_only_spec(effort: str, url: str, budget: int) -> dict[str, Any]:
+    """The white-box spec as a label-only model-API audit of ``url`` with ``budget`` queries."""
+    return {**audit_spec(effort, None), "model": {"source": "api", "api": {"url": url, "output": "labels",
+                                                                         "query_budget": budget,
+                                                                         "label_only_detection": True}}}
+
+
+def label_only_budget(effort: str) -> int:
+    """The smallest budget whose plan runs the label-only detection: the ``with_detection`` of the plan's refusal."""
+    try:
+        plan_audit(parse_spec(label_only_spec(effort, "http://127.0.0.1:9/v1/models/model:predict", 100)),
+                   FASHION_MNIST)
+    except AuditError as error:
+        if error.code is ErrorCode.INSUFFICIENT_QUERY_BUDGET:
+            return int(error.detail["with_detection"])
+        raise
+    raise RuntimeError("a 100-query budget was planned: the budget split changed")
+
+
+def audit_model_labels(name: str, entry: dict[str, Any], args: argparse.Namespace,
+                       settings: Settings) -> dict[str, Any]:
+    """One label-only API audit of a zoo model served on loopback; the report's ``detection.label_only``."""
+    work = args.work_dir / "audits_labels" / name
+    model = load_checkpoint(Path(entry["path"])).module.eval()
+    budget = label_only_budget(args.effort)
+    inputs = AuditInputs(work, allowed_hosts=(*settings.allowed_hosts, *LOOPBACK), device=settings.device,
+                         fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir)
+    started = time.perf_counter()
+    with ModelServer(model, protocol="v1", labels_only=True) as server:
+        spec = label_only_spec(args.effort, server.url + "/v1/models/model:predict", budget)
+        result = run_audit(parse_spec(spec), inputs)
+        served = server.stats()["queries"]
+    report = result.report or {}
+    lo = (report.get("detection") or {}).get("label_only") or {}
+    return {
+        "name": name, "status": result.status, "seconds": round(time.perf_counter() - started, 1),
+        "anomaly_index": lo.get("anomaly_index"), "suspected_class": lo.get("suspected_class"),
+        "detection_queries": lo.get("queries"), "detection_query_cap": lo.get("query_cap"),
+        "queries_used": (report.get("queries") or {}).get("queries_used"), "queries_served": served,
+        "spec": label_only_spec(args.effort, "http://127.0.0.1:PORT/v1/models/model:predict", budget),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -186,7 +243,8 @@ def pick_thresholds(scores: list[float], positive: list[bool]) -> tuple[float, f
 # -- the analysis -----------------------------------------------------------------------------------------------------
 
 
-def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: CombinedModel | None) -> dict[str, Any]:
+def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: CombinedModel | None,
+            labels: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     models = manifest["models"]
     rows = [p for p in parts.values() if p["status"] == "succeeded" and p["name"] in models]
     truth = {n: models[n]["spec"]["attack"] is not None for n in models}
@@ -200,12 +258,10 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
         fitted = CombinedModel(fitted.intercept, fitted.weights, likely, suspicious)
     scorer = model or fitted
     assert scorer is not None
-    entries = [_entry(r, models[r["name"]], scorer) for r in rows]
+    entries = [_entry(r, models[r["name"]], scorer, (labels or {}).get(r["name"])) for r in rows]
     held = [e for e in entries if e["split"] == "heldout"]
     out = {
-        "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": {
-            "roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "queries_per_model": None,
-            "not_measured": "label-only black-box detection is outside this benchmark (issue 15's other half)"}},
+        "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": _label_only_separation(held)},
         "calibration": {"whitebox": _separation([e for e in entries if e["split"] == "calibration"], scorer)},
         "fitted_on_calibration": fitted and fitted.to_dict(),
         "scored_with": scorer.to_dict(),
@@ -223,12 +279,17 @@ def implanted(model: dict[str, Any]) -> bool:
     return (model.get("asr") or 0.0) >= IMPLANTED_ASR
 
 
-def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel) -> dict[str, Any]:
+def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
+           label: dict[str, Any] | None = None) -> dict[str, Any]:
     spec = m["spec"]
     score = scorer.score(features(r))
+    measured = label is not None and label["status"] == "succeeded" and label["anomaly_index"] is not None
     return {
         "name": r["name"], "split": spec["split"], "backdoored": spec["attack"] is not None, "attack": spec["attack"],
-        "architecture": spec["arch"], "score_whitebox": round(score, 4), "score_blackbox": None,
+        "architecture": spec["arch"], "score_whitebox": round(score, 4),
+        "score_blackbox": label["anomaly_index"] if measured else None,
+        "blackbox_suspected_class": label["suspected_class"] if measured else None,
+        "blackbox_queries": label["detection_queries"] if measured else None,
         # The level the combined score gives (gates aside): the audits' own verdicts are inconclusive by design,
         # their one-epoch REFINE breaks the model and trips the defense gates (audit_spec).
         "verdict": scorer.level(score, bool(r.get("recovered"))), "audit_verdict": r["verdict"],
@@ -263,6 +324,25 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
         "implanted_only": _implanted_only(working, neg, scorer),
         "verdicts": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
                      ("likely_backdoored", "suspicious", "no_evidence")},
+    }
+
+
+def _label_only_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out separation by the label-only anomaly index (not calibrated: threshold-free figures only)."""
+    scored = [e for e in held if e["score_blackbox"] is not None]
+    positive = [e["backdoored"] for e in scored]
+    if not any(positive) or all(positive):
+        return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "queries_per_model": None, "n": len(scored),
+                "not_measured": "no label-only API audits of both clean and backdoored held-out models "
+                                "(run with --blackbox-labels)"}
+    scores = [float(e["score_blackbox"]) for e in scored]
+    queries = [e["blackbox_queries"] for e in scored]
+    return {
+        "roc_auc": round(roc_auc(scores, positive), 3), "ci95": [round(v, 3) for v in bootstrap_auc(scores, positive)],
+        "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3), "queries_per_model": _median(queries),
+        "max_queries_per_model": max(queries), "n_backdoored": sum(positive), "n_clean": len(scored) - sum(positive),
+        "score": "detection.label_only.anomaly_index of a label-only API audit (uncalibrated)",
+        "named_target": sum(e["blackbox_suspected_class"] == e["target"] for e in scored if e["backdoored"]),
     }
 
 
@@ -338,6 +418,22 @@ def audit_pending(args: argparse.Namespace, settings: Settings, parts_dir: Path)
               flush=True)
 
 
+def audit_pending_labels(args: argparse.Namespace, settings: Settings, labels_dir: Path) -> None:
+    """The label-only API audit of every zoo model built so far that has none (claim files as above)."""
+    wanted = set(args.models.split(",")) if args.models else None
+    manifest = load_manifest(args.zoo)
+    for name in audit_order(manifest, args.split):
+        claim, part_path = labels_dir / f"{name}.claim", labels_dir / f"{name}.json"
+        if (wanted is not None and name not in wanted) or part_path.exists() or claim.exists():
+            continue
+        claim.write_text(str(os.getpid()))
+        part = audit_model_labels(name, manifest["models"][name], args, settings)
+        write_json(part_path, part)
+        claim.unlink()
+        print(f"{name} (label-only API): {part['status']} index {part['anomaly_index']} class "
+              f"{part['suspected_class']} queries {part['detection_queries']} ({part['seconds']} s)", flush=True)
+
+
 def load_parts(parts_dir: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(parts_dir.glob("*.json"))}
 
@@ -347,14 +443,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings.from_env()
     parts_dir = args.work_dir / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
+    labels_dir = args.work_dir / "parts_labels"
+    labels_dir.mkdir(parents=True, exist_ok=True)
     if not args.analyse_only:
         audit_pending(args, settings, parts_dir)
+        if args.blackbox_labels:
+            audit_pending_labels(args, settings, labels_dir)
     manifest = load_manifest(args.zoo)
     parts = load_parts(parts_dir)
-    result = analyse(parts, manifest, None if args.refit else COMBINED)
+    result = analyse(parts, manifest, None if args.refit else COMBINED, load_parts(labels_dir))
     payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"),
                "zoo": {"models": len(manifest["models"]), "audited": len(parts)},
-               "config": {"spec": audit_spec(args.effort, None), "features": list(FEATURES)}, "notes": NOTES}
+               "config": {"spec": audit_spec(args.effort, None), "features": list(FEATURES),
+                          "blackbox_labels_budget": label_only_budget(args.effort)}, "notes": NOTES}
     write_json(args.out, payload)
     print(json.dumps({"heldout": result["heldout"]["whitebox"], "fitted": result["fitted_on_calibration"]}, indent=1))
     return payload
@@ -391,6 +492,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analyse-only", action="store_true")
     p.add_argument("--no-wait", action="store_true", help="audit what the zoo has now instead of waiting for the rest")
     p.add_argument("--refit", action="store_true", help="score with the coefficients fitted now, not the shipped ones")
+    p.add_argument("--blackbox-labels", action="store_true",
+                   help="also audit every model as a label-only API on loopback (fills heldout.blackbox_labels)")
     p.add_argument("--out", type=Path, default=RESULTS / "detection_fmnist.json")
     return p.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """How a model-API audit spends its query budget: the arithmetic behind ``AuditPlan.queries``.
 
-One query is one image sent to the API. An audit spends them on four things, in
+One query is one image sent to the API. An audit spends them on five things, in
 this order of priority:
 
 1. **Evaluation**: every scored test image is sent twice, raw (the API's BA) and
@@ -12,10 +12,15 @@ this order of priority:
 3. **Distillation**: never fewer than the effort's minimum, justified by the
    agreement-versus-queries curve (plan.py, ``MIN_DISTILL_QUERIES``), and never
    more than the pool has distinct images.
-4. **Refits** on T(x) while REFINE trains: ``refit_share`` of the surrogate's
+4. **Label-only detection** on the API itself (auditor/detection/label_only.py):
+   what the first three leave, up to the effort's share (``detection_wanted``), and
+   nothing when that cannot pay for its smallest run (``detection_floor``, one image
+   per class). It is extra evidence that does not move the verdict yet, so it never
+   makes a budget insufficient; the refusal names the budget that would also pay it.
+5. **Refits** on T(x) while REFINE trains: ``refit_share`` of the surrogate's
    queries (distillation + refits), kept back from distillation.
 
-Whatever evaluation and probes leave goes to the surrogate, split by
+Whatever evaluation, probes and detection leave goes to the surrogate, split by
 ``refit_share``. When the budget cannot cover evaluation, probes and the minimum
 surrogate, the plan is refused with ``insufficient_query_budget`` and the budget
 that would work; nothing is ever squeezed to a two-query surrogate.
@@ -42,10 +47,12 @@ class QueryPlan:
     evaluation: int
     probes: int
     unallocated: int  # left when the pool caps distillation; the client simply never spends it
+    detection: int = 0  # label-only trigger detection on the API (0 in plans read back from reports before 2.4)
 
 
 def split_query_budget(*, budget: int, evaluation_images: int, probe_images: int, probe_queries_per_image: int,
-                       pool_images: int, min_distill: int, refit_share: float, effort: str) -> QueryPlan:
+                       pool_images: int, min_distill: int, refit_share: float, effort: str,
+                       detection_wanted: int = 0, detection_floor: int = 0) -> QueryPlan:
     """Split ``budget`` as the module docstring says; raises ``insufficient_query_budget`` below the minimum."""
     evaluation = 2 * evaluation_images
     probes = probe_images * probe_queries_per_image
@@ -59,12 +66,24 @@ def split_query_budget(*, budget: int, evaluation_images: int, probe_images: int
         )
     needed = evaluation + probes + surrogate_queries_for(distill_floor, refit_share)
     if budget < needed:
-        raise insufficient_budget(budget, needed, effort, evaluation, probes, needed - evaluation - probes)
-    surrogate = budget - evaluation - probes
+        raise insufficient_budget(budget, needed, effort, evaluation, probes, needed - evaluation - probes,
+                                  detection_floor)
+    detection = detection_share(budget - needed, detection_wanted, detection_floor)
+    surrogate = budget - evaluation - probes - detection
     distillation = min(pool_images, math.floor(surrogate * (1 - refit_share)))
     refits = math.floor(surrogate * refit_share) if refit_share > 0 else 0
     return QueryPlan(budget=budget, distillation=distillation, refits=refits, evaluation=evaluation, probes=probes,
-                     unallocated=budget - evaluation - probes - distillation - refits)
+                     detection=detection, unallocated=budget - evaluation - probes - detection - distillation - refits)
+
+
+def detection_share(spare: int, wanted: int, floor: int) -> int:
+    """Label-only detection's queries: up to ``wanted`` of the ``spare`` above the minimum, 0 below its floor.
+
+    The plan rounds the share down to whole images per class (plan.py ``_label_only_plan``)
+    and hands what that leaves back to the surrogate.
+    """
+    share = min(spare, wanted)
+    return share if share >= floor > 0 else 0
 
 
 def surrogate_queries_for(distillation: int, refit_share: float) -> int:
@@ -73,14 +92,17 @@ def surrogate_queries_for(distillation: int, refit_share: float) -> int:
 
 
 def insufficient_budget(budget: int, needed: int, effort: str, evaluation: int, probes: int,
-                        surrogate: int) -> AuditError:
-    """``insufficient_query_budget``: the minimum that works, and what to change."""
+                        surrogate: int, detection: int = 0) -> AuditError:
+    """``insufficient_query_budget``: the minimum that works, the budget that also runs label-only detection,
+    and what to change."""
+    with_detection = (f"; {needed + detection:,} also run the label-only trigger detection on the API "
+                      f"({detection:,} more)") if detection else ""
     return AuditError(
         ErrorCode.INSUFFICIENT_QUERY_BUDGET,
         f"Effort {effort!r} needs at least {needed:,} queries (evaluation {evaluation:,} + probes {probes:,} + "
-        f"surrogate {surrogate:,}); the budget is {budget:,}. Raise model.api.query_budget, or lower data.test_size "
-        "(2 queries per test image) or probes.images.",
+        f"surrogate {surrogate:,}){with_detection}; the budget is {budget:,}. Raise model.api.query_budget, or "
+        "lower data.test_size (2 queries per test image) or probes.images.",
         {"fields": [{"field": "model.api.query_budget", "message": f"at least {needed} queries are needed"}],
-         "budget": budget, "needed": needed,
+         "budget": budget, "needed": needed, "with_detection": needed + detection,
          "minimum": {"evaluation": evaluation, "probes": probes, "surrogate": surrogate}},
     )

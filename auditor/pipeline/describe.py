@@ -26,7 +26,13 @@ def describe_plan(plan: AuditPlan) -> list[tuple[str, str]]:
         rows.append(("Surrogate", f"{s.architecture}, {_count(s.distill_epochs, 'epoch')} on {s.distill_queries:,} "
                                   f"API answers; {_count(s.refit_rounds, 'refit')} on {s.refit_queries:,} transformed images"))
         rows.append(("Queries", f"{q.budget:,}: distillation {q.distillation:,}, refits {q.refits:,}, evaluation "
-                                f"{q.evaluation:,}, probes {q.probes:,}, unused {q.unallocated:,}"))
+                                f"{q.evaluation:,}, probes {q.probes:,}, label-only detection {q.detection:,}, "
+                                f"unused {q.unallocated:,}"))
+    if plan.label_only is not None:
+        lo = plan.label_only
+        rows.append(("Label-only detection", f"{lo.images_per_class} image(s) per class, {_count(lo.rounds, 'round')} "
+                                             f"of {lo.directions} directions, at most {lo.queries:,} API queries; "
+                                             "not calibrated, does not move the verdict"))
     stages = ", ".join(f"{stage} {_duration(s)}" for stage, s in plan.estimate_seconds.items())
     rows.append(("Estimated time", f"{_duration(plan.total_seconds)} on one CPU core ({stages})"))
     rows += [("Note", note) for note in plan.notes]

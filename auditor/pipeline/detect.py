@@ -7,6 +7,13 @@ rarely inherits the API's backdoor: what the search finds there is evidence abou
 the surrogate. It is reported as such and does not move the verdict (verdict.py).
 The search costs no API query.
 
+API audits then look at the API itself: the label-only search (auditor/detection/
+label_only.py) spends the queries the plan reserved (``plan.label_only``) on the
+held-out test images, whose API answers the surrogate stage already has. It is
+reported as ``detection.label_only`` with its picture ``label-only-maps.png``; it
+has not been calibrated on the model zoo, so it does not move the verdict and the
+combined score ignores it.
+
 Its picture (mask, pattern, mask x pattern, and held-out images before and after
 the trigger is stamped) is written beside the report as ``trigger-recovered.png``.
 """
@@ -16,8 +23,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+from torch.nn import functional as F
+
+from auditor.blackbox import api_predictor
 from auditor.detection import TriggerSearchConfig, TriggerSearchResult, search_triggers, stamp
 from auditor.detection.combined import CALIBRATED_SEARCH_IMAGES, CALIBRATED_SEARCH_STEPS
+from auditor.detection.label_only import METHOD, LabelOnlyConfig, LabelOnlyResult, label_only_detection
 from auditor.pipeline.state import AuditState
 from auditor.pipeline.verdict import (
     TRIGGER_MAX_MASK_FRACTION,
@@ -31,6 +43,7 @@ from auditor.runtime import CancelFn, ProgressFn
 log = logging.getLogger(__name__)
 
 TRIGGER_IMAGE = "trigger-recovered.png"
+LABEL_ONLY_IMAGE = "label-only-maps.png"
 EXAMPLES = 6  # held-out images shown clean and triggered
 
 
@@ -50,6 +63,59 @@ def stage_detect(state: AuditState, on_progress: ProgressFn, should_cancel: Canc
         return
     state.detection = result
     state.sections["detection"] = detection_section(result, plan.model, _draw(state, result))
+    if state.plan.label_only is not None and state.api is not None:
+        _label_only(state, on_progress, should_cancel)
+
+
+def _label_only(state: AuditState, on_progress: ProgressFn, should_cancel: CancelFn) -> None:
+    """The label-only search on the API within the plan's reserved queries, as ``detection.label_only``."""
+    plan = state.plan.label_only
+    config = LabelOnlyConfig(images_per_class=plan.images_per_class, iterations=plan.rounds,
+                             directions=plan.directions, search_steps=plan.search_steps, seed=state.spec.seed)
+    assert state.test.y is not None  # the surrogate stage labels unlabelled test images with the API's answers
+    try:
+        result = label_only_detection(api_predictor(state.api), state.test.x.float() / 255, state.test.y,
+                                      state.num_classes, config, plan.queries, on_progress=on_progress,
+                                      should_cancel=should_cancel)
+    except ValueError as exc:  # the cap cannot pay one image per class: the plan never asks for that
+        log.warning("label-only detection did not run: %s", exc)
+        state.warnings.append(f"Label-only trigger detection could not run on the API ({exc}).")
+        return
+    state.sections["detection"]["label_only"] = label_only_section(result, _draw_maps(state, result))
+
+
+def label_only_section(result: LabelOnlyResult, image: str | None) -> dict[str, Any]:
+    """The report's ``detection.label_only`` (auditor/report/schema.py, ``LabelOnlyDetection``)."""
+    c = result.config
+    return {
+        "method": METHOD, "calibrated": False, "counts_toward_verdict": False,
+        "suspected_class": result.suspected_class, "anomaly_index": round(result.anomaly_index, 4),
+        "peaks": [round(p, 4) for p in result.peaks],
+        "anomaly_indices": [round(v, 4) for v in result.anomaly_indices],
+        "peak_pixels": [list(p) for p in result.peak_pixels], "images": list(result.images),
+        "images_per_class": c.images_per_class, "rounds": c.iterations, "directions": c.directions,
+        "search_steps": c.search_steps, "queries": result.queries, "query_cap": result.query_cap,
+        "seconds": result.seconds, "image": image,
+    }
+
+
+def _draw_maps(state: AuditState, result: LabelOnlyResult) -> str | None:
+    """Every class's boundary map as the peak reads it (window means, scaled to its own maximum) under a held-out
+    image of that class."""
+    w = result.config.peak_window
+    smooth = F.avg_pool2d(result.maps.unsqueeze(1), w, stride=1, padding=w // 2, count_include_pad=False)
+    smooth = smooth[..., :result.maps.shape[1], :result.maps.shape[2]]
+    maps = smooth / smooth.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    examples = [state.test.x[state.test.y == k][:1].float() / 255 for k in range(state.num_classes)]
+    blank = torch.zeros(1, *state.test.x.shape[1:])
+    rows = {"class image": torch.cat([e if len(e) else blank for e in examples]), f"map ({w}x{w} mean)": maps}
+    title = f"Label-only maps, peak: {state.data_info['class_names'][result.suspected_class]} (not calibrated)"
+    try:
+        image_grid(rows, state.out / LABEL_ONLY_IMAGE, title=title, max_images=state.num_classes)
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.warning("could not draw the label-only maps: %s", exc)
+        return None
+    return LABEL_ONLY_IMAGE
 
 
 def trigger_finding(state: AuditState) -> TriggerFinding | None:

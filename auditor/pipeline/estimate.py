@@ -70,6 +70,9 @@ def estimate_stage_seconds(*, stages: tuple[str, ...], data: DataPlan, refine: R
     if detection is not None:
         stamped = detection.steps * data.num_classes * detection.batch_size + detection.holdout_images
         seconds["detect"] = stamped * DETECT_S_PER_STAMPED_IMAGE
+    if queries is not None and queries.detection:
+        # The label-only search on the API: its queries, one to a few images per request.
+        seconds["detect"] = seconds.get("detect", 0.0) + queries.detection * QUERY_S_PER_IMAGE
     return {stage: round(seconds.get(stage, 0.0), 1) for stage in stages}
 
 

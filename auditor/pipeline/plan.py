@@ -4,7 +4,8 @@
 Before any work, ``plan_audit(spec, data)`` turns what the user asked for into an
 immutable ``AuditPlan``: epochs, pool and test sizes, U-Net width, batch sizes,
 positive-control settings, probe images and, for a model behind an API, how the
-query budget splits between distillation, surrogate refits, evaluation and probes.
+query budget splits between distillation, surrogate refits, evaluation, probes and
+the label-only trigger detection on the API.
 Every stage reads its numbers from the plan; the worker's progress bar, the report
 (its ``plan`` section), ``refine-audit audit --plan`` and the REST dry run show the
 same object. Planning needs only the data's sizes, shape and classes, so the web
@@ -24,16 +25,18 @@ stage, so ``auditor.spec`` and ``auditor.blackbox`` can read it.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import ConfigDict, TypeAdapter, with_config
 
+from auditor.detection.label_only import LabelOnlyConfig, images_within, queries_for
 from auditor.errors import AuditError, ErrorCode
 from auditor.evaluation.intervals import images_for_half_width, wilson
 from auditor.evaluation.probes import ProbeConfig, build_battery
-from auditor.pipeline.budget import QueryPlan, split_query_budget
+from auditor.pipeline.budget import QueryPlan, split_query_budget, surrogate_queries_for
 from auditor.pipeline.estimate import estimate_stage_seconds
 from auditor.pipeline.verdict import EVALUATION_HALF_WIDTH, probe_images_floor
 from auditor.refine.config import RefineConfig
@@ -92,6 +95,8 @@ API_PROBE_BATTERY: dict[str, Any] = {
 }
 #: API audits probe the defended model with the submitted model's strongest probes only (see evaluate.py).
 API_AFTER_PROBES = 5
+#: Label-only trigger detection on the API (auditor/detection/label_only.py): halvings per boundary search.
+LABEL_ONLY_SEARCH_STEPS = 8
 
 Source = Literal["checkpoint", "api"]
 _FORBID_EXTRA = ConfigDict(extra="forbid")  # plans read back from report.json are checked field by field
@@ -115,6 +120,14 @@ class EffortPreset:
     detect_images: int  # ... clean pool images the masks are optimised on
     detect_holdout: int  # ... held-out test images the recovered trigger's success is measured on
     detect_batch: int  # ... clean images stamped per step and class (cost: steps x classes x batch predictions)
+    # Label-only detection on a model API (auditor/detection/label_only.py). Per image and class it costs
+    # LABEL_ONLY_SEARCH_STEPS + rounds x (directions + 13) queries: 473 at standard, so 10 classes x 1 image fit
+    # the 5,000 the detection may take there (the issue's share of an audit's budget). Tiny's 390 for 10 classes
+    # is a smoke check of the stage: more took the surrogate of a 3,000-query tiny audit below 50% agreement.
+    label_only_queries: int  # the most it may take of the query budget
+    label_only_images: int  # clean images per class whose boundary is probed (fewer when the share is smaller)
+    label_only_rounds: int  # HopSkipJump rounds per image
+    label_only_directions: int  # random directions per gradient estimate
 
 
 EFFORTS: dict[str, EffortPreset] = {
@@ -123,25 +136,29 @@ EFFORTS: dict[str, EffortPreset] = {
         refine_epochs=1, refine_pool=512, unet_width=8, control_epochs=1, control_train_images=1000,
         probe_images=60, api_probe_images=30, test_images=300, distill_epochs=2, min_distill_queries=200,
         detect_steps=30, detect_images=32, detect_holdout=100, detect_batch=8,
+        label_only_queries=400, label_only_images=1, label_only_rounds=1, label_only_directions=16,
     ),
     "quick": EffortPreset(
         refine_epochs=3, refine_pool=10_000, unet_width=16, control_epochs=3, control_train_images=20_000,
         probe_images=300, api_probe_images=100, test_images=5000, distill_epochs=6,
         min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=100, detect_images=256, detect_holdout=300,
-        detect_batch=32,
+        detect_batch=32, label_only_queries=2500, label_only_images=1, label_only_rounds=3,
+        label_only_directions=60,
     ),
     # REFINE's own defaults, chosen by bench/refine_fmnist.py (6 epochs over 20,000 images, width 16).
     "standard": EffortPreset(
         refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size, unet_width=16, control_epochs=6,
         control_train_images=None, probe_images=500, api_probe_images=100, test_images=None, distill_epochs=10,
         min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=300, detect_images=512, detect_holdout=500,
-        detect_batch=32,
+        detect_batch=32, label_only_queries=5000, label_only_images=1, label_only_rounds=5,
+        label_only_directions=80,
     ),
     "thorough": EffortPreset(
         refine_epochs=12, refine_pool=None, unet_width=32, control_epochs=10, control_train_images=None,
         probe_images=1000, api_probe_images=200, test_images=None, distill_epochs=15,
         min_distill_queries=MIN_DISTILL_QUERIES_THOROUGH, detect_steps=500, detect_images=1000, detect_holdout=1000,
-        detect_batch=32,
+        detect_batch=32, label_only_queries=10_000, label_only_images=2, label_only_rounds=5,
+        label_only_directions=80,
     ),
 }
 
@@ -232,6 +249,22 @@ class DetectionPlan:
 
 @with_config(_FORBID_EXTRA)
 @dataclass(frozen=True)
+class LabelOnlyPlan:
+    """API audits: label-only trigger detection on the API itself (auditor/detection/label_only.py).
+
+    Reported beside the verdict, never in it: it has not been calibrated on the zoo.
+    ``queries`` is what the search may send at most (``QueryPlan.detection``).
+    """
+
+    queries: int
+    images_per_class: int
+    rounds: int  # HopSkipJump rounds per image
+    directions: int  # random directions per gradient estimate
+    search_steps: int  # halvings per boundary search
+
+
+@with_config(_FORBID_EXTRA)
+@dataclass(frozen=True)
 class ControlsPlan:
     """Each control trains until its backdoor implanted (``stop_rule``), at most ``epochs`` over ``train_images``."""
 
@@ -266,6 +299,7 @@ class AuditPlan:
     probes: ProbePlan
     controls: ControlsPlan
     detection: DetectionPlan | None = None  # None only in plans read back from reports written before it existed
+    label_only: LabelOnlyPlan | None = None  # API audits whose budget pays for it (None: checkpoint, or skipped)
     surrogate: SurrogatePlan | None = None
     queries: QueryPlan | None = None
     estimate_seconds: dict[str, float] = field(default_factory=dict)  # per stage, from measured rates (estimate.py)
@@ -299,13 +333,22 @@ def plan_audit(spec: AuditSpec, data: DataSummary, *, device: str | torch.device
     bf16 = _bf16(spec, device)
     surrogate = queries = None
     notes = list(_data_notes(spec, data_plan))
+    label_only = None
     if spec.model.source == "api":
+        shape = _label_only_shape(preset, spec.seed)
+        wanted = preset.label_only_queries if spec.model.api.label_only_detection else 0
         queries = split_query_budget(
             budget=spec.model.api.query_budget, evaluation_images=data_plan.test_images,
             probe_images=probes.images, probe_queries_per_image=probes.probes + probes.after_probes + 2,
             pool_images=data_plan.pool_images, min_distill=preset.min_distill_queries,
             refit_share=REFIT_SHARE if refine.epochs > 1 else 0.0, effort=spec.effort,
+            detection_wanted=wanted, detection_floor=_label_only_floor(shape, num_classes, wanted),
         )
+        label_only, queries = _label_only_plan(shape, num_classes, queries, refit_share=REFIT_SHARE
+                                               if refine.epochs > 1 else 0.0, pool_images=data_plan.pool_images)
+        spare = queries.budget - queries.evaluation - queries.probes - surrogate_queries_for(
+            min(preset.min_distill_queries, data_plan.pool_images), REFIT_SHARE if refine.epochs > 1 else 0.0)
+        notes += _label_only_notes(label_only, shape, num_classes, wanted, spare) if wanted else []
         surrogate = SurrogatePlan(
             architecture=(spec.model.architecture.name if spec.model.architecture else "small_cnn"),
             distill_queries=queries.distillation, distill_epochs=preset.distill_epochs,
@@ -319,8 +362,8 @@ def plan_audit(spec: AuditSpec, data: DataSummary, *, device: str | torch.device
     )
     return AuditPlan(
         effort=spec.effort, source=spec.model.source, device=device.type, bf16=bf16, seed=spec.seed, stages=stages,
-        data=data_plan, refine=refine, probes=probes, controls=controls, detection=detection, surrogate=surrogate,
-        queries=queries, estimate_seconds=estimate, notes=tuple(notes),
+        data=data_plan, refine=refine, probes=probes, controls=controls, detection=detection, label_only=label_only,
+        surrogate=surrogate, queries=queries, estimate_seconds=estimate, notes=tuple(notes),
     )
 
 
@@ -433,6 +476,55 @@ def _detection_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> De
         model="surrogate" if spec.model.source == "api" else "submitted", steps=preset.detect_steps, images=images,
         batch_size=min(preset.detect_batch, images), holdout_images=min(preset.detect_holdout, data.test_images),
     )
+
+
+def _label_only_shape(preset: EffortPreset, seed: int) -> LabelOnlyConfig:
+    """The label-only search at an effort level, costed here; the detect stage runs what the plan records."""
+    return LabelOnlyConfig(images_per_class=preset.label_only_images,
+                           iterations=preset.label_only_rounds, directions=preset.label_only_directions,
+                           search_steps=LABEL_ONLY_SEARCH_STEPS, seed=seed)
+
+
+def _label_only_floor(shape: LabelOnlyConfig, num_classes: int, wanted: int) -> int:
+    """One image per class: the smallest run worth its queries (0 when even that exceeds the share ``wanted``)."""
+    floor = queries_for(num_classes, 1, shape)
+    return floor if floor <= wanted else 0
+
+
+def _label_only_plan(shape: LabelOnlyConfig, num_classes: int, queries: QueryPlan, *, refit_share: float,
+                     pool_images: int) -> tuple[LabelOnlyPlan | None, QueryPlan]:
+    """Whole images per class within the reserved share; what rounding leaves goes back to the surrogate."""
+    images = images_within(queries.detection, num_classes, shape)
+    if images == 0:
+        return None, _with_detection(queries, 0, refit_share, pool_images)
+    used = queries_for(num_classes, images, shape)
+    plan = LabelOnlyPlan(queries=used, images_per_class=images, rounds=shape.iterations,
+                         directions=shape.directions, search_steps=shape.search_steps)
+    return plan, _with_detection(queries, used, refit_share, pool_images)
+
+
+def _with_detection(queries: QueryPlan, detection: int, refit_share: float, pool_images: int) -> QueryPlan:
+    """The split with ``detection`` queries reserved and the surrogate given the rest, as budget.py splits it."""
+    surrogate = queries.budget - queries.evaluation - queries.probes - detection
+    distillation = min(pool_images, math.floor(surrogate * (1 - refit_share)))
+    refits = math.floor(surrogate * refit_share) if refit_share > 0 else 0
+    return replace(queries, detection=detection, distillation=distillation, refits=refits,
+                   unallocated=surrogate - distillation - refits)
+
+
+def _label_only_notes(plan: LabelOnlyPlan | None, shape: LabelOnlyConfig, num_classes: int, wanted: int,
+                      spare: int) -> list[str]:
+    """What the plan says about the label-only detection: its cost, or why it is skipped (``spare``: the queries
+    above the minimum audit)."""
+    if plan is not None:
+        return [f"Label-only trigger detection on the API: {plan.queries:,} queries ({plan.images_per_class} image(s) "
+                "per class); reported beside the verdict, not in it (not yet calibrated)."]
+    floor = queries_for(num_classes, 1, shape)
+    if floor > wanted:
+        return [f"No label-only trigger detection: one image for each of {num_classes} classes costs {floor:,} "
+                f"queries, over the {wanted:,} this effort gives it."]
+    return [f"No label-only trigger detection: it needs {floor:,} queries beyond the minimum audit; raise "
+            f"model.api.query_budget by {floor - spare:,} or more to run it."]
 
 
 def _bf16(spec: AuditSpec, device: torch.device) -> bool:

@@ -69,13 +69,25 @@ def report_dict(state: AuditState, status: str, error: AuditError | None) -> dic
     for key in ("utility", "probes", "positive_controls", "detection"):
         if key in state.sections:
             report[key] = state.sections[key]
-    image = (state.sections.get("detection") or {}).get("image")
-    if image:
-        report["images"] = [{"file": image, "caption": "Recovered trigger: held-out images clean and with the trigger "
-                                                       "stamped, the mask, the pattern and mask \u00d7 pattern"}]
+    report["images"] = _detection_images(state.sections.get("detection") or {})
     if status == "succeeded":
         _add_conclusion(report, state, conclude(state.findings))
     return report
+
+
+def _detection_images(detection: dict[str, Any]) -> list[dict[str, str]]:
+    """The recovered trigger's picture and the label-only maps, when they were drawn."""
+    images = []
+    if detection.get("image"):
+        images.append({"file": detection["image"], "caption": "Recovered trigger: held-out images clean and with the "
+                                                              "trigger stamped, the mask, the pattern and mask \u00d7 "
+                                                              "pattern"})
+    label_only = detection.get("label_only") or {}
+    if label_only.get("image"):
+        images.append({"file": label_only["image"], "caption": "Label-only detection on the API: each class's "
+                                                               "boundary map (bright: pixels the boundary hinges on) "
+                                                               "under a held-out image of the class; not calibrated"})
+    return images
 
 
 def _add_conclusion(report: dict[str, Any], state: AuditState, conclusion: Conclusion) -> None:

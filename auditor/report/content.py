@@ -19,6 +19,7 @@ from auditor.report.schema import (
     Detection,
     Figure,
     ImageRef,
+    LabelOnlyDetection,
     PositiveControl,
     ProbeEvidence,
     ProbeResult,
@@ -210,6 +211,11 @@ def _summary(report: Report) -> Section:
     if report.detection is not None:
         rows.append(["Recovered trigger" + (" (surrogate)" if report.detection.model == "surrogate" else ""),
                      _trigger_text(report, report.detection)])
+        lo = report.detection.label_only
+        if lo is not None:
+            rows.append(["Label-only detection on the API", f"highest map peak: class "
+                         f"{report.class_name(lo.suspected_class)}, anomaly index {lo.anomaly_index:.1f} "
+                         f"({lo.queries:,} queries; not calibrated, not in the verdict)"])
     if report.utility:
         u = report.utility
         if u.ba_before is not None:
@@ -440,9 +446,41 @@ def _detection(report: Report) -> Section | None:
         paragraphs.append("The model was reached only through its API, so the search ran on the surrogate distilled "
                           "from its answers. A surrogate rarely inherits a backdoor from clean answers: this result "
                           "describes the surrogate, was not verified against the API and does not move the verdict.")
-    figures = [ref for ref in report.images if d.image is not None and ref.file == d.image]
-    return Section("detection", "Trigger reverse-engineering", paragraphs=paragraphs, tables=[summary, per_class],
+    tables = [summary, per_class]
+    if d.label_only is not None:
+        paragraphs.append(_label_only_text(report, d.label_only))
+        tables.append(_label_only_table(report, d.label_only))
+    figures = [ref for ref in report.images if ref.file in _detection_files(report)]
+    return Section("detection", "Trigger reverse-engineering", paragraphs=paragraphs, tables=tables,
                    figures=figures)
+
+
+def _detection_files(report: Report) -> set[str]:
+    """The pictures the detection section shows: the recovered trigger and the label-only maps."""
+    d = report.detection
+    if d is None:
+        return set()
+    return {f for f in (d.image, d.label_only.image if d.label_only else None) if f is not None}
+
+
+def _label_only_text(report: Report, lo: LabelOnlyDetection) -> str:
+    """What the label-only search did on the API, what it found, and why it does not move the verdict."""
+    return (f"Label-only detection on the API itself ({lo.method}, in the spirit of AEVA): for each class, "
+            f"{lo.images_per_class} held-out image(s) of other classes were moved to the API's decision "
+            f"boundary toward it, and the boundary's normal was estimated from the API's labels alone ({lo.rounds} "
+            f"round(s) of {lo.directions} random directions) into a per-class map. A backdoor's target hinges on its "
+            f"trigger's few pixels, so its map peaks. Highest peak: class {report.class_name(lo.suspected_class)}, "
+            f"anomaly index {lo.anomaly_index:.2f}, from {lo.queries:,} API queries (at most {lo.query_cap:,}). "
+            "This method has not yet been calibrated on the model zoo: it is reported as evidence to look at and "
+            "does not move the verdict or the combined score.")
+
+
+def _label_only_table(report: Report, lo: LabelOnlyDetection) -> Table:
+    return Table(["Class", "Map peak", "Anomaly index", "Peak at (row, col)", "Images"],
+                 [[report.class_name(k), f"{peak:.2f}", f"{lo.anomaly_indices[k]:.2f}",
+                   f"({lo.peak_pixels[k][0]}, {lo.peak_pixels[k][1]})", str(lo.images[k])]
+                  for k, peak in enumerate(lo.peaks)],
+                 caption="Label-only detection on the API, per class (not calibrated)", align="lrrll")
 
 
 def _blackbox(report: Report) -> Section | None:
@@ -519,8 +557,7 @@ def _plain(value: object) -> str:
 
 
 def _images(report: Report) -> Section | None:
-    trigger = report.detection.image if report.detection else None
-    grids = [ref for ref in report.images if ref.file != trigger]  # the recovered trigger has its own section
+    grids = [ref for ref in report.images if ref.file not in _detection_files(report)]  # shown under detection
     if not grids:
         return None
     return Section("images", "Sample images",

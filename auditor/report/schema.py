@@ -31,7 +31,9 @@ from auditor.pipeline.verdict import Fitness, Gate
 #: held-out BA/ASR it ended with) and the plan's ``controls.stop_rule`` with its thresholds and cool-down.
 #: 2.3 added ``verdict.combined``: the combined detection score (probes + trigger search), its meaning, level and
 #: thresholds; on checkpoint audits it sets the level. 2.0, 2.1 and 2.2 reports still validate.
-SCHEMA_VERSION = "2.3"
+#: 2.4 added ``detection.label_only`` (label-only trigger detection on a model API, not calibrated, outside the
+#: verdict), ``plan.label_only`` and ``plan.queries.detection``; 2.0 to 2.3 reports still validate.
+SCHEMA_VERSION = "2.4"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -365,6 +367,39 @@ class PositiveControl(_Model):
     training: ControlTraining | None = None  # None in reports before 2.2
 
 
+class LabelOnlyDetection(_Model):
+    """Label-only trigger detection on a model API (auditor/detection/label_only.py), in the spirit of AEVA.
+
+    Per class, label-only estimates of the decision boundary's normal near held-out images, aggregated into a map;
+    a backdoor's target hinges on the trigger's few pixels, so its map peaks. Not calibrated on the model zoo:
+    reported beside the verdict, never in it (``calibrated`` and ``counts_toward_verdict`` are false).
+    """
+
+    method: Literal["aeva-peak"]
+    calibrated: Literal[False]
+    counts_toward_verdict: Literal[False]
+    suspected_class: ClassIndex  # the class with the highest peak
+    anomaly_index: Annotated[float, Field(ge=0.0)]  # MAD anomaly index of its peak (robust SDs above the median)
+    peaks: list[Annotated[float, Field(ge=0.0)]]  # per class: the map's largest window mean over its mean (1: flat)
+    anomaly_indices: list[float]  # per class (positive: a sharper peak than typical)
+    peak_pixels: list[Annotated[list[Count], Field(min_length=2, max_length=2)]]  # per class: (row, col) of the peak
+    images: list[Count]  # per class: images whose boundary was estimated
+    images_per_class: Annotated[int, Field(ge=1)]
+    rounds: Annotated[int, Field(ge=1)]  # HopSkipJump rounds per image
+    directions: Annotated[int, Field(ge=1)]  # random directions per estimate
+    search_steps: Annotated[int, Field(ge=1)]
+    queries: Count  # images sent to the API (answers the client had cached count too)
+    query_cap: Count  # the plan's reservation, never exceeded
+    seconds: Seconds
+    image: PngName | None = None  # the per-class maps, beside report.json
+
+    @model_validator(mode="after")
+    def _within_cap(self) -> LabelOnlyDetection:
+        if self.queries > self.query_cap:
+            raise ValueError("label_only.queries exceeds its query_cap")
+        return self
+
+
 class Detection(_Model):
     """Trigger reverse-engineering: per class, the smallest mask and pattern that send clean images there.
 
@@ -393,6 +428,7 @@ class Detection(_Model):
     images: Count  # clean images optimised on
     seconds: Seconds
     image: PngName | None = None  # mask, pattern and triggered examples, beside report.json
+    label_only: LabelOnlyDetection | None = None  # API audits whose plan reserved its queries (2.4)
 
     @model_validator(mode="after")
     def _consistent(self) -> Detection:
@@ -432,7 +468,7 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    schema_version: Literal["2.0", "2.1", "2.2", "2.3"] = SCHEMA_VERSION  # 2.0 to 2.2 reports still validate
+    schema_version: Literal["2.0", "2.1", "2.2", "2.3", "2.4"] = SCHEMA_VERSION  # 2.0 to 2.3 reports still validate
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status
@@ -520,12 +556,18 @@ class Report(_Model):
                       ("detection.anomaly_indices", len(self.detection.anomaly_indices))]
             if self.detection.reached:
                 sized.append(("detection.reached", len(self.detection.reached)))
+            lo = self.detection.label_only
+            if lo is not None:
+                sized += [(f"detection.label_only.{name}", len(getattr(lo, name)))
+                          for name in ("peaks", "anomaly_indices", "peak_pixels", "images")]
         return sized
 
     def _class_indices(self) -> list[tuple[str, int]]:
         indices = [(f"positive_controls[{i}].target", pc.target) for i, pc in enumerate(self.positive_controls)]
         if self.detection is not None:
             indices.append(("detection.suspected_class", self.detection.suspected_class))
+            if self.detection.label_only is not None:
+                indices.append(("detection.label_only.suspected_class", self.detection.label_only.suspected_class))
         if self.probes is not None:
             for side in ("before", "after"):
                 result: ProbeResult = getattr(self.probes, side)

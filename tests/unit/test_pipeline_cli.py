@@ -139,6 +139,29 @@ def test_api_audit_of_a_backdoored_model_through_the_cli_stays_within_budget(tmp
     assert all(r["queries"] > 0 for r in report["surrogate"]["refits"])
 
 
+def test_an_api_audit_runs_the_label_only_detection_within_its_reserved_queries(tmp_path, backdoored_fmnist_model):
+    """run_audit with spec fields only, the model behind the reference server: the section, its picture in the
+    HTML, and the queries it sent within the plan's reservation (the verdict does not read it)."""
+    with ModelServer(backdoored_fmnist_model, protocol="v1", labels_only=True) as server:
+        spec = parse_spec({"effort": "tiny", "data": {"train_size": 600, "test_size": 200},
+                           "controls": {"attacks": []}, "refine": {"epochs": 1}, "model": {"source": "api", "api": {
+                               "url": server.url + "/v1/models/model:predict", "output": "labels",
+                               "query_budget": 3000, "label_only_detection": True}}})
+        result = run_audit(spec, AuditInputs(tmp_path, allowed_hosts=("127.0.0.1",)))
+        served = server.stats()["queries"]
+    assert result.status == "succeeded", result.error
+    report = _check_report(tmp_path)
+    plan, section = report["plan"], report["detection"]["label_only"]
+    assert plan["label_only"]["queries"] == plan["queries"]["detection"] > 0
+    assert 0 < section["queries"] <= section["query_cap"] == plan["queries"]["detection"]
+    assert report["queries"]["queries_used"] == served <= 3000
+    assert section["calibrated"] is False and section["counts_toward_verdict"] is False
+    assert len(section["peaks"]) == 10 and section["method"] == "aeva-peak"
+    assert (tmp_path / "out" / section["image"]).stat().st_size > 1000
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Label-only detection on the API" in html and "not yet been calibrated" in html
+
+
 def test_cancel_during_refine_stops_within_one_batch(tmp_path, fmnist_model):
     _, model_path = fmnist_model
     spec = parse_spec({"effort": "tiny", "data": {"train_size": 600, "test_size": 200}, "controls": {"attacks": []},

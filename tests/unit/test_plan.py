@@ -36,7 +36,7 @@ def test_the_readme_black_box_example_resolves_to_a_sound_plan():
     assert q.evaluation == 2 * 2401
     assert plan.probes.images >= plan.probes.min_images == 100
     assert q.refits > 0 and plan.surrogate.refit_rounds == 5
-    assert q.distillation + q.refits + q.evaluation + q.probes + q.unallocated == 20_000
+    assert q.distillation + q.refits + q.evaluation + q.probes + q.detection + q.unallocated == 20_000
     assert plan.surrogate.distill_queries == q.distillation and plan.surrogate.refit_queries == q.refits
 
 
@@ -50,6 +50,42 @@ def test_a_budget_below_the_minimum_is_refused_with_the_minimum_that_works():
     assert needed > 12_000 and f"{needed:,}" in error.message and "data.test_size" in error.message
     plan = plan_audit(parse_spec(api_spec(budget=needed)), FASHION_MNIST)  # exactly the minimum is enough
     assert plan.queries.distillation >= MIN_DISTILL_QUERIES
+
+
+def label_only_api_spec(budget: int) -> dict:
+    spec = api_spec(budget=budget)
+    spec["model"]["api"]["label_only_detection"] = True
+    return spec
+
+
+def test_label_only_detection_is_off_unless_asked_for():
+    """Uncalibrated evidence never takes queries from the surrogate of an audit that did not ask for it."""
+    plan = plan_audit(parse_spec(api_spec(budget=60_000)), FASHION_MNIST)
+    assert plan.label_only is None and plan.queries.detection == 0
+    assert not any("label-only" in note.lower() for note in plan.notes)
+
+
+def test_label_only_detection_takes_what_the_minimum_audit_leaves_up_to_its_share():
+    """At the default budget the minimum audit leaves too little: skipped with the budget that would run it."""
+    skipped = plan_audit(parse_spec(label_only_api_spec(20_000)), FASHION_MNIST)
+    assert skipped.label_only is None and skipped.queries.detection == 0
+    assert any("No label-only trigger detection" in note for note in skipped.notes)
+    with pytest.raises(AuditError) as refused:
+        plan_audit(parse_spec(label_only_api_spec(12_000)), FASHION_MNIST)
+    with_detection = refused.value.detail["with_detection"]
+    assert with_detection > refused.value.detail["needed"] and f"{with_detection:,}" in refused.value.message
+
+    plan = plan_audit(parse_spec(label_only_api_spec(with_detection)), FASHION_MNIST)
+    q, lo = plan.queries, plan.label_only
+    assert lo is not None and q.detection == lo.queries <= EFFORTS["standard"].label_only_queries == 5000
+    assert q.distillation >= MIN_DISTILL_QUERIES and plan.estimate_seconds["detect"] > 0
+    assert q.distillation + q.refits + q.evaluation + q.probes + q.detection + q.unallocated == with_detection
+    assert plan_audit(parse_spec(label_only_api_spec(with_detection - 1)), FASHION_MNIST).label_only is None
+    rows = dict(describe_plan(plan))
+    assert "label-only detection 4,750" in rows["Queries"]
+    assert "does not move the verdict" in rows["Label-only detection"]
+    large = plan_audit(parse_spec(label_only_api_spec(60_000)), FASHION_MNIST)
+    assert large.queries.detection == lo.queries  # never more than the effort's share, however large the budget
 
 
 def test_lowering_the_test_size_lowers_the_minimum_by_two_queries_per_image():

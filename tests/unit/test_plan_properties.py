@@ -123,7 +123,10 @@ def _assert_runnable(plan, summary: DataSummary) -> None:
         assert c.max_steps >= c.epochs and (implant_rule(c) is None) == (c.holdout_images == 0)
     if plan.source == "api":
         q = plan.queries
-        assert q.distillation + q.refits + q.evaluation + q.probes + q.unallocated == q.budget
+        assert q.distillation + q.refits + q.evaluation + q.probes + q.detection + q.unallocated == q.budget
+        lo = plan.label_only
+        assert (lo is None) == (q.detection == 0) and (lo is None or (lo.images_per_class >= 1 and lo.queries ==
+                                                                       q.detection))
         assert q.distillation >= min(200, d.pool_images) and min(q.refits, q.unallocated) >= 0
         DistillConfig(query_budget=plan.surrogate.distill_queries)
         if plan.surrogate.refit_queries:
