@@ -7,7 +7,8 @@ Measures, in one run so the figures are comparable:
 
 * this machine's matmul peaks (2048x2048, fp32 and bf16): the ceiling a train step is judged against;
 * one REFINE train step (U-Net width 16, batch 128, the kd + supervised-contrastive loss, AdamW) against a small
-  CNN, for fp32 / bf16 autocast x default / channels-last layout, interleaved over several rounds (median), with
+  CNN, for fp32 / bf16 autocast (where the CPU has it natively) x default / channels-last layout, interleaved over
+  several rounds (median), with
   its FLOPs counted by ``torch.utils.flop_counter``, so achieved GFLOP/s and the share of the peak follow.
 
 The step is built from the trainer's own pieces (the U-Net, the losses, autocast), deliberately below the audit:
@@ -95,8 +96,9 @@ def step_flops(model: torch.nn.Module, unet: UNetConfig | None = None, batch: in
 
 def time_steps(model: torch.nn.Module, rounds: int, steps: int) -> dict[str, list[float]]:
     """Seconds per step for each variant, the variants interleaved within every round so load drifts hit all alike."""
+    dtypes = (False, True) if cpu_bf16_pays(CPU) else (False,)  # emulated bf16 (AVX2 only): never trained in
     variants = {f"{'bf16' if b else 'fp32'}-{'channels_last' if c else 'contiguous'}": (b, c)
-                for b in (False, True) for c in (False, True)}
+                for b in dtypes for c in (False, True)}
     rigs = {name: StepRig(model, *flags) for name, flags in variants.items()}
     for rig in rigs.values():
         rig.step()  # warm-up: oneDNN builds its kernels on first use
