@@ -125,3 +125,12 @@ def s3_store(s3_endpoint: str, s3_credentials: S3Credentials) -> Iterator[S3Stor
     for key in store.list():
         store.client.delete_object(Bucket=store.bucket, Key=key)
     store.client.delete_bucket(Bucket=store.bucket)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models train faster on one thread than split over two contended ones, and leave a core to the rest."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -27,6 +27,8 @@ from auditor.models import build_classifier
 from auditor.pipeline.verdict import TriggerFinding, conclude
 from auditor.training import TrainConfig, train_classifier
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: threads only add overhead
+
 CPU = torch.device("cpu")
 TARGET = 1
 #: badnets stamps its 3x3 patch one pixel in from the bottom-right corner (auditor/attacks/catalog.py).
@@ -91,14 +93,6 @@ def test_stamp_blends_pattern_where_the_mask_is_on():
 
 # The data and arch fixtures are test_probes.py's stripe-orientation classes: the corners are free, so a
 # corner patch is no natural feature.
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_a_planted_3x3_patch_is_recovered(data, arch):

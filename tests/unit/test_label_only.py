@@ -21,6 +21,8 @@ from auditor.evaluation import model_predictor
 from auditor.models import ArchConfig, build_classifier
 from auditor.training import TrainConfig, train_classifier
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: threads only add overhead
+
 CPU = torch.device("cpu")
 SIZE, CLASSES, TARGET = 16, 5, 1
 PATCH_CENTRE = (SIZE - 3, SIZE - 3)  # the 3x3 patch covers rows and columns 12-14
@@ -58,14 +60,6 @@ def train(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
     train_classifier(model, (noisy * 255).round().to(torch.uint8), y.repeat(3),
                      TrainConfig(epochs=4, batch_size=32, lr=5e-3), device=CPU, seed=0)
     return model.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from auditor.evaluation.probes import (
 from auditor.models import ArchConfig, build_classifier
 from auditor.training import TrainConfig, train_classifier
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: threads only add overhead
+
 CPU = torch.device("cpu")
 TARGET = 1
 SIZE = 20
@@ -74,15 +76,6 @@ def backdoored_model(data, arch):
 SMALL = ProbeConfig(
     num_images=160, random_patches=1, blend_patterns=2, warp_fields=1, warp_strengths=(0.5,), noise_draws=1
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run slower on two contended threads than on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_battery_is_deterministic_for_a_seed(data):
