@@ -10,7 +10,7 @@ setup:
 
 test: setup
 	@scripts/services.sh start
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/refine-audit demo --out out/demo
