@@ -50,7 +50,7 @@ from auditor.runtime import cpu_bf16_pays
 from auditor.settings import Settings
 from bench.audits import LOOPBACK, Subject, api_trigger_asr, fashion_mnist, make_subject, shipped_trigger_asr
 from bench.common import RESULTS, git_commit, provenance, write_json
-from bench.refine_step import matmul_peak_gflops, step_flops
+from bench.refine_step import matmul_peaks, step_flops
 
 BASELINE_COMMIT = "45d0dbd"
 EFFORTS = ("quick", "standard", "thorough")
@@ -86,11 +86,6 @@ def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x)
     return counter.get_total_flops()
-
-
-def matmul_peaks(threads: int) -> dict[str, float]:
-    torch.set_num_threads(threads)
-    return {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
 
 
 def refine_throughput(details: list[dict[str, Any]], peaks: dict[str, float], threads: int) -> dict[str, Any] | None:
@@ -224,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     where = {**provenance(CPU, "bench.audit_cost"), "git_commit": git_commit()}  # the commit the run starts on
     settings = Settings.from_env()
     train, test = fashion_mnist(settings)
-    peaks = matmul_peaks(args.threads)
+    torch.set_num_threads(args.threads)
+    peaks = matmul_peaks()
     print(json.dumps({"matmul_peak_gflops": peaks}), flush=True)
     runs, details = finished_runs(args.out) if args.assemble else audits(args, train, test)
     payload: dict[str, Any] = {"runs": runs, "refine": refine_throughput(details, peaks, args.threads),

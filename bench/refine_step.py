@@ -61,6 +61,11 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -
     return 2 * size**3 / best / 1e9
 
 
+def matmul_peaks() -> dict[str, float]:
+    """Both peaks a train step may be judged against, at the current torch threads."""
+    return {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+
+
 class StepRig:
     """One REFINE train step, as ``auditor.refine.trainer`` takes it, for a given dtype and layout."""
 
@@ -124,7 +129,7 @@ def main() -> None:
     model = build_classifier(ArchConfig("small_cnn", in_channels=1, num_classes=10)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    peaks = matmul_peaks()
     flops = step_flops(model)
     seconds = time_steps(model, args.rounds, args.steps)
     steps: dict[str, Any] = {}

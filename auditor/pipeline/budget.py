@@ -29,7 +29,7 @@ that would work; nothing is ever squeezed to a two-query surrogate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import ConfigDict, with_config
 
@@ -68,12 +68,18 @@ def split_query_budget(*, budget: int, evaluation_images: int, probe_images: int
     if budget < needed:
         raise insufficient_budget(budget, needed, effort, evaluation, probes, needed - evaluation - probes,
                                   detection_floor)
+    split = QueryPlan(budget=budget, distillation=0, refits=0, evaluation=evaluation, probes=probes, unallocated=0)
     detection = detection_share(budget - needed, detection_wanted, detection_floor)
-    surrogate = budget - evaluation - probes - detection
+    return with_detection(split, detection, refit_share, pool_images)
+
+
+def with_detection(queries: QueryPlan, detection: int, refit_share: float, pool_images: int) -> QueryPlan:
+    """``queries`` with ``detection`` reserved and the surrogate given the rest, split by ``refit_share``."""
+    surrogate = queries.budget - queries.evaluation - queries.probes - detection
     distillation = min(pool_images, math.floor(surrogate * (1 - refit_share)))
     refits = math.floor(surrogate * refit_share) if refit_share > 0 else 0
-    return QueryPlan(budget=budget, distillation=distillation, refits=refits, evaluation=evaluation, probes=probes,
-                     detection=detection, unallocated=budget - evaluation - probes - detection - distillation - refits)
+    return replace(queries, detection=detection, distillation=distillation, refits=refits,
+                   unallocated=surrogate - distillation - refits)
 
 
 def detection_share(spare: int, wanted: int, floor: int) -> int:

@@ -25,8 +25,7 @@ stage, so ``auditor.spec`` and ``auditor.blackbox`` can read it.
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -36,7 +35,7 @@ from auditor.detection.label_only import LabelOnlyConfig, images_within, queries
 from auditor.errors import AuditError, ErrorCode
 from auditor.evaluation.intervals import images_for_half_width, wilson
 from auditor.evaluation.probes import ProbeConfig, build_battery
-from auditor.pipeline.budget import QueryPlan, split_query_budget, surrogate_queries_for
+from auditor.pipeline.budget import QueryPlan, split_query_budget, surrogate_queries_for, with_detection
 from auditor.pipeline.estimate import estimate_stage_seconds
 from auditor.pipeline.verdict import EVALUATION_HALF_WIDTH, probe_images_floor
 from auditor.refine.config import RefineConfig
@@ -496,20 +495,11 @@ def _label_only_plan(shape: LabelOnlyConfig, num_classes: int, queries: QueryPla
     """Whole images per class within the reserved share; what rounding leaves goes back to the surrogate."""
     images = images_within(queries.detection, num_classes, shape)
     if images == 0:
-        return None, _with_detection(queries, 0, refit_share, pool_images)
+        return None, with_detection(queries, 0, refit_share, pool_images)
     used = queries_for(num_classes, images, shape)
     plan = LabelOnlyPlan(queries=used, images_per_class=images, rounds=shape.iterations,
                          directions=shape.directions, search_steps=shape.search_steps)
-    return plan, _with_detection(queries, used, refit_share, pool_images)
-
-
-def _with_detection(queries: QueryPlan, detection: int, refit_share: float, pool_images: int) -> QueryPlan:
-    """The split with ``detection`` queries reserved and the surrogate given the rest, as budget.py splits it."""
-    surrogate = queries.budget - queries.evaluation - queries.probes - detection
-    distillation = min(pool_images, math.floor(surrogate * (1 - refit_share)))
-    refits = math.floor(surrogate * refit_share) if refit_share > 0 else 0
-    return replace(queries, detection=detection, distillation=distillation, refits=refits,
-                   unallocated=surrogate - distillation - refits)
+    return plan, with_detection(queries, used, refit_share, pool_images)
 
 
 def _label_only_notes(plan: LabelOnlyPlan | None, shape: LabelOnlyConfig, num_classes: int, wanted: int,
