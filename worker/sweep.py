@@ -87,14 +87,24 @@ class SweepLock:
         return won
 
     def release(self) -> None:
-        """Really close the lock's connection (not back to the pool, still locked), which releases the lock."""
+        """Unlock, then really close the lock's connection (never back to the pool, where it would stay locked).
+
+        The explicit unlock hands the lock over at once: closing alone frees it only when the
+        server's backend has exited, a moment later, and a sweeper asking in that moment loses
+        a whole sweep interval. A dead connection cannot unlock; its backend's exit does it.
+        """
         connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.invalidate()
-                connection.close()
-            except SQLAlchemyError:
-                pass
+        if connection is None:
+            return
+        try:
+            connection.scalar(text("SELECT pg_advisory_unlock(:key)"), {"key": SWEEP_LOCK_KEY})
+        except SQLAlchemyError:
+            pass
+        try:
+            connection.invalidate()
+            connection.close()
+        except SQLAlchemyError:
+            pass
 
     @staticmethod
     def _alive(connection: Connection) -> bool:

@@ -78,12 +78,20 @@ def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist
     assert "trigger search: class" in result.output and "recovered: " in result.output
 
 
-def test_tiny_effort_is_inconclusive_and_never_recommends_its_defended_model(tmp_path, fmnist_model):
-    """One REFINE epoch on 512 images cannot keep the model: the gates say so and the headline does not recommend it."""
+@pytest.fixture(scope="module")
+def tiny_audit(tmp_path_factory, fmnist_model):
+    """A tiny audit without positive controls through the CLI, and its folder: two tests read the same run."""
     _, model_path = fmnist_model
-    result = _invoke(["audit", str(model_path), "--out", str(tmp_path), *TINY, "--attacks", ""])
+    out = tmp_path_factory.mktemp("tiny-audit")
+    result = _invoke(["audit", str(model_path), "--out", str(out), *TINY, "--attacks", ""])
     assert result.exit_code == 0, result.output
-    report = _check_report(tmp_path)
+    return result, out
+
+
+def test_tiny_effort_is_inconclusive_and_never_recommends_its_defended_model(tiny_audit):
+    """One REFINE epoch on 512 images cannot keep the model: the gates say so and the headline does not recommend it."""
+    result, out = tiny_audit
+    report = _check_report(out)
 
     tripped = {g["name"] for g in report["gates"] if g["tripped"]}
     assert report["verdict"]["level"] == "inconclusive" and {"probe_images", "evaluation_size"} <= tripped
@@ -231,9 +239,8 @@ def test_invalid_spec_names_the_field(tmp_path, fmnist_model):
     assert "controls.attacks" in result.output
 
 
-def test_report_command_rerenders_html_and_pdf(tmp_path, fmnist_model):
-    _, model_path = fmnist_model
-    assert _invoke(["audit", str(model_path), "--out", str(tmp_path), *TINY, "--attacks", ""]).exit_code == 0
-    result = _invoke(["report", str(tmp_path / "out" / "report.json"), "--out", str(tmp_path / "again")])
+def test_report_command_rerenders_html_and_pdf(tmp_path, tiny_audit):
+    _, out = tiny_audit
+    result = _invoke(["report", str(out / "out" / "report.json"), "--out", str(tmp_path / "again")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again" / "report.pdf").stat().st_size > 1000
