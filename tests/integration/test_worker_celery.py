@@ -19,7 +19,9 @@ import pytest
 import redis
 from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
 from sqlalchemy.orm import Session, sessionmaker
-from worker_support import MINI_SPEC, broker_url, load, new_owner, sessions, submit, tiny_checkpoint  # noqa: F401
+from worker_support import (  # noqa: F401 (fixtures)
+    MINI_SPEC, broker_url, load, new_owner, submit, tiny_checkpoint, workers_database, workers_database_sessions,
+)
 
 from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
 from auditor.store.lifecycle import AuditStatus, is_terminal
@@ -36,12 +38,12 @@ KILL_SPEC = {**MINI_SPEC, "refine": {"epochs": 40}}
 
 @pytest.fixture
 def worker_env(
-    tmp_path: Path, pg_url: str, pg_engine: object, broker_url: str, s3_store: S3Store, s3_endpoint: str,
+    tmp_path: Path, workers_database: str, broker_url: str, s3_store: S3Store, s3_endpoint: str,
     s3_credentials: S3Credentials,
 ) -> dict[str, str]:
     """What a worker of this deployment sees; tests override the timing variables."""
     return deployment_env(
-        database_url=pg_url, broker_url=broker_url, bucket=s3_store.bucket, s3_endpoint=s3_endpoint,
+        database_url=workers_database, broker_url=broker_url, bucket=s3_store.bucket, s3_endpoint=s3_endpoint,
         access_key=s3_credentials.access_key_id, secret_key=s3_credentials.secret_access_key,
         REFINE_AUDIT_DATA_DIR=str(tmp_path / "worker-data"), REFINE_AUDIT_SWEEP_INTERVAL_S="2",
     )

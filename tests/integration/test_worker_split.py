@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 from e2e.processes import ServiceProcess, deployment_env, start_celery_worker, wait_for
 from sqlalchemy.orm import Session, sessionmaker
-from worker_support import FAST_OPTIONS, broker_url, load, new_owner, sessions, settings_for, submit, tiny_checkpoint  # noqa: F401
+from worker_support import (  # noqa: F401 (fixtures)
+    FAST_OPTIONS, broker_url, load, new_owner, settings_for, submit, tiny_checkpoint, workers_database,
+    workers_database_sessions,
+)
 
 from auditor.store import audits, parts
 from auditor.store.artifacts import S3Credentials, S3Store, artifact_key
@@ -43,11 +46,11 @@ LONG_SPEC = {**SPLIT_SPEC, "refine": {"epochs": 200}, "controls": {"attacks": CO
 
 @pytest.fixture
 def two_workers(
-    tmp_path: Path, pg_url: str, pg_engine: object, broker_url: str, s3_store: S3Store, s3_endpoint: str,
+    tmp_path: Path, workers_database: str, broker_url: str, s3_store: S3Store, s3_endpoint: str,
     s3_credentials: S3Credentials,
 ) -> Iterator[list[ServiceProcess]]:
     env = deployment_env(
-        database_url=pg_url, broker_url=broker_url, bucket=s3_store.bucket, s3_endpoint=s3_endpoint,
+        database_url=workers_database, broker_url=broker_url, bucket=s3_store.bucket, s3_endpoint=s3_endpoint,
         access_key=s3_credentials.access_key_id, secret_key=s3_credentials.secret_access_key,
         REFINE_AUDIT_DATA_DIR=str(tmp_path / "worker-data"), REFINE_AUDIT_SWEEP_INTERVAL_S="2",
         REFINE_AUDIT_CONTROL_CACHE="on", REFINE_AUDIT_SPLIT_AUDITS="on", REFINE_AUDIT_HEARTBEAT_TIMEOUT_S="8",
@@ -164,12 +167,12 @@ def test_a_control_whose_worker_is_killed_is_run_again_and_the_audit_succeeds(
 
 
 def test_on_a_one_worker_cluster_the_audit_takes_back_the_controls_queued_behind_it(
-    tmp_path: Path, pg_url: str, s3_store: S3Store, s3_endpoint: str, s3_credentials: S3Credentials,
+    tmp_path: Path, workers_database: str, s3_store: S3Store, s3_endpoint: str, s3_credentials: S3Credentials,
     sessions: sessionmaker[Session],
 ) -> None:
     # The control tasks are sent but no worker is free to run them (this one is busy with the audit itself):
     # the audit must not wait for them forever, it trains them itself once it needs them.
-    settings = settings_for(tmp_path, pg_url, s3_store, s3_endpoint, s3_credentials, REFINE_AUDIT_CONTROL_CACHE="on",
+    settings = settings_for(tmp_path, workers_database, s3_store, s3_endpoint, s3_credentials, REFINE_AUDIT_CONTROL_CACHE="on",
                             REFINE_AUDIT_HEARTBEAT_TIMEOUT_S="30")
     audit_id = submit(sessions, s3_store, new_owner(sessions), SPLIT_SPEC, tiny_checkpoint(tmp_path / "m.safetensors"))
     sent: list[str] = []

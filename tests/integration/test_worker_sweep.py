@@ -24,7 +24,8 @@ from worker_support import (  # noqa: F401 (fixtures)
     load,
     new_owner,
     receiver,
-    sessions,
+    workers_database,
+    workers_database_sessions,
     settings_for,
     submit,
 )
@@ -48,8 +49,10 @@ RETRY_AT_ONCE = WebhookPolicy(max_attempts=3, backoff_s=(0.0,))
 
 
 @pytest.fixture
-def settings(tmp_path: Path, pg_url: str, s3_store: S3Store, s3_endpoint: str, s3_credentials: S3Credentials) -> Settings:
-    return settings_for(tmp_path, pg_url, s3_store, s3_endpoint, s3_credentials,
+def settings(tmp_path: Path, workers_database: str, s3_store: S3Store, s3_endpoint: str,
+             s3_credentials: S3Credentials) -> Settings:
+    """A database of the test's own: the sweep acts on every stranded audit, other files' too."""
+    return settings_for(tmp_path, workers_database, s3_store, s3_endpoint, s3_credentials,
                         REFINE_AUDIT_HEARTBEAT_TIMEOUT_S="30", REFINE_AUDIT_REPUBLISH_AFTER_S="60")
 
 

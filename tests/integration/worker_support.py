@@ -4,7 +4,8 @@ and a loopback webhook receiver.
 
 Executor tests commit for real (the executor opens its own sessions, like a worker),
 so they isolate by owner: every test creates its own user and audits on the session's
-PostgreSQL database, which is dropped at the end of the run.
+PostgreSQL database, which is dropped at the end of the run. Tests that start real Celery
+workers take a database of their own (``workers_database``): a worker's sweep acts on every audit.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared_fixtures import claimed_redis_db, service_missing
+from shared_fixtures import claimed_redis_db, service_missing, throwaway_database
 
 from auditor.models import ArchConfig, build_classifier, save_classifier
 from auditor.settings import Settings
 from auditor.store import audits, users
 from auditor.store.artifacts import ArtifactStore, S3Credentials, S3Store, input_key
-from auditor.store.db import make_session_factory, session_scope
+from auditor.store.db import make_engine, make_session_factory, session_scope, upgrade_database
 from auditor.store.models import Audit, AuditEvent
 from worker.executor import ExecutorOptions
 from worker.notify import WebhookPolicy
@@ -109,6 +110,27 @@ def events(sessions: sessionmaker[Session], audit_id: str) -> list[AuditEvent]:
 @pytest.fixture
 def sessions(pg_engine: Engine) -> sessionmaker[Session]:
     return make_session_factory(pg_engine)
+
+
+@pytest.fixture
+def workers_database(pg_url: str) -> Iterator[str]:
+    """URL of a migrated database of this test's own, for tests that start real Celery workers.
+
+    A worker's sweep requeues and republishes every stranded audit in its database, whoever
+    owns it: on the session's shared database it takes up audits that other test files left
+    queued or running (it did once the suite ran in two processes and the files' order changed).
+    """
+    with throwaway_database("refine_audit_workers_", service_missing, server_url=pg_url) as url:
+        upgrade_database(url)
+        yield url
+
+
+@pytest.fixture(name="sessions")
+def workers_database_sessions(workers_database: str) -> Iterator[sessionmaker[Session]]:
+    """``sessions`` on ``workers_database``: import this one instead where real workers run."""
+    engine = make_engine(workers_database)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 # --- a loopback webhook receiver ----------------------------------------------------------
