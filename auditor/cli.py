@@ -301,25 +301,12 @@ def audit(model: Path | None, out: Path, allow_host: tuple[str, ...], quiet: boo
         work_dir=out, model_path=model, dataset_path=dataset, allowed_hosts=(*settings.allowed_hosts, *allow_host),
         device=device or settings.device, fmnist_dir=settings.fmnist_dir, cache_dir=settings.data_dir,
     )
-    if spec.model.source == "api":
-        _refuse_a_forbidden_api_now(str(spec.model.api.url), inputs.allowed_hosts)
     runner = _with_control_cache(settings, _audit_runner(settings, no_sandbox))
     bars = StageBars(enabled=not quiet)
     with CancelOnInterrupt() as cancel:
         result = runner(spec, inputs, bars, cancel)
     bars.close()
     _print_outcome(result)
-
-
-def _refuse_a_forbidden_api_now(url: str, allowed_hosts: tuple[str, ...]) -> None:
-    """The SSRF guard in this process too, before the sandbox starts: a refused URL is then known at
-    once, not after the sandbox's seconds of start-up. The audit checks it again before every request."""
-    from auditor.blackbox.ssrf import check_url
-
-    try:
-        check_url(url, allowed_hosts)
-    except AuditError as exc:
-        fail(exc)
 
 
 def _with_control_cache(settings: Any, runner: Any) -> Any:

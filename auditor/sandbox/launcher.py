@@ -230,12 +230,12 @@ def run_audit_sandboxed(
 ) -> AuditResult:
     """``run_audit`` in a bubblewrap sandbox; a killed or crashed child ends the audit with a clear code.
 
-    The checkpoint's container is checked here first (statically, as the web does): a file
-    those checks refuse fails the audit at once, without starting a sandbox. The loader in
-    the sandbox checks it again before any torch loader sees it.
+    The checkpoint's container (statically, as the web does) and a model API's URL (the SSRF
+    guard) are checked here first: what those checks refuse fails the audit at once, not after
+    the sandbox's seconds of start-up. The sandbox checks both again before using them.
     """
     work_dir = Path(inputs.work_dir).absolute()
-    refused = _refused_checkpoint(inputs)
+    refused = _refused_before_start(spec, inputs)
     if refused is not None:
         from auditor.pipeline import AuditResult
 
@@ -264,14 +264,16 @@ def run_sandboxed(
         shutil.rmtree(control, ignore_errors=True)
 
 
-def _refused_checkpoint(inputs: AuditInputs) -> dict[str, Any] | None:
+def _refused_before_start(spec: AuditSpec, inputs: AuditInputs) -> dict[str, Any] | None:
+    from auditor.blackbox.ssrf import check_url
     from auditor.errors import AuditError
     from auditor.models.containers import inspect_checkpoint
 
-    if inputs.model_path is None:
-        return None
     try:
-        inspect_checkpoint(inputs.model_path)
+        if inputs.model_path is not None:
+            inspect_checkpoint(inputs.model_path)
+        if spec.model.source == "api":
+            check_url(str(spec.model.api.url), inputs.allowed_hosts)
     except AuditError as exc:
         return exc.to_dict()
     return None
