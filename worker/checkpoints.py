@@ -9,6 +9,11 @@ the audit is final.
 
 A file is uploaded from a hard link taken first: the trainer may rename a newer
 epoch over it mid-upload, and the link keeps the bytes being uploaded consistent.
+
+The mirror is closed before the audit's copies are deleted: an upload still in
+flight on the keep-alive thread (a slow store, a busy machine) would otherwise land
+after the deletion and stay behind for good. ``close`` waits for it, and no sync
+uploads anything after.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: Suffixes of files still being written (``auditor.runtime.save_atomically``).
 PARTIAL_SUFFIXES = (".part",)
+
+#: How long ``close`` waits for an upload in flight: longer than one S3 attempt's connect and read timeouts.
+CLOSE_TIMEOUT_S = 180.0
 
 
 def discard_checkpoints(store: ArtifactStore, audit_id: str) -> int:
@@ -40,6 +49,8 @@ class CheckpointMirror:
         self.prefix = checkpoint_prefix(audit_id)
         self.folder = folder
         self._synced: dict[str, tuple[int, int]] = {}  # name -> (mtime_ns, size) last uploaded
+        self._uploading = threading.Lock()  # held by a sync for as long as it may upload
+        self._closed = False
 
     def restore(self) -> list[str]:
         """Download the stored files this machine lacks; returns their names."""
@@ -55,7 +66,21 @@ class CheckpointMirror:
         return restored
 
     def sync(self) -> list[str]:
-        """Upload new or changed files; returns their names. Cheap when nothing changed."""
+        """Upload new or changed files; returns their names. Cheap when nothing changed; nothing once closed."""
+        with self._uploading:
+            return [] if self._closed else self._upload_changed()
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
+        """No upload after this returns True: waits for one in flight. False: it outlasted ``timeout_s``."""
+        if not self._uploading.acquire(timeout=timeout_s):
+            log.warning("checkpoint upload to %s still running after %.0f s", self.prefix, timeout_s)
+            self._closed = True  # the running sync finishes its files; later ones upload nothing
+            return False
+        self._closed = True
+        self._uploading.release()
+        return True
+
+    def _upload_changed(self) -> list[str]:
         uploaded = []
         for path in self._files():
             if self._synced.get(path.name) == _signature(path):

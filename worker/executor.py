@@ -285,12 +285,15 @@ class AuditExecutor:
         keepalive = self.options.keepalive_s(self.settings.heartbeat_timeout_s)
         parts = self._parts(link)
         chores = mirror.sync if parts is None else lambda: (mirror.sync(), parts.sync())
-        with KeepAlive(link, keepalive, after_beat=chores):
-            if self.settings.control_cache:  # cached positive controls fetched before, new ones published after
-                runner = self.runner if parts is None else parts.wrap(self.runner)
-                return run_with_control_cache(runner, self.store, spec, inputs, link.on_progress,
-                                              link.should_cancel, link.on_metrics)
-            return self.runner(spec, inputs, link.on_progress, link.should_cancel, link.on_metrics)
+        try:
+            with KeepAlive(link, keepalive, after_beat=chores):
+                if self.settings.control_cache:  # cached positive controls fetched before, new ones published after
+                    runner = self.runner if parts is None else parts.wrap(self.runner)
+                    return run_with_control_cache(runner, self.store, spec, inputs, link.on_progress,
+                                                  link.should_cancel, link.on_metrics)
+                return self.runner(spec, inputs, link.on_progress, link.should_cancel, link.on_metrics)
+        finally:
+            mirror.close()  # before the cleanup deletes the stored copies: a late upload would outlive it
 
     def _parts(self, link: RowLink) -> ControlParts | None:
         """The audit's positive controls as separate tasks: Celery workers only, and only over the control cache

@@ -329,7 +329,8 @@ class S3Store:
         keys = [self.prefix + k for k in self.list(validate_prefix(prefix, allow_empty=False))]
         for start in range(0, len(keys), S3_DELETE_BATCH):
             batch = [{"Key": k} for k in keys[start : start + S3_DELETE_BATCH]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            _raise_refused_deletes(answer, prefix)
         return len(keys)
 
     def presigned_url(self, key: str, expires_s: int = 900) -> str | None:
@@ -344,6 +345,15 @@ class S3Store:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
             keys += [item["Key"].removeprefix(self.prefix) for item in page.get("Contents", [])]
         return sorted(keys)
+
+
+def _raise_refused_deletes(answer: dict[str, Any], prefix: str) -> None:
+    """A DeleteObjects call succeeds as a whole while refusing single keys: quiet mode lists only those."""
+    refused = answer.get("Errors") or []
+    if refused:
+        first = refused[0]
+        raise OSError(f"The store kept {len(refused)} object(s) under {prefix!r} it was asked to delete "
+                      f"(first: {first.get('Key')!r}, {first.get('Code')}: {first.get('Message')}).")
 
 
 def _error_code(error: ClientError) -> str:
