@@ -131,6 +131,10 @@ class ControlsSpec(_Strict):
     attacks: list[str] = Field(default_factory=lambda: ["badnets", "blended"], max_length=8)
     train_epochs: int | None = Field(None, ge=1, le=200)
     target: int = Field(0, ge=0)
+    stop_rule: Literal["fixed", "implanted"] = Field(
+        "fixed", description="fixed: every epoch of the effort's schedule. implanted: stop once the backdoor holds on "
+                             "a held-out split, then cool down; 1.5-2.7x cheaper, but REFINE leaves more ASR on such "
+                             "controls (up to 11% measured), so the controls_removed gate trips more often.")
 
     @field_validator("attacks")
     @classmethod

@@ -47,7 +47,14 @@ if TYPE_CHECKING:
 STAGES = ("data", "load", "surrogate", "detect", "refine", "evaluate", "report")
 REFINE_BATCH = RefineConfig.batch_size  # images per REFINE step; a smaller pool trains in one smaller batch
 CONTROL_BATCH = 128  # images per step when training a positive-control model
-#: Positive controls train until the backdoor has implanted (``auditor/attacks/training.py`` ``ImplantRule``):
+#: Positive controls train every epoch of their schedule unless the spec asks for ``controls.stop_rule:
+#: implanted``. A control exists to show that REFINE removes a backdoor on this data, and REFINE removes less from
+#: a control stopped early: the Blended control at standard effort kept 9.9% / 11.4% ASR after REFINE (bench /
+#: audit) when the rule stopped it at 1,000 steps, 3.3% at another seed's 2,000, 4.9% and 8.9% with 2x and 3x the
+#: cool-down, against 1.7-4.4% on the fixed schedule (4 runs: 4 and 6 epochs, 2 seeds;
+#: bench/results/control_removal/). At 11.4% the ``controls_removed`` gate (10%) made the default standard audit of
+#: a backdoored model inconclusive.
+#: With the rule (``auditor/attacks/training.py`` ``ImplantRule``) a control trains until the backdoor implanted:
 #: held-out ASR >= CONTROL_MIN_ASR and held-out BA within CONTROL_BA_TOLERANCE of the best earlier check, checked
 #: every CONTROL_CHECK_EVERY steps (8 times over a shorter cap) on CONTROL_HOLDOUT pool images the control does not train on (at most a fifth of
 #: the pool). The effort's epochs stay the cap. 2,000 images put one check's BA within ~0.7 points (one standard
@@ -144,9 +151,11 @@ EFFORTS: dict[str, EffortPreset] = {
         detect_batch=32, label_only_queries=2500, label_only_images=1, label_only_rounds=3,
         label_only_directions=60,
     ),
-    # REFINE's own defaults, chosen by bench/refine_fmnist.py (6 epochs over 20,000 images, width 16).
+    # REFINE's own defaults, chosen by bench/refine_fmnist.py (6 epochs over 20,000 images, width 16). Controls: 4
+    # epochs, as bench/refine_fmnist.py trains its models; REFINE then left the Blended control 4.4% / 2.1% ASR
+    # (2 seeds) against 3.6% / 1.7% after 6, for two thirds of the steps (bench/results/control_removal/).
     "standard": EffortPreset(
-        refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size, unet_width=16, control_epochs=6,
+        refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size, unet_width=16, control_epochs=4,
         control_train_images=None, probe_images=500, api_probe_images=100, test_images=None, distill_epochs=10,
         min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=300, detect_images=512, detect_holdout=500,
         detect_batch=32, label_only_queries=5000, label_only_images=1, label_only_rounds=5,
@@ -265,7 +274,7 @@ class LabelOnlyPlan:
 @with_config(_FORBID_EXTRA)
 @dataclass(frozen=True)
 class ControlsPlan:
-    """Each control trains until its backdoor implanted (``stop_rule``), at most ``epochs`` over ``train_images``."""
+    """Each control trains ``epochs`` over ``train_images``, or until its backdoor implanted (``stop_rule``)."""
 
     attacks: tuple[str, ...]
     target: int
@@ -456,7 +465,7 @@ def _controls_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> Con
     if c.attacks and c.target >= data.num_classes:
         raise _spec_error("controls.target", f"{c.target} is not a class of this data (0..{data.num_classes - 1})")
     cap = spec.data.train_size or preset.control_train_images
-    holdout = min(CONTROL_HOLDOUT, data.pool_images // 5)
+    holdout = min(CONTROL_HOLDOUT, data.pool_images // 5) if c.stop_rule == "implanted" else 0
     holdout = holdout if holdout >= MIN_CONTROL_HOLDOUT else 0
     available = data.pool_images - holdout
     train = available if cap is None else min(available, cap)

@@ -27,8 +27,8 @@ from auditor.store.artifacts import LocalStore
 from auditor.store.control_cache import may_publish, run_with_control_cache
 
 #: Real stages at the smallest size that still trains a control and its REFINE defense.
-SPEC = {"effort": "tiny", "data": {"train_size": 300, "test_size": 100}, "controls": {"attacks": ["badnets"]},
-        "probes": {"images": 20}}
+SPEC = {"effort": "tiny", "data": {"train_size": 300, "test_size": 100},
+        "controls": {"attacks": ["badnets"], "stop_rule": "implanted"}, "probes": {"images": 20}}
 KEY = f"{'a' * 32}/{'b' * 32}/control"
 
 

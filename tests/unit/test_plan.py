@@ -140,8 +140,11 @@ def test_efforts_have_named_fields_and_plans_record_every_number():
     plan = plan_audit(parse_spec({"effort": "quick"}), FASHION_MNIST)
     assert plan.refine.epochs == EFFORTS["quick"].refine_epochs
     assert plan.controls.attacks == ("badnets", "blended")
-    c = plan.controls  # 2,000 of the 20,000 pool images are the held-out split the stopping rule reads
-    assert (c.train_images, c.holdout_images, c.stop_rule) == (18_000, 2000, "implanted")
+    c = plan.controls  # the whole schedule over the effort's 20,000 pool images
+    assert (c.train_images, c.holdout_images, c.stop_rule) == (20_000, 0, "fixed")
+    assert c.max_steps == c.epochs * 157
+    c = plan_audit(parse_spec({"effort": "quick", "controls": {"stop_rule": "implanted"}}), FASHION_MNIST).controls
+    assert (c.train_images, c.holdout_images, c.stop_rule) == (18_000, 2000, "implanted")  # the rule's held-out split
     assert c.max_steps == c.epochs * 141 and c.check_every == 423 // 8 and (c.min_asr, c.ba_tolerance, c.cooldown_share) == (0.9, 0.01, 1.0)
     assert plan.surrogate is None and plan.queries is None and "surrogate" not in plan.stages
     assert plan.to_dict()["controls"]["attacks"] == ["badnets", "blended"]  # JSON-ready
@@ -186,11 +189,16 @@ def test_the_pipeline_imports_no_web_queue_or_database_library():
     assert done.stdout.strip() == "[]"
 
 
-def test_controls_train_until_implanted_with_a_held_out_split_unless_the_pool_is_too_small():
+def test_controls_train_their_whole_schedule_by_default_and_on_request_until_implanted():
     standard = plan_audit(parse_spec({"effort": "standard"}), FASHION_MNIST).controls
-    assert standard.train_images + standard.holdout_images == FASHION_MNIST.pool_images
-    assert standard.max_steps == 6 * 454 and standard.check_every == 100 and standard.stop_rule == "implanted"
-    tiny = plan_audit(parse_spec({"effort": "tiny", "data": {"train_size": 200}}), FASHION_MNIST).controls
+    assert (standard.stop_rule, standard.holdout_images, standard.train_images) == ("fixed", 0, 60_000)
+    assert standard.max_steps == 4 * 469 and standard.cooldown_share == 0.0
+    ruled = plan_audit(parse_spec({"effort": "standard", "controls": {"stop_rule": "implanted"}}), FASHION_MNIST)
+    c = ruled.controls
+    assert c.train_images + c.holdout_images == FASHION_MNIST.pool_images and c.holdout_images == 2000
+    assert c.max_steps == 4 * 454 and c.check_every == 100 and c.stop_rule == "implanted"
+    tiny = plan_audit(parse_spec({"effort": "tiny", "data": {"train_size": 200},
+                                  "controls": {"stop_rule": "implanted"}}), FASHION_MNIST).controls
     assert (tiny.stop_rule, tiny.holdout_images, tiny.train_images) == ("fixed", 0, 200)  # 40 would be noise
     assert tiny.cooldown_share == 0.0
     assert tiny.check_every >= 1
