@@ -23,7 +23,7 @@ REFINE_S_PER_IMAGE_EPOCH_W16 = 3.77e-3
 #: Small-CNN training (positive controls, surrogates): 215 s mean for 4 epochs x 60,000 images, the six attacks of
 #: bench/results/refine_fmnist.json trained in 4 epochs (192.6-276.4 s, poisoning included).
 CNN_S_PER_IMAGE_EPOCH = 0.90e-3
-#: Positive controls trained until the backdoor implanted: the rule held at step 600 (BadNets) and 500 (Blended) of a
+#: Positive controls a spec stops by the implant rule (``controls.stop_rule: implanted``): the rule held at step 600 (BadNets) and 500 (Blended) of a
 #: 2,724-step cap at standard effort (bench/results/control_implant_rule.json), then the cool-down adds its share.
 CONTROL_RULE_HOLDS_STEPS = 550
 #: The label-consistent attack's PGD poisoning: 827.7 s for 8 epochs there, 1.9x the others' per-epoch rate.

@@ -310,6 +310,9 @@ def _controls(report: Report) -> Section | None:
             f"held once ASR reached {pct(plan.min_asr)} and BA was within {100 * plan.ba_tolerance:.0f} point(s) of "
             f"its best earlier check; it then trained {plan.cooldown_share:g} times as many steps again with the "
             "learning rate falling to zero, and stopped.")
+    elif plan is not None and plan.attacks and plan.max_steps:  # plans before 2.2 did not record the steps
+        paragraphs.append(f"Each control trained its whole schedule: {plan.epochs} epoch(s) over {plan.train_images:,} "
+                          f"pool images ({plan.max_steps:,} steps), as a backdoored model is trained in earnest.")
     cached = [c for c in report.positive_controls if c.cache is not None]
     if cached:
         paragraphs.append("Controls are cached by everything they depend on (data, architecture, attack, training and "

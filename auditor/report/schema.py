@@ -339,7 +339,7 @@ class ControlCacheRecord(_Model):
 
 
 class ControlTraining(_Model):
-    """How long a control trained: until its backdoor implanted (plan.controls.stop_rule), or the cap."""
+    """How long a control trained: its whole schedule, or until its backdoor implanted (plan.controls.stop_rule)."""
 
     steps: Count  # optimizer steps the control model trained
     max_steps: Count  # the cap (plan.controls.epochs over its training images)
