@@ -38,7 +38,8 @@ def test_a_second_machine_restores_what_the_first_mirrored(tmp_path: Path) -> No
     assert discard_checkpoints(store, AUDIT) == 1 and store.list(checkpoint_prefix(AUDIT)) == []
 
 
-def test_closing_waits_for_the_upload_in_flight_so_the_cleanup_leaves_nothing_behind(tmp_path: Path) -> None:
+def _upload_in_flight(tmp_path: Path) -> tuple[GatedStore, Path, CheckpointMirror, threading.Thread]:
+    """A mirror whose keep-alive thread is in the middle of uploading a checkpoint, held at the store's gate."""
     store = GatedStore(tmp_path / "store")
     folder = tmp_path / "refine"
     folder.mkdir()
@@ -47,6 +48,11 @@ def test_closing_waits_for_the_upload_in_flight_so_the_cleanup_leaves_nothing_be
     keepalive = threading.Thread(target=mirror.sync)  # the keep-alive thread's last chore
     keepalive.start()
     assert store.uploading.wait(timeout=10)
+    return store, folder, mirror, keepalive
+
+
+def test_closing_waits_for_the_upload_in_flight_so_the_cleanup_leaves_nothing_behind(tmp_path: Path) -> None:
+    store, folder, mirror, keepalive = _upload_in_flight(tmp_path)
 
     closing = threading.Thread(target=mirror.close)
     closing.start()
@@ -64,14 +70,7 @@ def test_closing_waits_for_the_upload_in_flight_so_the_cleanup_leaves_nothing_be
 
 
 def test_an_upload_that_outlasts_the_wait_is_reported_and_no_later_sync_uploads(tmp_path: Path) -> None:
-    store = GatedStore(tmp_path / "store")
-    folder = tmp_path / "refine"
-    folder.mkdir()
-    (folder / "refine_checkpoint.pt").write_bytes(b"epoch 1")
-    mirror = CheckpointMirror(lambda: store, AUDIT, folder)
-    stuck = threading.Thread(target=mirror.sync)
-    stuck.start()
-    assert store.uploading.wait(timeout=10)
+    store, folder, mirror, stuck = _upload_in_flight(tmp_path)
 
     assert mirror.close(timeout_s=0.2) is False
     store.gate.set()
