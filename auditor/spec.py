@@ -133,8 +133,9 @@ class ControlsSpec(_Strict):
     target: int = Field(0, ge=0)
     stop_rule: Literal["fixed", "implanted"] = Field(
         "fixed", description="fixed: every epoch of the effort's schedule. implanted: stop once the backdoor holds on "
-                             "a held-out split, then cool down; 1.5-2.7x cheaper, but REFINE leaves more ASR on such "
-                             "controls (up to 11% measured), so the controls_removed gate trips more often.")
+                             "a held-out split, then cool down: fewer steps (1,000-1,200 instead of 1,876 at standard), but "
+                             "REFINE leaves more ASR on such controls (up to 11.4% measured), so the controls_removed "
+                             "gate trips more often.")
 
     @field_validator("attacks")
     @classmethod

@@ -1,4 +1,4 @@
-"""Positive controls trained until the backdoor implants, against the old fixed schedule (Fashion-MNIST).
+"""Positive controls stopped by the implant rule against the whole schedule, and what REFINE removes (Fashion-MNIST).
 
     OMP_NUM_THREADS=1 nice -n 10 python -m bench.control_implant                   # the implant rule: badnets, blended
     OMP_NUM_THREADS=1 nice -n 10 python -m bench.control_implant --schedule watch  # the fixed schedule
@@ -7,9 +7,10 @@
 
 For each attack, a control is trained as an audit at ``--effort`` plans it
 (``plan.controls``: training images, held-out split, batch, bf16, the cap) and scored on
-the 10,000 test images. ``rule`` trains it as ``auditor/pipeline/controls.py`` does
-(the implant rule, then the learning-rate cool-down). ``watch`` trains every epoch of the
-cap, the old fixed schedule, with the rule watching but not stopping: where it first
+the 10,000 test images. ``rule`` trains it as ``auditor/pipeline/controls.py`` does for the
+spec's ``controls.stop_rule`` (here ``implanted`` unless ``--stop-rule fixed``: the rule, then the
+learning-rate cool-down). ``watch`` trains every epoch of the
+cap, the fixed schedule, with the rule watching but not stopping: where it first
 holds, the model is scored and the time noted (the steps up to there are those of a
 stopped run), and at the cap it is scored again.
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--effort", default="standard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", choices=("rule", "watch"), default="rule",
-                   help="rule: train as an audit does now; watch: the fixed schedule, noting where the rule held")
+                   help="rule: train as an audit does (--stop-rule); watch: the fixed schedule, noting where the rule held")
     p.add_argument("--cooldown-share", type=float, default=None,
                    help="try another cool-down than the plan's (rule schedule; a measurement knob, not a spec field)")
     p.add_argument("--stop-rule", choices=("implanted", "fixed"), default="implanted",
