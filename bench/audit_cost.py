@@ -208,10 +208,15 @@ def demo_wall_s(args: argparse.Namespace) -> float | None:
     """``refine-audit demo`` end to end, in a child process on this tree."""
     if args.no_demo:
         return None
+    out = args.work_dir / "demo"
+    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "auditor.cli", "demo", "--out", str(args.work_dir / "demo")],
+    subprocess.run([sys.executable, "-m", "auditor.cli", "demo", "--out", str(out)],
                    env={**os.environ, "PYTHONPATH": str(TREE)}, check=True, capture_output=True)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    if not (out / "planted_trigger.json").is_file():  # a command that did nothing must not pass for a fast demo
+        raise RuntimeError(f"refine-audit demo wrote no planted_trigger.json under {out}")
+    return wall
 
 
 def main(argv: list[str] | None = None) -> None:
