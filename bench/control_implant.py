@@ -17,6 +17,10 @@ stopped run), and at the cap it is scored again.
 ``--refine`` (rule schedule) then defends each control with the plan's REFINE, exactly as
 the audit's control stage does, and scores it again: the ``controls_removed`` gate reads
 that figure, so how a control was trained matters as much for it as for the implant.
+This wires the engine itself (the control and REFINE of ``pipeline/controls.py`` without the
+rest of an audit), so its figures are an ablation across seeds and schedules, not product
+figures; the product-path check is an audit through ``run_audit`` (``bench.audit_cost``), whose
+report gives each control's ASR after REFINE (``positive_controls[].refine``).
 ``--stop-rule fixed`` trains every step of the cap instead of stopping at the rule (the
 audit's default since the runs in ``bench/results/control_removal/``).
 """
