@@ -73,10 +73,11 @@ class Portal:
     def create_user(self, name: str) -> str:
         """An account made the way an operator makes one."""
         email = f"{name}-{secrets.token_hex(3)}@example.com"
-        subprocess.run(
+        done = subprocess.run(
             [str(BIN / "refine-audit"), "user", "create", "--email", email, "--password", PASSWORD],
-            env=self.env, cwd=REPO, check=True, capture_output=True, timeout=120,
+            env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120,
         )
+        assert done.returncode == 0, f"user create exited {done.returncode}: {done.stderr[-2000:]}"  # say why
         self.emails.append(email)
         return email
 
