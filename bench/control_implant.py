@@ -3,7 +3,6 @@
     OMP_NUM_THREADS=1 nice -n 10 python -m bench.control_implant                   # the implant rule: badnets, blended
     OMP_NUM_THREADS=1 nice -n 10 python -m bench.control_implant --schedule watch  # the fixed schedule
     python -m bench.control_implant --effort tiny --attacks badnets --out /tmp/x.json   # a smoke run
-    OMP_NUM_THREADS=2 python -m bench.control_implant --attacks blended --refine --stop-rule fixed  # REFINE removal
 
 For each attack, a control is trained as an audit at ``--effort`` plans it
 (``plan.controls``: training images, held-out split, batch, bf16, the cap) and scored on
@@ -14,13 +13,8 @@ cap, the fixed schedule, with the rule watching but not stopping: where it first
 holds, the model is scored and the time noted (the steps up to there are those of a
 stopped run), and at the cap it is scored again.
 
-``--refine`` (rule schedule) then defends each control with the plan's REFINE, exactly as
-the audit's control stage does, and scores it again: the ``controls_removed`` gate reads
-that figure, so how a control was trained matters as much for it as for the implant.
-This wires the engine itself (the control and REFINE of ``pipeline/controls.py`` without the
-rest of an audit), so its figures are an ablation across seeds and schedules, not product
-figures; the product-path check is an audit through ``run_audit`` (``bench.audit_cost``), whose
-report gives each control's ASR after REFINE (``positive_controls[].refine``).
+What REFINE then removes from each control is measured on the product path, by audits
+through ``run_audit`` (``bench.audit_cost``: ``positive_controls[].refine`` in their reports).
 ``--stop-rule fixed`` trains every step of the cap instead of stopping at the rule (the
 audit's default since the runs in ``bench/results/control_removal/``).
 """
@@ -43,8 +37,6 @@ from auditor.evaluation import attack_metrics, model_predictor
 from auditor.models import ArchConfig, build_classifier
 from auditor.pipeline.controls import control_split, implant_rule
 from auditor.pipeline.plan import FASHION_MNIST, plan_audit
-from auditor.pipeline.refine import refine_config
-from auditor.refine import DefendedModel, train_refine
 from auditor.settings import Settings
 from auditor.spec import AuditSpec
 from auditor.training import TrainConfig, train_classifier
@@ -63,7 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-rule", choices=("implanted", "fixed"), default="implanted",
                    help="the spec's controls.stop_rule (rule schedule)")
     p.add_argument("--train-epochs", type=int, default=None, help="the spec's controls.train_epochs (the cap)")
-    p.add_argument("--refine", action="store_true", help="defend each control with the plan's REFINE and score it")
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/control_implant_<schedule>.json")
     return p.parse_args(argv)
 
@@ -100,8 +91,7 @@ def control_run(name: str, plan: Any, pool: ImageSet, test: ImageSet, arch: Arch
             "checks": monitor.checks, "checks_run": checking}
 
 
-def rule_run(name: str, plan: Any, pool: ImageSet, test: ImageSet, arch: ArchConfig, seed: int,
-             defend: bool = False) -> dict[str, Any]:
+def rule_run(name: str, plan: Any, pool: ImageSet, test: ImageSet, arch: ArchConfig, seed: int) -> dict[str, Any]:
     """One control as an audit trains it now (``train_backdoored_model`` with the plan's rule), scored on the test."""
     c = plan.controls
     train, holdout = control_split(pool, c, seed + 7)
@@ -112,22 +102,9 @@ def rule_run(name: str, plan: Any, pool: ImageSet, test: ImageSet, arch: ArchCon
     rule = implant_rule(c)
     rule_held = next((ch for i, ch in enumerate(bd.checks)  # where the cool-down began (None: the cap came first)
                       if ch["step"] < bd.train_steps and rule.holds(bd.checks[: i + 1])), None)
-    run = {"attack": name, "steps": bd.train_steps, "max_steps": bd.max_steps, "seconds": bd.train_seconds,
-           "test": m.to_dict(), "holdout_at_end": bd.checks[-1] if bd.checks else None, "rule_held_at": rule_held,
-           "checks": bd.checks}
-    if defend:
-        run["refine"] = refined_metrics(bd, plan, pool, test, seed)
-    return run
-
-
-def refined_metrics(bd: Any, plan: Any, pool: ImageSet, test: ImageSet, seed: int) -> dict[str, Any]:
-    """The control defended as the audit defends it (``pipeline.controls.run_control``), scored on the test."""
-    device = torch.device("cpu")
-    refined = train_refine(bd.model, ImageSet(pool.x, None), refine_config(plan), num_classes=10, device=device,
-                           seed=seed)
-    defended = DefendedModel(refined.transform, bd.model, refined.mapping)
-    m = attack_metrics(model_predictor(defended, device), test, bd.poisoned_test, plan.controls.target)
-    return {"seconds": refined.seconds, "test": m.to_dict()}
+    return {"attack": name, "steps": bd.train_steps, "max_steps": bd.max_steps, "seconds": bd.train_seconds,
+            "test": m.to_dict(), "holdout_at_end": bd.checks[-1] if bd.checks else None, "rule_held_at": rule_held,
+            "checks": bd.checks}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for name in args.attacks.split(","):
         if args.schedule == "rule":
-            runs.append(rule_run(name, plan, pool, test, arch, spec.seed, defend=args.refine))
+            runs.append(rule_run(name, plan, pool, test, arch, spec.seed))
         else:
             runs.append(control_run(name, plan, pool, test, arch, spec.seed))
         print({k: v for k, v in runs[-1].items() if k != "checks"}, flush=True)
