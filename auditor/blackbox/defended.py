@@ -15,6 +15,7 @@ from torch import nn
 from auditor.blackbox.client import ModelAPI
 from auditor.data import ImageSet
 from auditor.evaluation import AttackMetrics, Predictor, accuracy, asr_and_ra, predict_labels
+from auditor.refine.defended import inference_transform
 
 
 def _check_mapping(mapping: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -58,6 +59,7 @@ def defended_api_predictor(api: ModelAPI, transform: nn.Module, mapping: torch.T
                            device: torch.device = torch.device("cpu")) -> Predictor:
     """``M ∘ API ∘ T`` as a ``Predictor`` for ``auditor.evaluation``."""
     mapping = _check_mapping(mapping, api.num_classes)
+    transform = inference_transform(transform)
     return lambda xb: defended_api_predict(api, transform, mapping, xb, device=device)
 
 

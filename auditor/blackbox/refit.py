@@ -30,6 +30,7 @@ from torch import nn
 
 from auditor.blackbox.client import ModelAPI
 from auditor.blackbox.defended import transform_images
+from auditor.refine.defended import inference_transform
 from auditor.blackbox.surrogate import SurrogateResult, api_targets
 from auditor.data import ImageSet, to_uint8
 from auditor.pipeline.plan import REFIT_ROUNDS
@@ -163,6 +164,7 @@ class SurrogateRefitter:
 @torch.no_grad()
 def _transform_uint8(transform: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """T(x) quantised to uint8: what the API is sent, and exactly what the surrogate then trains on."""
+    transform = inference_transform(transform)
     out = [to_uint8(transform_images(transform, xb.float().div(255), device)) for xb in x.split(batch_size)]
     return torch.cat(out) if out else x[:0]
 

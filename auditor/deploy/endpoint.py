@@ -39,6 +39,7 @@ from auditor.blackbox.server import (
 )
 from auditor.deploy.defense import ApiShape, DefenseBundle
 from auditor.errors import AuditError, ErrorCode
+from auditor.refine.defended import inference_transform
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class DefendedEndpoint(BackgroundHTTPServer):
         self.api: ApiShape = bundle.api
         self.limits = limits
         self.device = device
-        self.transform = bundle.transform.to(device).eval()
+        self.transform = inference_transform(bundle.transform.to(device))
         self.upstream = upstream
         self._transport = ApiTransport(upstream, allowed_hosts)
         self.slots = threading.BoundedSemaphore(limits.max_in_flight)  # requests being worked on

@@ -38,7 +38,7 @@ from auditor.pipeline.plan import ControlsPlan
 from auditor.pipeline.refine import refine_config
 from auditor.pipeline.state import AuditState, MetricsFn
 from auditor.pipeline.verdict import ControlFinding
-from auditor.refine import DefendedModel, RefineConfig, train_refine
+from auditor.refine import DefendedModel, RefineConfig, inference_transform, train_refine
 from auditor.refine.remap import derangement
 from auditor.refine.trainer import RefineResult
 from auditor.runtime import CancelFn, check_cancel
@@ -103,7 +103,7 @@ def run_control(state: AuditState, name: str, should_cancel: CancelFn, on_metric
             device=state.device, seed=state.spec.seed, should_cancel=should_cancel,
         )
         _store_refine(state, slot, name, refined)
-    defended = DefendedModel(refined.transform, bd.model, refined.mapping)
+    defended = DefendedModel(inference_transform(refined.transform), bd.model, refined.mapping)
     after = attack_metrics(model_predictor(defended, state.device), state.test, bd.poisoned_test, plan.target)
     _keep_grid(state, name, bd, refined.transform)
     log.info("control %s (%s): before %s after %s", name, "reused" if reused else "trained", before, after)

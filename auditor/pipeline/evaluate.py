@@ -34,7 +34,7 @@ from auditor.pipeline.load import reference_predictor
 from auditor.pipeline.plan import probe_config
 from auditor.pipeline.state import AuditState, MetricsFn
 from auditor.pipeline.verdict import Findings
-from auditor.refine import DefendedModel
+from auditor.refine import DefendedModel, inference_transform
 from auditor.runtime import CancelFn, ProgressFn, check_cancel
 
 
@@ -63,7 +63,8 @@ def defended_predictor(state: AuditState) -> Predictor:
     """M ∘ model ∘ T; for API models every answer comes from the real API."""
     if state.api is not None:
         return defended_api_predictor(state.api, state.refine.transform, state.refine.mapping, device=state.device)
-    return model_predictor(DefendedModel(state.refine.transform, state.model, state.refine.mapping), state.device)
+    transform = inference_transform(state.refine.transform)
+    return model_predictor(DefendedModel(transform, state.model, state.refine.mapping), state.device)
 
 
 def _utility(state: AuditState) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """REFINE: a trained input transformation T and a fixed label derangement M around a frozen model."""
 
 from auditor.refine.config import RefineConfig
-from auditor.refine.defended import DefendedModel
+from auditor.refine.defended import DefendedModel, inference_transform
 from auditor.refine.export import ExportedModel, export_defended, export_defended_formats
 from auditor.refine.remap import derangement, inverse, remap_probabilities
 from auditor.refine.trainer import CHECKPOINT_NAME, RefineResult, train_refine
@@ -15,6 +15,7 @@ __all__ = [
     "derangement",
     "export_defended",
     "export_defended_formats",
+    "inference_transform",
     "inverse",
     "remap_probabilities",
     "train_refine",

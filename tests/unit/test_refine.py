@@ -4,8 +4,16 @@ import torch
 from auditor.data import ImageSet
 from auditor.errors import AuditCancelled
 from auditor.evaluation import accuracy, model_predictor, predict_labels
-from auditor.models import UNetConfig, load_checkpoint
-from auditor.refine import DefendedModel, RefineConfig, derangement, export_defended, remap_probabilities, train_refine
+from auditor.models import UNet, UNetConfig, load_checkpoint
+from auditor.refine import (
+    DefendedModel,
+    RefineConfig,
+    derangement,
+    export_defended,
+    inference_transform,
+    remap_probabilities,
+    train_refine,
+)
 
 CPU = torch.device("cpu")
 
@@ -100,6 +108,21 @@ def test_refine_keeps_the_models_behaviour_on_clean_data(tiny_model, tiny_data):
     after = predict_labels(model_predictor(defended, CPU), test)
     assert accuracy(after, original) > 0.8
     assert result.history[-1]["fidelity"] > 0.8
+
+
+def test_inference_transform_computes_t_in_channels_last_and_leaves_t_as_it_was():
+    torch.manual_seed(0)
+    transform = UNet(UNetConfig(in_channels=1, width=8, depth=2)).eval()
+    images = torch.rand(16, 1, 28, 28)
+    fast = inference_transform(transform)
+    with torch.no_grad():
+        expected, got = transform(images), fast(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert got.is_contiguous()  # the audited model may view() its input
+    assert all(p.is_contiguous() for p in transform.parameters())  # the exported T keeps its layout
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in fast.parameters())
+    assert inference_transform(fast) is fast
 
 
 def test_bf16_autocast_is_a_default_only_where_the_cpu_computes_it_natively():
