@@ -12,7 +12,9 @@ code version: ``new`` (this tree) and ``baseline`` (commit 45d0dbd, checked out 
 ``git worktree add`` and run with its own PYTHONPATH), side by side on the same machine
 so each speed-up is a measured ratio. New-code audits run twice against one control-cache
 folder: ``cold`` (empty: every control trained) then ``warm`` (the controls reused); the
-baseline has no cache, so it runs cold only. Every audit runs in a child process
+baseline has no cache, so it runs cold only. ``--code new,previous --previous-commit REV`` times one
+change: REV (from a worktree too) audits warm against the cache the new code's cold audit filled, right
+before the new code's warm audit, so the two warm audits differ only by the change. Every audit runs in a child process
 (``bench/audit_cost_worker.py``) whose wall time, CPU time (all threads and children,
 ``resource.getrusage``) and per-stage split are recorded, with BA before minus after (the
 audit's figures) and the planted trigger's ASR on what the audit shipped (measured here).
@@ -64,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--efforts", default=",".join(EFFORTS))
     p.add_argument("--sources", default="checkpoint,api")
-    p.add_argument("--code", default="new,baseline", help="which code versions run the audits")
+    p.add_argument("--code", default="new,baseline",
+                   help="which code versions run the audits: new, baseline, previous (needs --previous-commit)")
+    p.add_argument("--previous-commit", default=None,
+                   help="a recent commit to time one change against: it shares the new code's control cache "
+                        "and runs warm only, between the new code's cold and warm audits")
     p.add_argument("--no-baseline", action="store_true", help="same as --code new")
     p.add_argument("--no-demo", action="store_true", help="skip timing refine-audit demo")
     p.add_argument("--assemble", action="store_true",
@@ -122,10 +128,10 @@ def cpu_flags() -> list[str]:
 # -- audits ------------------------------------------------------------------------------------------------------
 
 
-def baseline_tree(path: Path) -> Path:
-    """The 45d0dbd checkout, added as a git worktree the first time."""
+def checkout(path: Path, commit: str) -> Path:
+    """``commit`` checked out as a git worktree at ``path``, the first time it is needed."""
     if not (path / "auditor").is_dir():
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), BASELINE_COMMIT], cwd=TREE, check=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=TREE, check=True)
     return path
 
 
@@ -159,7 +165,7 @@ def audit(subject: Subject, effort: str, source: str, code: str, cache: str, arg
     folder = args.work_dir / name
     spec: dict[str, Any] = {"effort": effort, "seed": args.seed}
     job = {"spec": spec, "work_dir": str(folder / "audit"), "allowed_hosts": list(LOOPBACK),
-           "control_cache": str(args.work_dir / f"control-cache-{effort}-{source}") if code == "new" else None}
+           "control_cache": None if code == "baseline" else str(args.work_dir / f"control-cache-{effort}-{source}")}
     if cache == "cold" and job["control_cache"]:
         shutil.rmtree(job["control_cache"], ignore_errors=True)  # cold: every control trained
     if source == "checkpoint":
@@ -195,13 +201,14 @@ def _scored(result: dict[str, Any], score: Any) -> float | None:
 
 
 def grid(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """The audits in the order they run: per effort and source, the new code cold (it fills the control cache),
+    the previous commit warm, the new code warm, then the baseline (no cache: cold)."""
     codes = ["new"] if args.no_baseline else args.code.split(",")
-    cells = []
-    for effort in args.efforts.split(","):
-        for source in args.sources.split(","):
-            for code in codes:
-                cells += [(effort, source, code, cache) for cache in (("cold", "warm") if code == "new" else ("cold",))]
-    return cells
+    if "previous" in codes and not args.previous_commit:
+        raise SystemExit("--code previous needs --previous-commit")
+    order = [("new", "cold"), ("previous", "warm"), ("new", "warm"), ("baseline", "cold")]
+    return [(effort, source, code, cache) for effort in args.efforts.split(",") for source in args.sources.split(",")
+            for code, cache in order if code in codes]
 
 
 def demo_wall_s(args: argparse.Namespace) -> float | None:
@@ -245,7 +252,9 @@ def audits(args: argparse.Namespace, train: ImageSet,
     trees, runs, details = {"new": TREE}, [], []
     for effort, source, code, cache in grid(args):
         if code == "baseline" and "baseline" not in trees:
-            trees["baseline"] = baseline_tree(args.baseline_tree)
+            trees["baseline"] = checkout(args.baseline_tree, BASELINE_COMMIT)
+        if code == "previous" and "previous" not in trees:
+            trees["previous"] = checkout(Path(f"/tmp/previous-{args.previous_commit}"), args.previous_commit)
         row, detail = audit(subject, effort, source, code, cache, args, trees[code], test)
         runs.append(row)
         details.append(detail)
