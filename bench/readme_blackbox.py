@@ -4,7 +4,7 @@
 
 Runs the README's own commands with the installed ``refine-audit``: ``attack badnets``
 (its defaults), ``serve-model … --labels-only``, then ``audit --api … --output labels
---query-budget 20000 --allow-host 127.0.0.1`` at the default effort, with a fresh data
+--query-budget 30000 --allow-host 127.0.0.1`` at the default effort, with a fresh data
 folder, so the positive-control cache is as cold as a first user's. ``--out`` is the one
 argument added, to keep the run's files together. The audit's figures come from its
 report; the served model's own trigger is then scored through M ∘ API ∘ T on the whole
@@ -40,7 +40,7 @@ from auditor.settings import Settings
 from bench.common import RESULTS, git_commit, provenance, write_json
 
 REFINE_AUDIT = Path(sys.executable).parent / "refine-audit"
-BUDGET = 20_000
+BUDGET = 30_000
 PROMISES = {"agreement_clean_min": 0.95, "ba_drop_max": 0.03, "asr_after_max": 0.05}
 
 

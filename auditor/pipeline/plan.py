@@ -154,16 +154,20 @@ EFFORTS: dict[str, EffortPreset] = {
     # REFINE's own defaults, chosen by bench/refine_fmnist.py (6 epochs over 20,000 images, width 16). Controls: 4
     # epochs, as bench/refine_fmnist.py trains its models; REFINE then left the Blended control 4.4% / 2.1% ASR
     # (2 seeds) against 3.6% / 1.7% after 6, for two thirds of the steps (bench/results/control_removal/).
+    # Surrogate: 20 epochs. At 10, the README's label-only BadNets audit distilled a surrogate agreeing with the API
+    # on 94.8% of clean test images, under SURROGATE_AGREEMENT_FLOOR (bench/results/readme_blackbox_20000.json);
+    # trained again on the same 6,838 answers it agreed on 94.4% / 95.1% / 95.2% of the 10,000 test images at
+    # 10 / 20 / 30 epochs, for about one more CPU minute per 10 epochs.
     "standard": EffortPreset(
         refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size, unet_width=16, control_epochs=4,
-        control_train_images=None, probe_images=500, api_probe_images=100, test_images=None, distill_epochs=10,
+        control_train_images=None, probe_images=500, api_probe_images=100, test_images=None, distill_epochs=20,
         min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=300, detect_images=512, detect_holdout=500,
         detect_batch=32, label_only_queries=5000, label_only_images=1, label_only_rounds=5,
         label_only_directions=80,
     ),
     "thorough": EffortPreset(
         refine_epochs=12, refine_pool=None, unet_width=32, control_epochs=10, control_train_images=None,
-        probe_images=1000, api_probe_images=200, test_images=None, distill_epochs=15,
+        probe_images=1000, api_probe_images=200, test_images=None, distill_epochs=30,
         min_distill_queries=MIN_DISTILL_QUERIES_THOROUGH, detect_steps=500, detect_images=1000, detect_holdout=1000,
         detect_batch=32, label_only_queries=10_000, label_only_images=2, label_only_rounds=5,
         label_only_directions=80,
