@@ -30,10 +30,10 @@ from torch import nn
 
 from auditor.blackbox.client import ModelAPI
 from auditor.blackbox.defended import transform_images
-from auditor.refine.defended import inference_transform
 from auditor.blackbox.surrogate import SurrogateResult, api_targets
 from auditor.data import ImageSet, to_uint8
 from auditor.pipeline.plan import REFIT_ROUNDS
+from auditor.refine.defended import inference_transform
 from auditor.runtime import CancelFn, check_cancel, never_cancel, save_atomically
 from auditor.training import TrainConfig, predict_logits, train_classifier
 

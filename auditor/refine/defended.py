@@ -29,11 +29,10 @@ class DefendedModel(nn.Module):
         return torch.log_softmax(logits.float(), dim=1).index_select(1, self.inverse_mapping)
 
 
-
 class ChannelsLastTransform(nn.Module):
     """T evaluated in channels-last layout, taking and returning default-layout images.
 
-    The U-Net's convolutions run 2.0-2.4x faster in channels-last on CPU (measured at two
+    The U-Net's convolutions run 1.6-2.4x faster in channels-last on CPU (measured at two
     threads on AVX2 and avx512_bf16 CPUs: ``bench/results/defended_inference*.json``),
     and after REFINE most of an audit's inference is T. Only T changes layout: the
     audited model receives contiguous images, since its code may ``view`` them. The
