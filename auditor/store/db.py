@@ -51,7 +51,7 @@ def _sqlite_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
-    """WAL lets the web read while the worker writes; foreign keys make CASCADE real.
+    """WAL keeps commits cheap and never blocked by a reader; foreign keys make CASCADE real.
 
     ``isolation_level = None`` stops pysqlite from issuing its own BEGINs, so that
     SQLAlchemy's BEGIN (see ``_begin_sqlite_transaction``) and SAVEPOINTs behave as on
@@ -66,7 +66,14 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _begin_sqlite_transaction(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    """Every transaction takes the write lock at BEGIN, waiting up to the busy timeout.
+
+    A deferred BEGIN starts as a reader; in WAL mode its first write fails at once with
+    "database is locked" (the busy handler is skipped) when another connection committed
+    since its read, e.g. ``refine-audit user create`` reading the users table while an
+    in-process audit records its progress. Taking the lock first makes it wait its turn.
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
