@@ -236,7 +236,7 @@ def _build_spec(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--protocol", type=click.Choice(["v1", "v2", "json"]), default="v1", show_default=True, help="v1: KServe/TF-Serving; v2: Open Inference Protocol.")
 @click.option("--output", type=click.Choice(["auto", "probabilities", "logits", "labels"]), default="auto", show_default=True, help="What the API answers.")
 @click.option("--model-name", default=None, help="Model name in the API's URL (v1/v2).")
-@click.option("--query-budget", type=int, default=None, help="Hard cap on images sent to the API [default: 20000].")
+@click.option("--query-budget", type=int, default=None, help="Hard cap on images sent to the API [default: 30000].")
 @click.option("--auth-header", default=None, help="Header carrying the API secret, e.g. Authorization.")
 @click.option("--auth-env", default=None, metavar="VAR", help="Environment variable holding that header's value.")
 @click.option("--mlflow", metavar="URI", help="Audit a checkpoint from the MLflow tracking server (REFINE_AUDIT_MLFLOW_TRACKING_URI): models:/NAME/VERSION or runs:/RUN_ID/PATH.")

@@ -209,9 +209,9 @@ def test_dry_run_answers_the_plan_and_stores_nothing(api: Api, checkpoint: bytes
     plan = as_json.json["plan"]
     assert as_json.json["dry_run"] is True and plan["source"] == "api" and plan["effort"] == "standard"
     queries = plan["queries"]
-    assert queries["budget"] == 20_000  # the spec's default, split so every part is sound
+    assert queries["budget"] == 30_000  # the spec's default, split so every part is sound
     assert queries["distillation"] >= 6000 and queries["evaluation"] == 2 * plan["data"]["test_images"] == 4802
-    assert sum(queries[k] for k in ("distillation", "refits", "evaluation", "probes", "unallocated")) == 20_000
+    assert sum(queries[k] for k in ("distillation", "refits", "evaluation", "probes", "unallocated")) == 30_000
     assert as_json.json["estimated_seconds"] > 0
     assert as_json.json["description"][0][0] == "Effort" and as_json.json["description"][0][1].startswith("standard")
     assert multipart.json["plan"]["source"] == "checkpoint" and multipart.json["plan"]["effort"] == "tiny"

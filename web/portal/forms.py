@@ -18,6 +18,7 @@ from werkzeug.datastructures import FileStorage, ImmutableMultiDict
 
 from auditor.attacks import ATTACKS, describe
 from auditor.errors import AuditError, ErrorCode
+from auditor.pipeline import DEFAULT_QUERY_BUDGET
 
 EFFORTS: list[tuple[str, str]] = [
     ("tiny", "Smoke test (seconds) - checks the set-up, not the model"),
@@ -91,7 +92,7 @@ class AuditForm:
         return cls(
             values={
                 "model_source": "checkpoint", "architecture": "", "api_protocol": "v1", "api_output": "auto",
-                "api_model_name": "model", "api_query_budget": "20000", "data_source": "fashion-mnist",
+                "api_model_name": "model", "api_query_budget": str(DEFAULT_QUERY_BUDGET), "data_source": "fashion-mnist",
                 "effort": "quick", "attacks": list(DEFAULT_ATTACKS), "seed": "0",
             }
         )
