@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for source, output in _sources(args):
                 started = time.perf_counter()
                 entry = {"effort": effort, "source": source, "output": output, "attack": attack,
+                         "git_commit": git_commit(),  # parts of one file may come from runs at different commits
                          **environment(), "subject_train_seconds": subject.train_seconds}
                 work = args.work_dir / f"{attack}-{effort}-{source}-{output}"
                 spec = {"effort": effort, "seed": args.seed}
