@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = {"train_epochs": args.train_epochs, "train_size": args.train_size, "seed": args.seed,
               "outputs": args.outputs}
     parts = args.out.with_suffix("")
+    commit = git_commit()
     controls = None if args.no_control_cache else args.control_cache or args.work_dir / "control-cache"
     for attack in args.attacks.split(","):
         subject = make_subject(attack, train, test, epochs=args.train_epochs, train_size=args.train_size,
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for source, output in _sources(args):
                 started = time.perf_counter()
                 entry = {"effort": effort, "source": source, "output": output, "attack": attack,
-                         "git_commit": git_commit(),  # parts of one file may come from runs at different commits
+                         "git_commit": commit,  # parts of one file may come from runs at different commits
                          **environment(), "subject_train_seconds": subject.train_seconds}
                 work = args.work_dir / f"{attack}-{effort}-{source}-{output}"
                 spec = {"effort": effort, "seed": args.seed}
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(row(entry), flush=True)
     where = provenance(device, "bench.product_path")
     payload = {"runs": _ordered(finished_parts(parts, config).values()), "command": where["command"],
-               "git_commit": git_commit(), "config": config, "provenance": where}
+               "git_commit": commit, "config": config, "provenance": where}
     write_json(args.out, payload)
     return payload
 
