@@ -7,9 +7,12 @@ Three measurements, each on the sizes the plan fixed:
   real API through T and M);
 * **probes**: the suspicion score of the submitted model and of the defended one,
   each with its images and a bootstrap interval. API audits run the compact
-  battery, and re-probe the defended model with the five probes that gave the
-  strongest evidence (with so few probes there is no default class to discount,
-  so the "after" score can only err high);
+  battery. The defended model is re-probed with the probes that gave the
+  strongest evidence only (five for an API, twenty for a checkpoint: the plan's
+  ``after_probes``): REFINE's effect shows where the evidence was, and the rest
+  of the battery cost a checkpoint audit most of its evaluation time. With so
+  few probes there is no default class to discount, so the "after" score can
+  only err high;
 * **positive controls** (``controls.py``).
 
 The results become report sections and the ``Findings`` the gates and the
@@ -92,10 +95,9 @@ def _histogram(predictions: torch.Tensor, k: int) -> list[int]:
 def _probe(state: AuditState) -> tuple[SuspicionReport, SuspicionReport]:
     """The submitted model's score on the plan's battery, then the defended model's (module docstring)."""
     plan = state.plan.probes
-    api = plan.battery == "api"
-    config = probe_config(api, plan.images, state.spec.seed)
+    config = probe_config(plan.battery == "api", plan.images, state.spec.seed)
     before = suspicion_score(reference_predictor(state), state.test, config, num_classes=state.num_classes)
-    if api:
+    if plan.after_probes < plan.probes:
         strongest = tuple(r.probe for r in sorted(before.results, key=lambda r: r.score, reverse=True))
         config = replace(config, only=strongest[: plan.after_probes], discount_default=False)
     after = suspicion_score(defended_predictor(state), state.test, config, num_classes=state.num_classes)

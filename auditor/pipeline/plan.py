@@ -103,8 +103,13 @@ API_PROBE_BATTERY: dict[str, Any] = {
     "blend_alphas": (0.2, 0.3), "warp_fields": 1, "warp_strengths": (1.0, 2.0), "rotations": (-30.0, -20.0, 20.0, 30.0),
     "noise_sigmas": (0.2,), "noise_draws": 1,
 }
-#: API audits probe the defended model with the submitted model's strongest probes only (see evaluate.py).
+#: The defended model is probed with the submitted model's strongest probes only (see evaluate.py): API audits pay a
+#: query per probe and image, so five; checkpoint audits twice the probes the score's bootstrap re-scores
+#: (BOOTSTRAP_PROBES), which cuts the after-REFINE battery from 158 x 500 defended-model predictions to 20 x 500 --
+#: most of a warm standard audit's evaluation (bench/results/audit_cost.json). The "after" score is reported, never
+#: gated, and without the default-class discount it can only err high.
 API_AFTER_PROBES = 5
+CHECKPOINT_AFTER_PROBES = 20
 #: Label-only trigger detection on the API (auditor/detection/label_only.py): halvings per boundary search.
 LABEL_ONLY_SEARCH_STEPS = 8
 
@@ -247,7 +252,7 @@ class ProbePlan:
     images: int  # test images each probe is applied to
     battery: Literal["full", "api"]  # api: the compact battery (each probe costs a query per image)
     probes: int  # probes in the battery
-    after_probes: int  # probes applied to the defended model (API audits: the strongest few)
+    after_probes: int  # the submitted model's strongest probes, applied to the defended model
     min_images: int  # fewer images trip the probe-evidence gate
 
 
@@ -454,7 +459,7 @@ def _probe_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> ProbeP
     wanted = spec.probes.images or (preset.api_probe_images if api else preset.probe_images)
     probes = _battery_size(api, data.image_shape)
     return ProbePlan(images=min(wanted, data.test_images), battery="api" if api else "full", probes=probes,
-                     after_probes=min(API_AFTER_PROBES, probes) if api else probes,
+                     after_probes=min(API_AFTER_PROBES if api else CHECKPOINT_AFTER_PROBES, probes),
                      min_images=probe_images_floor(data.num_classes))
 
 

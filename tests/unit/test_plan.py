@@ -150,6 +150,14 @@ def test_efforts_have_named_fields_and_plans_record_every_number():
     assert plan.to_dict()["controls"]["attacks"] == ["badnets", "blended"]  # JSON-ready
 
 
+def test_the_defended_model_is_probed_with_the_strongest_probes_only():
+    checkpoint = plan_audit(parse_spec({"effort": "standard"}), FASHION_MNIST).probes
+    api = plan_audit(parse_spec(README_API), FASHION_MNIST).probes
+
+    assert (checkpoint.battery, checkpoint.after_probes) == ("full", 20) and checkpoint.probes > 100
+    assert (api.battery, api.after_probes) == ("api", 5) and api.probes > api.after_probes
+
+
 def test_time_estimates_weight_the_planned_stages():
     checkpoint = plan_audit(parse_spec({"effort": "standard"}), FASHION_MNIST)
     api = plan_audit(parse_spec(README_API), FASHION_MNIST)
