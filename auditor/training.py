@@ -28,6 +28,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     bf16: bool = False  # autocast on CPUs with avx512_bf16; off by default for exact reproducibility
+    # Train in channels-last: a 1-channel image is laid out alike either way, so the weights decide, and
+    # contiguous weights send every max-pool down PyTorch's slow NCHW path. The small CNN's train step ran
+    # 1.7x faster in bf16 and 1.5x in fp32 (README, "What an audit costs"); the weights are handed back contiguous.
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -81,7 +85,19 @@ def train_classifier(
     decay reaches; the short decay recovers most of it (a warmup-stable-decay schedule).
     The last history entry's ``steps`` says how many steps ran.
     """
-    model.to(device).train()
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=layout).train()
+    try:
+        return _train_epochs(model, x, targets, config, device, seed, should_cancel, on_progress, stage, augment,
+                             stop, cooldown_share)
+    finally:  # contiguous again: safetensors and TorchScript export expect it, and so does any caller
+        model.to(memory_format=torch.contiguous_format).eval()
+
+
+def _train_epochs(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
+                  device: torch.device, seed: int, should_cancel: CancelFn, on_progress: ProgressFn, stage: str,
+                  augment: Augment | None, stop: StopFn | None,
+                  cooldown_share: float) -> list[dict[str, float]]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(x) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -120,7 +136,6 @@ def train_classifier(
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen, "steps": step})
         if stopped:
             break
-    model.eval()
     return history
 
 

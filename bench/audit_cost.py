@@ -4,6 +4,7 @@
     python -m bench.audit_cost --efforts tiny --sources checkpoint --no-baseline --no-demo \\
         --subject-train-size 2000 --out /tmp/audit_cost.json           # a smoke run (minutes)
     python -m bench.audit_cost --assemble --out F                      # F from the runs saved under F's folder
+                                                                       # (a finished F keeps its demo and load)
 
 A backdoored small CNN (BadNets, the recipe of ``refine-audit attack``) is audited through
 ``run_audit`` with spec fields only (``{"effort": E}``, plus ``model.api`` for the same
@@ -24,7 +25,8 @@ seconds its REFINE training took (``report.refine.seconds``) in the first new-co
 highest effort measured. Achieved GFLOP/s is that rate times the FLOPs of one train step per image (the
 trainer's step counted once by ``torch.utils.flop_counter`` at the plan's U-Net width and batch, no training),
 beside this machine's fp32 and bf16 matmul peaks (2048x2048, same torch threads, measured in the same run),
-with T's inference FLOPs relative to the audited model's. ``demo_wall_s`` is ``refine-audit demo`` end to end. The plans, the
+with T's inference FLOPs relative to the audited model's, and a profile of that step (``refine_step.profile_step``:
+the share of its time per operator family) to show what holds it below the peak. ``demo_wall_s`` is ``refine-audit demo`` end to end. The plans, the
 per-stage CPU split and the controls of each audit go beside the output
 (``<out>/runs/*.json``); the output keeps the fixed shape the README describes.
 """
@@ -52,7 +54,7 @@ from auditor.runtime import cpu_bf16_pays
 from auditor.settings import Settings
 from bench.audits import LOOPBACK, Subject, api_trigger_asr, fashion_mnist, make_subject, shipped_trigger_asr
 from bench.common import RESULTS, git_commit, provenance, write_json
-from bench.refine_step import matmul_peaks, step_flops
+from bench.refine_step import matmul_peaks, profile_step, step_flops
 
 BASELINE_COMMIT = "45d0dbd"
 EFFORTS = ("quick", "standard", "thorough")
@@ -115,6 +117,7 @@ def refine_throughput(details: list[dict[str, Any]], peaks: dict[str, float], th
                       "peak_threads": threads, "from_run": f"{run['effort']}-checkpoint-new-{run['cache']}",
                       "refine_seconds": run["refine_seconds"], "plan_refine": refine,
                       "step_gflop_per_image": flops_per_image / 1e9,
+                      "profile": profile_step(model, unet, batch, bf16),
                       "transform_over_model_flops": forward_flops(UNet(unet).eval(), x) / forward_flops(model, x)}}
 
 
@@ -239,9 +242,24 @@ def main(argv: list[str] | None = None) -> None:
                                "demo_wall_s": None if args.assemble else demo_wall_s(args),
                                "load_average": os.getloadavg(), "cpu_flags": cpu_flags(),
                                "command": where["command"], "git_commit": where["git_commit"]}
+    if args.assemble:
+        payload = kept_from_the_run(args.out, payload)
     write_json(args.out, payload)
     print(json.dumps(payload["refine"], indent=1))
     print(f"{len(payload['runs'])} audits in {args.out}")
+
+
+def kept_from_the_run(out: Path, assembled: dict[str, Any]) -> dict[str, Any]:
+    """Assembling over a finished run's output keeps what only that run measured (the demo, its load, its
+    command and commit) and records the assembling command beside it; the peaks, the REFINE section and its
+    profile are measured again now."""
+    if not out.is_file():
+        return assembled
+    run = json.loads(out.read_text())
+    kept = {k: run[k] for k in ("demo_wall_s", "load_average", "command", "git_commit") if k in run}
+    return {**assembled, **kept,
+            "assembled": {"command": assembled["command"], "git_commit": assembled["git_commit"],
+                          "load_average": assembled["load_average"]}}
 
 
 def audits(args: argparse.Namespace, train: ImageSet,

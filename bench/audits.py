@@ -28,6 +28,7 @@ from auditor.pipeline import AuditInputs, run_audit
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from auditor.training import TrainConfig
+from bench.common import cpu_features
 
 LOOPBACK = ("127.0.0.1",)
 #: The label-consistent attack keeps every label right, so it implants slower: 85.7% ASR after 4 epochs,
@@ -162,7 +163,8 @@ def _budget(report: dict[str, Any], spec: dict[str, Any]) -> int | None:
 
 def environment() -> dict[str, Any]:
     """Machine state a timing depends on: recorded beside every run."""
-    return {"load_average_1m": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads()}
+    return {"load_average_1m": round(os.getloadavg()[0], 2), "torch_threads": torch.get_num_threads(),
+            "cpu_features": cpu_features()}
 
 
 def shipped_trigger_asr(out_dir: Path, subject: Subject, test: ImageSet, device: torch.device) -> float:

@@ -41,6 +41,16 @@ def provenance(device: torch.device, module: str) -> dict[str, Any]:
     }
 
 
+#: The /proc/cpuinfo flags a timing depends on: native bf16 (or AMX) roughly doubles REFINE's speed.
+TIMING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_features() -> list[str]:
+    """Which of TIMING_FLAGS this CPU has: timings from machines with other flags are not comparable."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    return [f for f in TIMING_FLAGS if f in flags]
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")

@@ -9,7 +9,9 @@ Measures, in one run so the figures are comparable:
 * one REFINE train step (U-Net width 16, batch 128, the kd + supervised-contrastive loss, AdamW) against a small
   CNN, for fp32 / bf16 autocast (where the CPU has it natively) x default / channels-last layout, interleaved over
   several rounds (median), with
-  its FLOPs counted by ``torch.utils.flop_counter``, so achieved GFLOP/s and the share of the peak follow.
+  its FLOPs counted by ``torch.utils.flop_counter``, so achieved GFLOP/s and the share of the peak follow;
+* a ``torch.profiler`` profile of the step as the audit trains it (channels-last, bf16 where native): the
+  share of its time per operator family, and the rate of its dense kernels alone.
 
 The step is built from the trainer's own pieces (the U-Net, the losses, autocast), deliberately below the audit:
 a layout or dtype lever has no spec field, and what it changes is the cost of one step. No audit-level figure
@@ -37,7 +39,7 @@ from auditor.refine.losses import fit_loss, supcon_loss
 from auditor.refine.remap import derangement, inverse
 from auditor.runtime import cpu_bf16_pays
 from auditor.training import autocast
-from bench.common import RESULTS, provenance, write_json
+from bench.common import RESULTS, cpu_features, provenance, write_json
 
 CPU = torch.device("cpu")
 BATCH, WIDTH = 128, 16
@@ -99,6 +101,57 @@ def step_flops(model: torch.nn.Module, unet: UNetConfig | None = None, batch: in
     return counter.get_total_flops()
 
 
+#: Operator families of a train step's profile: matmuls by exact name, the rest by the first matching substring.
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+OP_FAMILIES = (
+    ("convolution", ("conv",)),
+    ("pooling and resampling", ("pool", "upsample")),
+    ("normalisation", ("norm",)),
+    ("optimizer", ("_foreach", "adam")),
+    ("dtype and layout copies", ("copy", "_to_copy", "clone", "contiguous", "empty_strided")),
+)
+
+
+def op_family(name: str) -> str:
+    if name in MATMUL_OPS:
+        return "matmul"
+    lowered = name.lower()
+    return next((family for family, keys in OP_FAMILIES if any(k in lowered for k in keys)), "other elementwise")
+
+
+def profile_step(model: torch.nn.Module, unet: UNetConfig, batch: int, bf16: bool, steps: int = 5) -> dict[str, Any]:
+    """Where a train step's time goes (torch.profiler, self CPU time per operator): what holds it below the peak.
+
+    The dense kernels (convolutions, matmuls) run near the matmul peak; if the step as a whole does not,
+    the profile shows the time spent in the memory-bound rest (activations, normalisation, the
+    optimizer, dtype casts), which no faster kernel for the dense part can recover.
+    """
+    rig = StepRig(model, bf16=bf16, channels_last=True, unet=unet, batch=batch)
+    for _ in range(2):
+        rig.step()  # warm-up: oneDNN builds its kernels on first use
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            rig.step()
+    wall = (time.perf_counter() - started) / steps
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    families: dict[str, float] = {}
+    for e in events:
+        families[op_family(e.key)] = families.get(op_family(e.key), 0.0) + e.self_cpu_time_total / total
+    dense = families.get("convolution", 0.0) + families.get("matmul", 0.0)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    flops = step_flops(model, unet, batch)
+    return {
+        "steps": steps, "batch": batch, "train_dtype": "bf16" if bf16 else "fp32", "profiled_seconds_per_step": wall,
+        "family_share": {k: round(v, 3) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+        "dense_share": round(dense, 3),
+        "dense_kernel_gflops": round(flops / (wall * dense) / 1e9, 1) if dense else None,
+        "top_ops": [{"op": e.key, "family": op_family(e.key), "share": round(e.self_cpu_time_total / total, 3),
+                     "calls_per_step": e.count // steps} for e in top],
+    }
+
+
 def time_steps(model: torch.nn.Module, rounds: int, steps: int) -> dict[str, list[float]]:
     """Seconds per step for each variant, the variants interleaved within every round so load drifts hit all alike."""
     dtypes = (False, True) if cpu_bf16_pays(CPU) else (False,)  # emulated bf16 (AVX2 only): never trained in
@@ -141,10 +194,11 @@ def main() -> None:
                        "share_of_peak": round(flops / median / 1e9 / peak, 3), "samples": [round(s, 4) for s in samples]}
     write_json(args.out, {
         **provenance(CPU, "bench.refine_step"),
-        "cpu_flags": sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+        "cpu_flags": cpu_features(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "step": {"batch": BATCH, "unet_width": WIDTH, "gflop_per_step": round(flops / 1e9, 2), "variants": steps},
+        "profile": profile_step(model, UNetConfig(width=WIDTH), BATCH, bf16=cpu_bf16_pays(CPU)),
     })
     print(f"wrote {args.out}")
 
