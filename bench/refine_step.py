@@ -113,6 +113,7 @@ OP_FAMILIES = (
 
 
 def op_family(name: str) -> str:
+    """The family a profiled operator counts toward (OP_FAMILIES)."""
     if name in MATMUL_OPS:
         return "matmul"
     lowered = name.lower()
@@ -122,9 +123,10 @@ def op_family(name: str) -> str:
 def profile_step(model: torch.nn.Module, unet: UNetConfig, batch: int, bf16: bool, steps: int = 5) -> dict[str, Any]:
     """Where a train step's time goes (torch.profiler, self CPU time per operator): what holds it below the peak.
 
-    The dense kernels (convolutions, matmuls) run near the matmul peak; if the step as a whole does not,
-    the profile shows the time spent in the memory-bound rest (activations, normalisation, the
-    optimizer, dtype casts), which no faster kernel for the dense part can recover.
+    The dense kernels (convolutions, matmuls) are the part that can approach the matmul peak; the
+    profile shows how fast they ran and how much of the step went to the memory-bound rest (pooling,
+    resampling, activations, normalisation, the optimizer, dtype casts), which no faster dense kernel
+    can recover.
     """
     rig = StepRig(model, bf16=bf16, channels_last=True, unet=unet, batch=batch)
     for _ in range(2):
