@@ -53,7 +53,7 @@ from auditor.models import ArchConfig, UNet, UNetConfig, build_classifier
 from auditor.runtime import cpu_bf16_pays
 from auditor.settings import Settings
 from bench.audits import LOOPBACK, Subject, api_trigger_asr, fashion_mnist, make_subject, shipped_trigger_asr
-from bench.common import RESULTS, git_commit, provenance, write_json
+from bench.common import RESULTS, cpu_flags, git_commit, provenance, write_json
 from bench.refine_step import matmul_peaks, profile_step, step_flops
 
 BASELINE_COMMIT = "45d0dbd"
@@ -119,13 +119,6 @@ def refine_throughput(details: list[dict[str, Any]], peaks: dict[str, float], th
                       "step_gflop_per_image": flops_per_image / 1e9,
                       "profile": profile_step(model, unet, batch, bf16),
                       "transform_over_model_flops": forward_flops(UNet(unet).eval(), x) / forward_flops(model, x)}}
-
-
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return sorted(line.split(":", 1)[1].split())
-    return []
 
 
 # -- audits ------------------------------------------------------------------------------------------------------

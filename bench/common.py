@@ -45,9 +45,18 @@ def provenance(device: torch.device, module: str) -> dict[str, Any]:
 TIMING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
+def cpu_flags() -> list[str]:
+    """This CPU's flags, from /proc/cpuinfo (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("flags"):
+            return sorted(line.split(":", 1)[1].split())
+    return []
+
+
 def cpu_features() -> list[str]:
     """Which of TIMING_FLAGS this CPU has: timings from machines with other flags are not comparable."""
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    flags = set(cpu_flags())
     return [f for f in TIMING_FLAGS if f in flags]
 
 
