@@ -107,7 +107,8 @@ def refine_throughput(details: list[dict[str, Any]], peaks: dict[str, float], th
     images_per_s = refine["epochs"] * refine["pool_images"] / run["refine_seconds"]
     model = build_classifier(ArchConfig("small_cnn")).eval().requires_grad_(False)
     unet, batch = UNetConfig(width=refine["unet_width"]), refine["batch_size"]
-    flops_per_image = step_flops(model, unet, batch) / batch
+    flops = step_flops(model, unet, batch)
+    flops_per_image = flops / batch
     achieved = images_per_s * flops_per_image / 1e9
     dtype = "bf16" if bf16 else "fp32"
     x = torch.rand(batch, 1, 28, 28)
@@ -117,7 +118,7 @@ def refine_throughput(details: list[dict[str, Any]], peaks: dict[str, float], th
                       "peak_threads": threads, "from_run": f"{run['effort']}-checkpoint-new-{run['cache']}",
                       "refine_seconds": run["refine_seconds"], "plan_refine": refine,
                       "step_gflop_per_image": flops_per_image / 1e9,
-                      "profile": profile_step(model, unet, batch, bf16),
+                      "profile": profile_step(model, unet, batch, bf16, flops),
                       "transform_over_model_flops": forward_flops(UNet(unet).eval(), x) / forward_flops(model, x)}}
 
 

@@ -26,7 +26,7 @@ import torch
 from auditor.runtime import cpu_bf16_pays, resolve_device
 from auditor.settings import Settings
 from bench.audits import checkpoint_audit, environment, fashion_mnist, make_subject
-from bench.common import RESULTS, git_commit, pct, provenance, write_json
+from bench.common import RESULTS, pct, provenance, write_json
 
 
 def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {json.dumps(variant)} | {pct(b['ba'])} / {pct(b['asr'])} | {pct(a['ba'])} / {pct(a['asr'])} | "
               f"{run['refine_seconds'] or 0:.0f} s REFINE |", flush=True)
     out = args.out or RESULTS / f"refine_levers_{args.attack}.json"
-    write_json(out, {"runs": runs, "subject_train_seconds": subject.train_seconds, "git_commit": git_commit(),
-                     **{k: v for k, v in provenance(device, "bench.refine_levers").items() if k != "git_commit"}})
+    write_json(out, {"runs": runs, "subject_train_seconds": subject.train_seconds,
+                     **provenance(device, "bench.refine_levers")})
     print(f"{len(runs)} runs in {out}")
 
 

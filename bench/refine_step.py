@@ -120,13 +120,14 @@ def op_family(name: str) -> str:
     return next((family for family, keys in OP_FAMILIES if any(k in lowered for k in keys)), "other elementwise")
 
 
-def profile_step(model: torch.nn.Module, unet: UNetConfig, batch: int, bf16: bool, steps: int = 5) -> dict[str, Any]:
+def profile_step(model: torch.nn.Module, unet: UNetConfig, batch: int, bf16: bool, flops: int,
+                 steps: int = 5) -> dict[str, Any]:
     """Where a train step's time goes (torch.profiler, self CPU time per operator): what holds it below the peak.
 
     The dense kernels (convolutions, matmuls) are the part that can approach the matmul peak; the
     profile shows how fast they ran and how much of the step went to the memory-bound rest (pooling,
     resampling, activations, normalisation, the optimizer, dtype casts), which no faster dense kernel
-    can recover.
+    can recover. ``flops``: one step's, as ``step_flops`` counted them.
     """
     rig = StepRig(model, bf16=bf16, channels_last=True, unet=unet, batch=batch)
     for _ in range(2):
@@ -143,7 +144,6 @@ def profile_step(model: torch.nn.Module, unet: UNetConfig, batch: int, bf16: boo
         families[op_family(e.key)] = families.get(op_family(e.key), 0.0) + e.self_cpu_time_total / total
     dense = families.get("convolution", 0.0) + families.get("matmul", 0.0)
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    flops = step_flops(model, unet, batch)
     return {
         "steps": steps, "batch": batch, "train_dtype": "bf16" if bf16 else "fp32", "profiled_seconds_per_step": wall,
         "family_share": {k: round(v, 3) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
@@ -200,7 +200,7 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "step": {"batch": BATCH, "unet_width": WIDTH, "gflop_per_step": round(flops / 1e9, 2), "variants": steps},
-        "profile": profile_step(model, UNetConfig(width=WIDTH), BATCH, bf16=cpu_bf16_pays(CPU)),
+        "profile": profile_step(model, UNetConfig(width=WIDTH), BATCH, bf16=cpu_bf16_pays(CPU), flops=flops),
     })
     print(f"wrote {args.out}")
 
