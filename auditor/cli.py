@@ -7,7 +7,6 @@ import importlib
 import json
 import signal
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +97,6 @@ def main() -> None:
 
     Every command has its own --help.
     """
-    # TorchScript is deprecated upstream but is still the portable format users load.
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\..*deprecated", category=FutureWarning)
 
 
 @main.command()

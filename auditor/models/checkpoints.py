@@ -10,10 +10,13 @@ Every other byte stream is refused with ``invalid_checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file as load_safetensors
@@ -57,7 +60,8 @@ def load_checkpoint(
     digest = sha256_file(path)
     try:
         if kind == "torchscript":
-            module = torch.jit.load(str(path), map_location=device)
+            with quiet_torchscript():
+                module = torch.jit.load(str(path), map_location=device)
         elif kind == "export":
             # check_guards=False: the default turns the archive's guards_code into Python source and exec()s it
             module = torch.export.load(str(path)).module(check_guards=False)
@@ -133,10 +137,23 @@ def save_classifier(model: Classifier, arch: ArchConfig, path: str | Path) -> Pa
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """Script when possible (keeps control flow), trace otherwise."""
     model = model.eval().cpu()
-    try:
-        scripted = torch.jit.script(model)
-    except Exception:
-        with torch.no_grad():
-            scripted = torch.jit.trace(model, example.cpu())
-    torch.jit.save(scripted, str(path))
+    with quiet_torchscript():
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:
+            with torch.no_grad():
+                scripted = torch.jit.trace(model, example.cpu())
+        torch.jit.save(scripted, str(path))
     return Path(path)
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Silence torch's deprecation notice for TorchScript, which users still upload and load.
+
+    Each call site warns once per process, and every sandboxed load is a new process, so
+    without this a worker's log repeats the notice for every audit.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\..*deprecated", category=FutureWarning)
+        yield

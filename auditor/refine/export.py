@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from auditor.models.checkpoints import sha256_file
+from auditor.models.checkpoints import quiet_torchscript, sha256_file
 from auditor.refine.defended import DefendedModel
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def export_torchscript(defended: DefendedModel, images: torch.Tensor, path: str 
 
     def write() -> Predict:
         export_defended(defended, images[:2], path)
-        with _no_torchscript_deprecation_warnings():
+        with quiet_torchscript():
             reloaded = torch.jit.load(str(path), map_location="cpu")
         return lambda x: reloaded(x)
 
@@ -165,7 +165,7 @@ def export_defended_formats(
 def export_defended(defended: DefendedModel, example: torch.Tensor, path: str | Path) -> Path:
     """TorchScript only, without the reload check: the pipeline's single format until it calls
     ``export_defended_formats``."""
-    with _no_torchscript_deprecation_warnings():
+    with quiet_torchscript():
         traced = torch.jit.trace(_cpu_eval(defended), example.cpu(), check_trace=False)
         torch.jit.save(traced, str(path))
     return Path(path)
@@ -239,13 +239,6 @@ def _cpu_eval(defended: nn.Module) -> nn.Module:
 
 def _dynamic_batch() -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1)},)
-
-
-@contextlib.contextmanager
-def _no_torchscript_deprecation_warnings() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\..*deprecated", category=FutureWarning)
-        yield
 
 
 @contextlib.contextmanager

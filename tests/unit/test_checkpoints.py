@@ -1,5 +1,6 @@
 import os
 import pickle
+import warnings
 import zipfile
 
 import pytest
@@ -71,6 +72,14 @@ def test_safetensors_torchscript_and_state_dict_load_to_the_same_model(tmp_path,
         assert model.format == fmt
         assert len(model.sha256) == 64
         assert _same_predictions(tiny_model, model.module, x), fmt
+
+
+def test_torchscript_round_trip_keeps_torchs_deprecation_notice_out_of_the_logs(tmp_path, tiny_model, tiny_data):
+    x = tiny_data[1].x[:2].float() / 255
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(export_torchscript(tiny_model, x, tmp_path / "m.pt"))
+    assert not [str(w.message) for w in caught if "torch.jit" in str(w.message)]
 
 
 def test_bare_weights_without_architecture_are_refused(tmp_path, tiny_model):
