@@ -16,6 +16,10 @@
 #   other ports   master 9333, volume 8334, filer 8888 (+10000 each for gRPC)
 #
 # The credentials are for this throwaway test server only; nothing is exported.
+#
+# An S3 port that already answers is used only if it round-trips an object with these
+# credentials. A SeaweedFS left running by a clone that was since deleted answers but
+# fails writes: it is stopped and a fresh one started. `.ci/run` stops its own on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
