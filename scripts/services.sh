@@ -124,6 +124,7 @@ stop_pids() {
   while any_alive "$@" && [ "$tries" -gt 0 ]; do sleep 0.5; tries=$((tries - 1)); done
   if any_alive "$@"; then kill -9 "$@" 2>/dev/null || true; fi
 }
+
 s3_port_free() { ! s3_up; }
 
 # reuse_foreign_s3: an S3 gateway this checkout did not start is used only if it works.
