@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for i, variant in enumerate(json.loads(args.variants)):
         spec = merged(base, variant)
-        run = checkpoint_audit(subject, spec, args.work_dir / f"{args.attack}-{i}", settings, test, device)
+        work = args.work_dir / f"{args.attack}-{i}"
+        shutil.rmtree(work, ignore_errors=True)  # a REFINE checkpoint of the same configuration would be resumed
+        run = checkpoint_audit(subject, spec, work, settings, test, device)
         runs.append({"variant": variant, "spec": spec, "attack": args.attack, **environment(), **run})
         b, a = run["before"], run["after"]
         print(f"| {json.dumps(variant)} | {pct(b['ba'])} / {pct(b['asr'])} | {pct(a['ba'])} / {pct(a['asr'])} | "
