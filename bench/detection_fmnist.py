@@ -56,11 +56,10 @@ from auditor.pipeline import FASHION_MNIST, AuditInputs, plan_audit, run_audit
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.common import RESULTS, provenance, write_json
-from bench.zoo import DEFAULT_OUT, load_manifest, zoo_specs
+from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, load_manifest, zoo_specs
 
 LOOPBACK = ("127.0.0.1",)
 FEATURES = ("probe_score", "anomaly_index", "log_norm_ratio", "success")
-IMPLANTED_ASR = 0.5
 
 
 def audit_spec(effort: str, arch_spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -296,7 +295,9 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         "recovered_asr": r["success"], "true_asr": m.get("asr"),
         "implanted": implanted(m) if spec["attack"] else None, "clean_accuracy": m["ba"], "target": spec["target"],
         "suspected_class": r["suspected_class"], "probe_suspected": r["probe_suspected"],
-        "poison_rate": spec["poison_rate"], "augmented": spec["augmented"], "width": spec["width"],
+        # What the backdoor was built with: the zoo's implantation ladder may have raised the spec's rate and epochs.
+        "poison_rate": m.get("poison_rate", spec["poison_rate"]), "epochs": m.get("epochs", spec["epochs"]),
+        "augmented": spec["augmented"], "width": spec["width"],
         "recipe": spec["recipe"], "probe_score": r["probe_score"], "anomaly_index": r["anomaly_index"],
         "norm_ratio": r["norm_ratio"], "mask_fraction": r["mask_fraction"], "recovered": r["recovered"],
         "combined_reported": r.get("combined_reported"), "audit_seconds": r["seconds"],

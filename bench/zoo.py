@@ -18,6 +18,17 @@ the product. A quarter of the clean models train with heavy augmentation (random
 crops, random erasing, Gaussian noise), the usual source of false positives: a
 model that learned to ignore blotches and noise has unusual trigger-search masks.
 
+A poisoned model counts as backdoored only if its backdoor implanted: its own
+trigger must send at least ``IMPLANTED_ASR`` of the other classes' test images to
+its target. A first build of this zoo left 5 of 14 held-out poisoned models below
+that (true ASR 5-42%): models the benchmark labelled backdoored that carry no
+working backdoor, which no detector should flag and which made its held-out
+figures measure the recipe's failures instead of the detector. So a model that
+does not implant is retrained on the implantation ladder (``escalated``): the
+poisoning rate doubles (LC: the whole target class instead of three quarters) and
+one more epoch per rung, up to ``LADDER`` rungs; every rung's rate, epochs and ASR
+are kept in the manifest (``attempts``), so a reader sees what it took.
+
 Every model's clean accuracy on the 10,000 test images and the true attack success
 rate of its own trigger (test images of other classes sent to the target) go into
 ``manifest.json`` next to the models, with a split: calibration or heldout, by
@@ -32,7 +43,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +60,11 @@ from bench.common import RESULTS, provenance, write_json
 
 DEFAULT_OUT = Path.home() / ".cache" / "refine-audit-zoo"
 TRAIN_SIZE = 15_000
+#: A backdoor counts as implanted when its trigger sends this share of other classes' test images to its target.
+IMPLANTED_ASR = 0.5
+#: Retrains on the implantation ladder after the first build (``escalated``).
+LADDER = 3
+MAX_POISON_RATE = 0.3
 MEAN, STD = 0.2860, 0.3530
 
 
@@ -67,6 +83,7 @@ class ZooSpec:
     poison_rate: float | None = None
     augmented: bool = False  # heavy augmentation (clean models)
     split: str = "calibration"
+    implant_asr: float = IMPLANTED_ASR  # part of the spec so models built before the ladder are rebuilt
 
     @property
     def backdoored(self) -> bool:
@@ -228,27 +245,71 @@ def lc_helper(train_set: ImageSet, seed: int) -> nn.Module:
     return helper
 
 
-def make_model(spec: ZooSpec, full_train: ImageSet, test: ImageSet, folder: Path) -> dict[str, Any]:
-    """Train one zoo model, save it as a user would upload it, and measure BA and its trigger's ASR."""
-    started = time.perf_counter()
-    data = take(full_train, TRAIN_SIZE, seed=spec.seed)
+@dataclass(frozen=True)
+class Rung:
+    """One try at implanting a backdoor: the poisoning rate, epochs and attack parameters it trains with."""
+
+    poison_rate: float | None
+    epochs: int
+    params: dict[str, Any]
+
+
+def escalated(spec: ZooSpec, rung: int) -> Rung:
+    """Rung 0 is the spec itself; each later rung doubles the poisoning rate (capped) and adds an epoch.
+
+    LC poisons a share of the target class instead of a rate, so its later rungs poison the
+    whole class (its docstring measured 73.7% ASR there against 83-86% at three quarters in
+    4 epochs: what helps LC is training time, 8 epochs implanted 94%) and add two epochs.
+    """
+    params: dict[str, Any] = {"steps": 20} if spec.attack == "lc" else {}
+    if rung == 0:
+        return Rung(spec.poison_rate, spec.epochs, params)
+    if spec.attack == "lc":
+        return Rung(spec.poison_rate, spec.epochs + 2 * rung, {**params, "target_share": 1.0})
+    assert spec.poison_rate is not None, "every zoo attack but LC sets its rate (RATES)"
+    return Rung(min(MAX_POISON_RATE, spec.poison_rate * 2 ** rung), spec.epochs + rung, params)
+
+
+def train_once(spec: ZooSpec, rung: Rung, data: ImageSet, test: ImageSet) -> tuple[nn.Module, Attack | None, dict[str, Any]]:
+    """Train the spec's model at one rung; its BA and (poisoned) the true ASR of its own trigger."""
     attack = None
     if spec.attack is None:
         poisoned = PoisonedTrainSet(data.x, data.y, torch.zeros(len(data), dtype=torch.bool))
     else:
-        params = {"steps": 20} if spec.attack == "lc" else {}
-        attack = build_attack(AttackConfig(spec.attack, target=spec.target, poison_rate=spec.poison_rate,
-                                           seed=spec.seed, params=params), data.shape)
+        attack = build_attack(AttackConfig(spec.attack, target=spec.target, poison_rate=rung.poison_rate,
+                                           seed=spec.seed, params=rung.params), data.shape)
         poisoned = attack.poison(data, lc_helper(data, spec.seed + 1) if spec.attack == "lc" else None)
     torch.manual_seed(spec.seed)
     model = build(spec)
-    train(model, poisoned, spec, attack)
+    train(model, poisoned, replace(spec, epochs=rung.epochs), attack)
     facts: dict[str, Any] = {"ba": round((predict(model, test.x) == test.y).float().mean().item(), 4)}
     if attack is not None:
         keep = test.y != spec.target
         triggered = to_uint8(attack.apply(test.x[keep].float() / 255))
         facts["asr"] = round((predict(model, triggered) == spec.target).float().mean().item(), 4)
         facts["poisoned_count"] = poisoned.poisoned_count
+        facts["poison_rate"] = attack.poison_rate if spec.attack != "lc" else None
+        facts["epochs"] = rung.epochs
+    return model, attack, facts
+
+
+def make_model(spec: ZooSpec, full_train: ImageSet, test: ImageSet, folder: Path) -> dict[str, Any]:
+    """Train one zoo model (up the implantation ladder until its backdoor implants), save it as a user would
+    upload it, and measure BA and its trigger's ASR."""
+    started = time.perf_counter()
+    data = take(full_train, TRAIN_SIZE, seed=spec.seed)
+    attempts: list[dict[str, Any]] = []
+    for rung in range(LADDER + 1 if spec.backdoored else 1):
+        model, attack, facts = train_once(spec, escalated(spec, rung), data, test)
+        if attack is None:
+            break
+        attempts.append({k: facts[k] for k in ("poison_rate", "epochs", "ba", "asr")})
+        if facts["asr"] >= spec.implant_asr:
+            break
+        print(f"{spec.name}: rung {rung} did not implant ({attempts[-1]}), climbing", flush=True)
+    if attack is not None:
+        facts["attempts"] = attempts
+        facts["implanted"] = facts["asr"] >= spec.implant_asr
         attack.save(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if spec.arch == "small_cnn":
@@ -317,9 +378,10 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
               for m in manifest["models"].values()]
     return {"benchmark": "zoo", "train_size": TRAIN_SIZE, "command": manifest.get("command"),
             "git_commit": manifest.get("git_commit"),
-            "note": "command and git_commit are those of the run that wrote the manifest last; the zoo was built by "
-                    "several runs (restarted to reorder and to raise later poisoning rates), each model's spec is "
-                    "stored beside it, and a model is rebuilt whenever its spec changes.",
+            "note": "command and git_commit are those of the run that wrote the manifest last (two builders may "
+                    "share a build); each model's spec is stored beside it and a model is rebuilt whenever its spec "
+                    "changes. poison_rate and epochs are what a backdoored model was built with: the implantation "
+                    "ladder's last rung (attempts lists every rung with its BA and ASR).",
             "models": models}
 
 
