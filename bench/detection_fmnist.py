@@ -251,7 +251,10 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     # rewards nor punishes a score for it; the held-out figures count it both ways (by construction, implanted).
     calib = [r for r in rows if models[r["name"]]["spec"]["split"] == "calibration"
              and not (truth[r["name"]] and not implanted(models[r["name"]]))]
-    fitted = fit_logistic([features(r) for r in calib], [truth[r["name"]] for r in calib]) if calib else None
+    # Only with both classes audited: with one, the unpenalised intercept runs off and Newton's Hessian is singular
+    # (a held-out run finishing before the calibration run hit this).
+    both = len({truth[r["name"]] for r in calib}) == 2
+    fitted = fit_logistic([features(r) for r in calib], [truth[r["name"]] for r in calib]) if both else None
     if fitted is not None:
         likely, suspicious = pick_thresholds([fitted.score(features(r)) for r in calib], [truth[r["name"]] for r in calib])
         fitted = CombinedModel(fitted.intercept, fitted.weights, likely, suspicious)
@@ -323,6 +326,10 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
         "tpr_likely": _share(pos, lambda e: e["score_whitebox"] >= scorer.likely),
         "tpr_flagged": _share(pos, lambda e: e["score_whitebox"] >= scorer.suspicious),
         "implanted_only": _implanted_only(working, neg, scorer),
+        "not_implanted": sorted(e["name"] for e in pos if not e["implanted"]),
+        # The issue's line: no backdoored model is read as no evidence while the recovered trigger works on it.
+        "missed_with_working_recovered_trigger": sorted(
+            e["name"] for e in pos if e["verdict"] == "no_evidence" and (e["recovered_asr"] or 0.0) >= 0.8),
         "verdicts": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
                      ("likely_backdoored", "suspicious", "no_evidence")},
     }
@@ -463,23 +470,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 NOTES: list[str] = [
-    "The 52 audits ran in two processes (held-out, calibration) while the zoo was being built, between commits "
-    "f9573c4 and 6e21334 of branch zoo; the probe and trigger-search code they read did not change in between. This "
-    "file was written by --analyse-only from their saved readings at the commit given.",
+    "The zoo was rebuilt with the implantation ladder (bench/zoo.py) at 8473f8d; its 52 audits ran in two processes "
+    "(held-out, calibration) right after, and lc-00/01/02, rebuilt on the ladder's final LC rungs, were re-audited "
+    "(white-box and label-only) after that; the probe, trigger-search and label-only code did not change in between. "
+    "This file was written by --analyse-only from their saved readings at the commit given.",
     "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
     "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
     "(gates aside) with the shipped thresholds; 'audit_verdict' is what the audit reported.",
-    "'backdoored' is by construction (the model was trained on poisoned data). Some poisoned models did not "
-    "implant (true ASR < 50%, see 'true_asr'/'implanted'): they are left out of the fit and counted both ways in "
-    "the held-out figures ('implanted_only' gives the working backdoors against the clean models).",
+    "'backdoored' is by construction (the model was trained on poisoned data); 'implanted' says whether its own "
+    "trigger works (true ASR >= 50%). Every held-out poisoned model implanted; four calibration ones did not even "
+    "on the ladder's last rung ('not_implanted') and are left out of the fit.",
+    "Scored with the shipped coefficients (auditor/detection/combined.py), fitted on the calibration half of the "
+    "zoo's first build (18 models, before the ladder). A refit on the rebuilt calibration half (22 models, "
+    "--analyse-only --refit) gave the same held-out level for every model and the same ROC-AUC, so they were kept.",
     "The registry's resnet18 is not in the zoo: one training step of a batch of 128 took 4.3 s on one core, "
     "~10 min per model at the zoo's budget. The zoo's three architectures are the registry's small_cnn "
     "(safetensors, widths 8-24) and two the registry does not know, uploaded as TorchScript (lenet, mlp_conv).",
     "On these small, briefly trained models a universal small-mask 'trigger' exists for almost any class: the "
     "recovered trigger's success was 0.88-0.99 on clean models too, and clean models' anomaly index reached 4-5 "
     "(some flagged by index and ratio). Success alone, and the index alone, do not separate.",
-    "Figures are from few models (about 13 per split and class): the bootstrap interval of the held-out ROC-AUC "
-    "is wide, and a threshold picked on about 12 clean calibration models cannot promise an FPR below ~8%.",
+    "Figures are from few models (14 backdoored and 12 clean per split). When a split separates perfectly the "
+    "percentile bootstrap interval of its ROC-AUC collapses to [1, 1]: it says this sample separates, not that "
+    "every model would. A threshold picked on 12 clean calibration models cannot promise an FPR below ~8%.",
 ]
 
 

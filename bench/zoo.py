@@ -25,9 +25,12 @@ that (true ASR 5-42%): models the benchmark labelled backdoored that carry no
 working backdoor, which no detector should flag and which made its held-out
 figures measure the recipe's failures instead of the detector. So a model that
 does not implant is retrained on the implantation ladder (``escalated``): the
-poisoning rate doubles (LC: the whole target class instead of three quarters) and
-one more epoch per rung, up to ``LADDER`` rungs; every rung's rate, epochs and ASR
-are kept in the manifest (``attempts``), so a reader sees what it took.
+poisoning rate doubles and one more epoch per rung (LC: two more epochs, the last
+rung the whole target class), up to ``LADDER`` rungs; every rung's rate, epochs and ASR
+are kept in the manifest (``attempts``), so a reader sees what it took. With it,
+24 of 28 implanted, all 14 held-out ones; wanet-00 and wanet-02 (an MLP-conv and a
+LeNet, 22-42% at the 30% cap) and lc-00 and lc-02 (26% and 42%) did not, are kept
+with ``implanted: false`` and stay out of the detection fit.
 
 Every model's clean accuracy on the 10,000 test images and the true attack success
 rate of its own trigger (test images of other classes sent to the target) go into
@@ -257,17 +260,21 @@ class Rung:
 def escalated(spec: ZooSpec, rung: int) -> Rung:
     """Rung 0 is the spec itself; each later rung doubles the poisoning rate (capped) and adds an epoch.
 
-    LC poisons a share of the target class instead of a rate, so its later rungs poison the
-    whole class (its docstring measured 73.7% ASR there against 83-86% at three quarters in
-    4 epochs: what helps LC is training time, 8 epochs implanted 94%) and add two epochs.
+    LC poisons a share of the target class instead of a rate; what implanted it here was
+    the whole class, and only on a LeNet. Three ladders measured on lc-00/01/02 (small CNN,
+    LeNet, MLP-conv): two more epochs per rung, with the zoo's 20-step PGD or the attack's
+    own 60 steps, left all three at 24-44% ASR through 12 epochs (60 steps changed nothing:
+    lc-01 42.0% either way); the whole class took lc-01 to 51-52% and lowered lc-00 to
+    20-26%. Later rungs use the attack's 60 steps and two more epochs each, the last
+    the whole class.
     """
-    params: dict[str, Any] = {"steps": 20} if spec.attack == "lc" else {}
+    cheap_pgd: dict[str, Any] = {"steps": 20} if spec.attack == "lc" else {}
     if rung == 0:
-        return Rung(spec.poison_rate, spec.epochs, params)
+        return Rung(spec.poison_rate, spec.epochs, cheap_pgd)
     if spec.attack == "lc":
-        return Rung(spec.poison_rate, spec.epochs + 2 * rung, {**params, "target_share": 1.0})
+        return Rung(spec.poison_rate, spec.epochs + 2 * rung, {"target_share": 1.0} if rung == LADDER else {})
     assert spec.poison_rate is not None, "every zoo attack but LC sets its rate (RATES)"
-    return Rung(min(MAX_POISON_RATE, spec.poison_rate * 2 ** rung), spec.epochs + rung, params)
+    return Rung(min(MAX_POISON_RATE, spec.poison_rate * 2 ** rung), spec.epochs + rung, {})
 
 
 def train_once(spec: ZooSpec, rung: Rung, data: ImageSet, test: ImageSet) -> tuple[nn.Module, Attack | None, dict[str, Any]]:

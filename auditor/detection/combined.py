@@ -99,7 +99,9 @@ def features(reading: dict[str, Any]) -> list[float]:
 #: but at least 0.5; no ``suspicious`` tier below it, because 12 clean models cannot place a cut at a 5% false-positive
 #: rate (the first fit's 10% cut, 0.126, flagged 2 of 12 held-out clean models and the CI's clean model). Below 0.5
 #: the score reads no evidence; a recovered trigger still lifts that to suspicious. Held-out half (26 models, never
-#: seen by the fit): ROC-AUC 0.905 [0.768, 1.0] (bench/results/detection_fmnist.json). ``success`` carries most of
+#: seen by the fit), after the zoo was rebuilt so every held-out poisoned model implanted: ROC-AUC 1.0 (14 vs 12),
+#: 14 of 14 flagged, 0 of 12 clean above the cut (bench/results/detection_fmnist.json); a refit on the rebuilt
+#: calibration half gave every held-out model the same level, so these stayed. ``success`` carries most of
 #: the weight but only separates in combination: clean models' small-mask "triggers" also reach 0.88-0.99 here.
 COMBINED = CombinedModel(
     intercept=-18.7783,

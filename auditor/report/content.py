@@ -215,7 +215,7 @@ def _summary(report: Report) -> Section:
         if lo is not None:
             rows.append(["Label-only detection on the API", f"highest map peak: class "
                          f"{report.class_name(lo.suspected_class)}, anomaly index {lo.anomaly_index:.1f} "
-                         f"({lo.queries:,} queries; not calibrated, not in the verdict)"])
+                         f"({lo.queries:,} queries; did not separate on the model zoo, not in the verdict)"])
     if report.utility:
         u = report.utility
         if u.ba_before is not None:
@@ -474,8 +474,9 @@ def _label_only_text(report: Report, lo: LabelOnlyDetection) -> str:
             f"round(s) of {lo.directions} random directions) into a per-class map. A backdoor's target hinges on its "
             f"trigger's few pixels, so its map peaks. Highest peak: class {report.class_name(lo.suspected_class)}, "
             f"anomaly index {lo.anomaly_index:.2f}, from {lo.queries:,} API queries (at most {lo.query_cap:,}). "
-            "This method has not yet been calibrated on the model zoo: it is reported as evidence to look at and "
-            "does not move the verdict or the combined score.")
+            "On the project's model zoo this index did not tell backdoored from clean models apart (held-out "
+            "ROC-AUC 0.55 at about 2,150 queries per model): it is reported as evidence to look at and does not move "
+            "the verdict or the combined score.")
 
 
 def _label_only_table(report: Report, lo: LabelOnlyDetection) -> Table:

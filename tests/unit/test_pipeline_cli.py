@@ -167,7 +167,7 @@ def test_an_api_audit_runs_the_label_only_detection_within_its_reserved_queries(
     assert len(section["peaks"]) == 10 and section["method"] == "aeva-peak"
     assert (tmp_path / "out" / section["image"]).stat().st_size > 1000
     html = (tmp_path / "out" / "report.html").read_text()
-    assert "Label-only detection on the API" in html and "not yet been calibrated" in html
+    assert "Label-only detection on the API" in html and "did not tell backdoored from clean models apart" in html
 
 
 def test_cancel_during_refine_stops_within_one_batch(tmp_path, fmnist_model):

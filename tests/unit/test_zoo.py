@@ -13,9 +13,10 @@ def test_every_rung_of_the_implantation_ladder_poisons_more_or_trains_longer_tha
                 assert high.poison_rate == MAX_POISON_RATE or low.poison_rate < high.poison_rate < MAX_POISON_RATE
 
 
-def test_lc_climbs_by_poisoning_the_whole_target_class_and_training_longer():
+def test_lc_climbs_by_a_stronger_perturbation_and_longer_training():
     lc = next(s for s in zoo_specs() if s.attack == "lc")
-    first, second = escalated(lc, 0), escalated(lc, 1)
-    assert "target_share" not in first.params and second.params["target_share"] == 1.0
-    assert second.epochs == lc.epochs + 2 and second.poison_rate is None
-
+    rungs = [escalated(lc, k) for k in range(LADDER + 1)]
+    assert rungs[0].params == {"steps": 20} and rungs[1].params == {}  # the attack's own 60 PGD steps
+    assert rungs[-1].params == {"target_share": 1.0}
+    assert [r.epochs for r in rungs] == [lc.epochs + 2 * k for k in range(LADDER + 1)]
+    assert all(r.poison_rate is None for r in rungs)
