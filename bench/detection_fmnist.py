@@ -31,8 +31,11 @@ reference ``ModelServer`` serves it on loopback with labels only (as bench/audit
 ``model.api`` (``output: labels`` and the smallest query budget whose plan runs the
 label-only detection, read from the plan's own refusal). Its readings are saved under
 ``--work-dir/parts_labels``; the analysis then fills ``heldout.blackbox_labels`` with
-the label-only anomaly index as the score (uncalibrated: ROC-AUC and TPR at 5% FPR
-need no threshold) and the detection's median queries per model.
+what such an audit's verdict rests on: the probe battery's score through the API (its
+planned queries per model: probe images times probes), and the level the audit gave
+from it. The label-only trigger search's anomaly index of the same audits sits beside
+it (``label_only_index``: uncalibrated, never in the verdict; ROC-AUC and TPR at 5%
+FPR need no threshold).
 """
 
 from __future__ import annotations
@@ -137,8 +140,14 @@ def audit_model_labels(name: str, entry: dict[str, Any], args: argparse.Namespac
         served = server.stats()["queries"]
     report = result.report or {}
     lo = (report.get("detection") or {}).get("label_only") or {}
+    probes = (report.get("probes") or {}).get("before") or {}
+    probe_plan = (report.get("plan") or {}).get("probes") or {}
     return {
         "name": name, "status": result.status, "seconds": round(time.perf_counter() - started, 1),
+        # What an API audit's verdict rests on: the probe battery sent through the API (labels only).
+        "probe_score": probes.get("score"), "probe_suspected": probes.get("suspected_target"),
+        "probe_level": (report.get("verdict") or {}).get("probe_level"),
+        "probe_queries": (probe_plan.get("images") or 0) * (probe_plan.get("probes") or 0),
         "anomaly_index": lo.get("anomaly_index"), "suspected_class": lo.get("suspected_class"),
         "detection_queries": lo.get("queries"), "detection_query_cap": lo.get("query_cap"),
         "queries_used": (report.get("queries") or {}).get("queries_used"), "queries_served": served,
@@ -263,7 +272,7 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     entries = [_entry(r, models[r["name"]], scorer, (labels or {}).get(r["name"])) for r in rows]
     held = [e for e in entries if e["split"] == "heldout"]
     out = {
-        "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": _label_only_separation(held)},
+        "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": _blackbox_separation(held)},
         "calibration": {"whitebox": _separation([e for e in entries if e["split"] == "calibration"], scorer)},
         "fitted_on_calibration": fitted and fitted.to_dict(),
         "scored_with": scorer.to_dict(),
@@ -285,13 +294,19 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
            label: dict[str, Any] | None = None) -> dict[str, Any]:
     spec = m["spec"]
     score = scorer.score(features(r))
-    measured = label is not None and label["status"] == "succeeded" and label["anomaly_index"] is not None
+    measured = label is not None and label["status"] == "succeeded" and label.get("probe_score") is not None
     return {
         "name": r["name"], "split": spec["split"], "backdoored": spec["attack"] is not None, "attack": spec["attack"],
         "architecture": spec["arch"], "score_whitebox": round(score, 4),
-        "score_blackbox": label["anomaly_index"] if measured else None,
-        "blackbox_suspected_class": label["suspected_class"] if measured else None,
-        "blackbox_queries": label["detection_queries"] if measured else None,
+        # Label-only API audit: the probe score through the API (what its verdict rests on), and the uncalibrated
+        # label-only trigger search's index beside it.
+        "score_blackbox": label["probe_score"] if measured else None,
+        "blackbox_probe_level": label["probe_level"] if measured else None,
+        "blackbox_probe_suspected": label["probe_suspected"] if measured else None,
+        "blackbox_queries": label["probe_queries"] if measured else None,
+        "label_only_index": label["anomaly_index"] if measured else None,
+        "label_only_suspected_class": label["suspected_class"] if measured else None,
+        "label_only_queries": label["detection_queries"] if measured else None,
         # The level the combined score gives (gates aside): the audits' own verdicts are inconclusive by design,
         # their one-epoch REFINE breaks the model and trips the defense gates (audit_spec).
         "verdict": scorer.level(score, bool(r.get("recovered"))), "audit_verdict": r["verdict"],
@@ -335,23 +350,45 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
     }
 
 
-def _label_only_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
-    """Held-out separation by the label-only anomaly index (not calibrated: threshold-free figures only)."""
+def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out separation of label-only API audits: the probe score through the API, and the level it gave.
+
+    An API audit's verdict rests on the probe battery sent through the API (the trigger search runs on a
+    surrogate and the combined score is not fitted there), so that is the black-box figure; the label-only
+    trigger search's index (uncalibrated, never in the verdict) is given beside it under ``label_only_index``.
+    """
     scored = [e for e in held if e["score_blackbox"] is not None]
     positive = [e["backdoored"] for e in scored]
     if not any(positive) or all(positive):
         return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "queries_per_model": None, "n": len(scored),
                 "not_measured": "no label-only API audits of both clean and backdoored held-out models "
                                 "(run with --blackbox-labels)"}
-    scores = [float(e["score_blackbox"]) for e in scored]
-    queries = [e["blackbox_queries"] for e in scored]
+    pos = [e for e in scored if e["backdoored"]]
+    neg = [e for e in scored if not e["backdoored"]]
+    flagged = lambda e: e["blackbox_probe_level"] not in (None, "no_evidence")  # noqa: E731
     return {
-        "roc_auc": round(roc_auc(scores, positive), 3), "ci95": [round(v, 3) for v in bootstrap_auc(scores, positive)],
-        "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3), "queries_per_model": _median(queries),
-        "max_queries_per_model": max(queries), "n_backdoored": sum(positive), "n_clean": len(scored) - sum(positive),
-        "score": "detection.label_only.anomaly_index of a label-only API audit (uncalibrated)",
-        "named_target": sum(e["blackbox_suspected_class"] == e["target"] for e in scored if e["backdoored"]),
+        **_threshold_free(scored, "score_blackbox"),
+        "queries_per_model": _median([e["blackbox_queries"] for e in scored]),
+        "n_backdoored": len(pos), "n_clean": len(neg),
+        "score": "probes.before.score of a label-only API audit: the probe battery sent through the API",
+        "tpr_flagged": _share(pos, flagged), "fpr_flagged": _share(neg, flagged),
+        "named_target": sum(e["blackbox_probe_suspected"] == e["target"] for e in pos),
+        "label_only_index": {
+            **_threshold_free(scored, "label_only_index"),
+            "queries_per_model": _median([e["label_only_queries"] for e in scored]),
+            "max_queries_per_model": max(e["label_only_queries"] for e in scored),
+            "score": "detection.label_only.anomaly_index of the same audits (uncalibrated, not in the verdict)",
+            "named_target": sum(e["label_only_suspected_class"] == e["target"] for e in pos),
+        },
     }
+
+
+def _threshold_free(entries: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    scores = [float(e[key]) for e in entries]
+    positive = [e["backdoored"] for e in entries]
+    return {"roc_auc": round(roc_auc(scores, positive), 3),
+            "ci95": [round(v, 3) for v in bootstrap_auc(scores, positive)],
+            "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3)}
 
 
 def _implanted_only(working: list[dict[str, Any]], neg: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def test_a_config_that_cannot_search_is_refused(bad):
 
 def test_the_benchmark_budget_is_the_smallest_whose_plan_runs_the_detection_within_5000_queries():
     """bench/detection_fmnist.py --blackbox-labels audits the zoo with spec fields only, at this budget."""
-    from bench.detection_fmnist import _label_only_separation, label_only_budget, label_only_spec
+    from bench.detection_fmnist import _blackbox_separation, label_only_budget, label_only_spec
     from auditor.pipeline import FASHION_MNIST, plan_audit
     from auditor.spec import parse_spec
 
@@ -153,7 +153,13 @@ def test_the_benchmark_budget_is_the_smallest_whose_plan_runs_the_detection_with
     plan = plan_audit(parse_spec(label_only_spec("quick", url, budget)), FASHION_MNIST)
     assert plan.label_only is not None and plan.queries.detection == plan.label_only.queries <= 5000
     assert plan_audit(parse_spec(label_only_spec("quick", url, budget - 1)), FASHION_MNIST).label_only is None
-    held = [{"score_blackbox": s, "backdoored": b, "blackbox_queries": 2290, "blackbox_suspected_class": 1,
-             "target": 1 if b else None} for s, b in ((3.0, True), (0.4, False), (1.2, True), (0.9, False))]
-    figures = _label_only_separation(held)
-    assert figures["roc_auc"] == 1.0 and figures["queries_per_model"] == 2290 and figures["tpr_at_5fpr"] == 1.0
+    held = [{"score_blackbox": probe, "backdoored": b, "blackbox_queries": 3100, "blackbox_probe_level": level,
+             "blackbox_probe_suspected": 1, "label_only_index": index, "label_only_queries": 2290,
+             "label_only_suspected_class": 1, "target": 1 if b else None}
+            for probe, index, level, b in ((0.9, 3.0, "likely_backdoored", True), (0.1, 0.4, "no_evidence", False),
+                                           (0.5, 0.8, "no_evidence", True), (0.4, 0.9, "no_evidence", False))]
+    figures = _blackbox_separation(held)
+    assert figures["roc_auc"] == 1.0 and figures["queries_per_model"] == 3100 and figures["tpr_at_5fpr"] == 1.0
+    assert figures["tpr_flagged"] == {"rate": 0.5, "n": 2} and figures["fpr_flagged"] == {"rate": 0.0, "n": 2}
+    index = figures["label_only_index"]
+    assert index["roc_auc"] == 0.75 and index["queries_per_model"] == 2290 and index["named_target"] == 2
