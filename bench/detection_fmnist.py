@@ -509,8 +509,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 NOTES: list[str] = [
     "The zoo was rebuilt with the implantation ladder (bench/zoo.py) at 8473f8d; its 52 audits ran in two processes "
     "(held-out, calibration) right after, and lc-00/01/02, rebuilt on the ladder's final LC rungs, were re-audited "
-    "(white-box and label-only) after that; the probe, trigger-search and label-only code did not change in between. "
-    "This file was written by --analyse-only from their saved readings at the commit given.",
+    "after that. The held-out label-only API audits ran last, on the code of 907ffee (which records their probe "
+    "readings). The probe, trigger-search and label-only code did not change in between. This file was written by "
+    "--analyse-only from the saved readings at the commit given.",
     "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
     "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
     "(gates aside) with the shipped thresholds; 'audit_verdict' is what the audit reported.",
