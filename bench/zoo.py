@@ -277,15 +277,19 @@ def escalated(spec: ZooSpec, rung: int) -> Rung:
     return Rung(min(MAX_POISON_RATE, spec.poison_rate * 2 ** rung), spec.epochs + rung, {})
 
 
-def train_once(spec: ZooSpec, rung: Rung, data: ImageSet, test: ImageSet) -> tuple[nn.Module, Attack | None, dict[str, Any]]:
-    """Train the spec's model at one rung; its BA and (poisoned) the true ASR of its own trigger."""
+def train_once(spec: ZooSpec, rung: Rung, data: ImageSet, test: ImageSet,
+               helper: nn.Module | None) -> tuple[nn.Module, Attack | None, dict[str, Any]]:
+    """Train the spec's model at one rung; its BA and (poisoned) the true ASR of its own trigger.
+
+    ``helper`` is the clean model LC's PGD perturbs against (``lc_helper``), None for the other attacks.
+    """
     attack = None
     if spec.attack is None:
         poisoned = PoisonedTrainSet(data.x, data.y, torch.zeros(len(data), dtype=torch.bool))
     else:
         attack = build_attack(AttackConfig(spec.attack, target=spec.target, poison_rate=rung.poison_rate,
                                            seed=spec.seed, params=rung.params), data.shape)
-        poisoned = attack.poison(data, lc_helper(data, spec.seed + 1) if spec.attack == "lc" else None)
+        poisoned = attack.poison(data, helper)
     torch.manual_seed(spec.seed)
     model = build(spec)
     train(model, poisoned, replace(spec, epochs=rung.epochs), attack)
@@ -305,9 +309,11 @@ def make_model(spec: ZooSpec, full_train: ImageSet, test: ImageSet, folder: Path
     upload it, and measure BA and its trigger's ASR."""
     started = time.perf_counter()
     data = take(full_train, TRAIN_SIZE, seed=spec.seed)
+    # Seeded, so one helper serves every rung (PGD and the poisoned picks draw no global randomness).
+    helper = lc_helper(data, spec.seed + 1) if spec.attack == "lc" else None
     attempts: list[dict[str, Any]] = []
     for rung in range(LADDER + 1 if spec.backdoored else 1):
-        model, attack, facts = train_once(spec, escalated(spec, rung), data, test)
+        model, attack, facts = train_once(spec, escalated(spec, rung), data, test, helper)
         if attack is None:
             break
         attempts.append({k: facts[k] for k in ("poison_rate", "epochs", "ba", "asr")})
