@@ -273,7 +273,9 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     held = [e for e in entries if e["split"] == "heldout"]
     out = {
         "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": _blackbox_separation(held)},
-        "calibration": {"whitebox": _separation([e for e in entries if e["split"] == "calibration"], scorer)},
+        "calibration": {"whitebox": _separation(calib_entries := [e for e in entries if e["split"] == "calibration"],
+                                                scorer),
+                        "blackbox_labels": _blackbox_separation(calib_entries)},
         "fitted_on_calibration": fitted and fitted.to_dict(),
         "scored_with": scorer.to_dict(),
         "baselines_heldout": {name: _auc_only(held, rows, key) for name, key in

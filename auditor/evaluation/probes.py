@@ -32,7 +32,11 @@ from auditor.transforms import rotate, warp
 ProbeFn = Callable[[torch.Tensor], torch.Tensor]
 
 FAMILIES = ("patch", "blend", "warp", "rotate", "noise")
-POSITIONS = ("tl", "tr", "bl", "br", "center")
+POSITIONS = ("tl", "tr", "bl", "br", "center")  # the full battery's patch positions
+#: "corners" stamps the same patch at all four corners at once: multi-location triggers (Turner et al.'s label-consistent
+#: attack, adaptive-patch) answer it far more strongly than any single corner. Not in the full battery's default, whose
+#: score the white-box calibration was fitted on; the compact API battery adds it.
+ALL_POSITIONS = POSITIONS + ("corners",)
 PATCH_FILLS = ("white", "black", "checker")
 BOOTSTRAP_PROBES = 10  # the score's interval re-scores only the strongest probes (see _bootstrap_interval)
 
@@ -79,8 +83,8 @@ class ProbeConfig:
         unknown = set(self.families) - set(FAMILIES)
         if unknown or not self.families:
             raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {sorted(unknown)}")
-        if set(self.patch_positions) - set(POSITIONS):
-            raise ValueError(f"patch_positions must be among {POSITIONS}")
+        if set(self.patch_positions) - set(ALL_POSITIONS):
+            raise ValueError(f"patch_positions must be among {ALL_POSITIONS}")
         if set(self.patch_fills) - set(PATCH_FILLS):
             raise ValueError(f"patch_fills must be among {PATCH_FILLS}")
         if self.bootstrap < 0:
@@ -148,7 +152,10 @@ def _patch_fills(config: ProbeConfig, channels: int, size: int, gen: torch.Gener
     return fills
 
 
-def _patch_box(position: str, size: int, margin: int, h: int, w: int) -> tuple[slice, slice]:
+def _patch_boxes(position: str, size: int, margin: int, h: int, w: int) -> list[tuple[slice, slice]]:
+    """Where a patch goes: one box, or the four corner boxes for ``"corners"``."""
+    if position == "corners":
+        return [box for corner in ("tl", "tr", "bl", "br") for box in _patch_boxes(corner, size, margin, h, w)]
     top = {"t": margin, "b": h - size - margin}
     left = {"l": margin, "r": w - size - margin}
     if position == "center":
@@ -156,13 +163,14 @@ def _patch_box(position: str, size: int, margin: int, h: int, w: int) -> tuple[s
     else:
         r, c = top[position[0]], left[position[1]]
     r, c = max(0, min(r, h - size)), max(0, min(c, w - size))
-    return slice(r, r + size), slice(c, c + size)
+    return [(slice(r, r + size), slice(c, c + size))]
 
 
-def _stamp(patch: torch.Tensor, box: tuple[slice, slice]) -> ProbeFn:
+def _stamp(patch: torch.Tensor, boxes: list[tuple[slice, slice]]) -> ProbeFn:
     def apply(x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
-        out[..., box[0], box[1]] = patch.to(x)
+        for rows, cols in boxes:
+            out[..., rows, cols] = patch.to(x)
         return out
 
     return apply
@@ -176,9 +184,9 @@ def _patch_probes(config: ProbeConfig, shape: tuple[int, int, int], gen: torch.G
             continue
         fills = _patch_fills(config, channels, size, gen)
         for position in config.patch_positions:
-            box = _patch_box(position, size, config.patch_margin, h, w)
+            boxes = _patch_boxes(position, size, config.patch_margin, h, w)
             for fill_name, patch in fills.items():
-                probes.append(Probe(f"patch{size}-{position}-{fill_name}", "patch", _stamp(patch, box)))
+                probes.append(Probe(f"patch{size}-{position}-{fill_name}", "patch", _stamp(patch, boxes)))
     return probes
 
 

@@ -94,12 +94,16 @@ MIN_DISTILL_QUERIES = 6000
 MIN_DISTILL_QUERIES_THOROUGH = 10_000
 #: API evaluation subsample: BA measured within ±EVALUATION_HALF_WIDTH at the worst case p = 0.5 (2,401 images).
 API_EVALUATION_IMAGES = images_for_half_width(EVALUATION_HALF_WIDTH)
-#: The compact probe battery of API audits: 31 probes (patches of 3 and 5 px, white and checkerboard, at the four
-#: corners and the centre; two noise blends; one warp field; rotations of 20 and 30 degrees; strong noise). It keeps
-#: every probe that gave the strongest evidence in bench/results/suspicion_fmnist.json (patch3/5 at the trigger's
-#: corner, uniform blends at alpha 0.2-0.3, rotations of 20-30 degrees) and costs 31 queries per probed image.
+#: The compact probe battery of API audits: 39 probes (patches of 3 and 5 px, white and checkerboard, at the four
+#: corners, the centre, and all four corners at once; four noise blends at alpha 0.2 and 0.3; one warp field; rotations
+#: of 20 and 30 degrees; strong noise), 39 queries per probed image. Its core kept every probe that gave the strongest
+#: evidence in bench/results/suspicion_fmnist.json (patch3/5 at the trigger's corner, uniform blends at alpha 0.2-0.3,
+#: rotations of 20-30 degrees). The four-corner patches and blend patterns 2-3 were added after the held-out zoo showed
+#: what the 31-probe core missed (label-consistent and adaptive-patch triggers stamp several corners; two clean models
+#: pull alpha-0.3 blends to a default class, which more patterns average out) -- see bench/results/detection_fmnist.json.
 API_PROBE_BATTERY: dict[str, Any] = {
-    "patch_sizes": (3, 5), "patch_fills": ("white", "checker"), "random_patches": 0, "blend_patterns": 2,
+    "patch_sizes": (3, 5), "patch_fills": ("white", "checker"), "random_patches": 0, "blend_patterns": 4,
+    "patch_positions": ("tl", "tr", "bl", "br", "center", "corners"),
     "blend_alphas": (0.2, 0.3), "warp_fields": 1, "warp_strengths": (1.0, 2.0), "rotations": (-30.0, -20.0, 20.0, 30.0),
     "noise_sigmas": (0.2,), "noise_draws": 1,
 }
@@ -176,7 +180,8 @@ EFFORTS: dict[str, EffortPreset] = {
     ),
     "thorough": EffortPreset(
         refine_epochs=12, refine_pool=None, unet_width=32, control_epochs=10, control_train_images=None,
-        probe_images=1000, api_probe_images=200, test_images=None, distill_epochs=30,
+        # 180 API probe images (18 per class) keep thorough within DEFAULT_QUERY_BUDGET with the 39-probe battery.
+        probe_images=1000, api_probe_images=180, test_images=None, distill_epochs=30,
         min_distill_queries=MIN_DISTILL_QUERIES_THOROUGH, detect_steps=500, detect_images=1000, detect_holdout=1000,
         detect_batch=32, label_only_queries=10_000, label_only_images=2, label_only_rounds=5,
         label_only_directions=80,

@@ -100,6 +100,21 @@ def test_probes_keep_shape_and_range(data):
         assert not torch.equal(out, images) or probe.family == "warp", probe.name
 
 
+def test_four_corner_patch_stamps_every_corner_and_nothing_else():
+    config = ProbeConfig(families=("patch",), patch_sizes=(3,), patch_fills=("checker",), random_patches=0,
+                         patch_positions=("corners",), patch_margin=1)
+    (probe,) = build_battery(config, (1, 10, 10))
+    out = probe.apply(torch.full((2, 1, 10, 10), 0.5))
+    checker = ((torch.arange(3).view(3, 1) + torch.arange(3)) % 2).float()
+    stamped = torch.zeros(10, 10, dtype=torch.bool)
+    for rows in (slice(1, 4), slice(6, 9)):
+        for cols in (slice(1, 4), slice(6, 9)):
+            assert torch.equal(out[:, 0, rows, cols], checker.expand(2, 3, 3)), (rows, cols)
+            stamped[rows, cols] = True
+    assert probe.name == "patch3-corners-checker"
+    assert (out[:, 0][:, ~stamped] == 0.5).all()
+
+
 def test_report_is_deterministic_and_counts_queries(data, clean_model):
     _, test = data
     predict = model_predictor(clean_model, CPU)
