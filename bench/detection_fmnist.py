@@ -32,8 +32,10 @@ reference ``ModelServer`` serves it on loopback with labels only (as bench/audit
 label-only detection, read from the plan's own refusal). Its readings are saved under
 ``--work-dir/parts_labels``; the analysis then fills ``heldout.blackbox_labels`` with
 what such an audit's verdict rests on: the probe battery's score through the API (its
-planned queries per model: probe images times probes), and the level the audit gave
-from it. The label-only trigger search's anomaly index of the same audits sits beside
+planned queries per model: probe images times probes), and the level the shipped
+thresholds give it (``VERDICT_THRESHOLDS``; the level the audit itself reported is kept
+beside it). ``api_probe_thresholds`` shows the cuts the calibration half's label-only
+audits would pick, so the shipped ones can be checked against them. The label-only trigger search's anomaly index of the same audits sits beside
 it (``label_only_index``: uncalibrated, never in the verdict; ROC-AUC and TPR at 5%
 FPR need no threshold).
 """
@@ -56,6 +58,7 @@ from auditor.detection.combined import COMBINED, CombinedModel, features
 from auditor.errors import AuditError, ErrorCode
 from auditor.models import load_checkpoint
 from auditor.pipeline import FASHION_MNIST, AuditInputs, plan_audit, run_audit
+from auditor.pipeline.verdict import VERDICT_THRESHOLDS, probe_level
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.common import RESULTS, provenance, write_json
@@ -277,6 +280,8 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
                                                 scorer),
                         "blackbox_labels": _blackbox_separation(calib_entries)},
         "fitted_on_calibration": fitted and fitted.to_dict(),
+        "api_probe_thresholds": api_probe_thresholds([e for e in entries if e["split"] == "calibration"
+                                                      and (not e["backdoored"] or e["implanted"])], held),
         "scored_with": scorer.to_dict(),
         "baselines_heldout": {name: _auc_only(held, rows, key) for name, key in
                               (("probe_score_alone", "probe_score"), ("anomaly_index_alone", "anomaly_index"))},
@@ -285,6 +290,33 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
         "models": entries,
     }
     return out
+
+
+def api_probe_thresholds(calib: list[dict[str, Any]], held: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cuts the calibration half's label-only audits would pick for the API battery, beside the shipped ones.
+
+    ``suspicious``: midway between the highest clean calibration score and the next score above it (no clean
+    calibration model flagged); ``likely_backdoored``: the shipped 0.75, never below ``suspicious``. Reported so the
+    shipped thresholds (calibrated on bench/suspicion_fmnist, with the full battery) can be checked against them.
+    """
+    scored = [e for e in calib if e["score_blackbox"] is not None]
+    clean = [e["score_blackbox"] for e in scored if not e["backdoored"]]
+    if not clean or len(clean) == len(scored):
+        return {"shipped": VERDICT_THRESHOLDS, "fitted_on_calibration": None}
+    above = sorted(e["score_blackbox"] for e in scored if e["score_blackbox"] > max(clean))
+    suspicious = round((max(clean) + above[0]) / 2, 3) if above else round(max(clean) + 0.01, 3)
+    return {"shipped": VERDICT_THRESHOLDS,
+            "fitted_on_calibration": {"suspicious": suspicious,
+                                      "likely_backdoored": max(suspicious, VERDICT_THRESHOLDS["likely_backdoored"])},
+            "calibration_clean_max": round(max(clean), 4), "n_clean": len(clean), "n_backdoored": len(scored) - len(clean),
+            "heldout_at_fitted_suspicious": _flagged_at(held, suspicious)}
+
+
+def _flagged_at(held: list[dict[str, Any]], cut: float) -> dict[str, Any]:
+    """What a cut on the black-box score would flag on the held-out half."""
+    scored = [e for e in held if e["score_blackbox"] is not None]
+    return {"tpr_flagged": _share([e for e in scored if e["backdoored"]], lambda e: e["score_blackbox"] >= cut),
+            "fpr_flagged": _share([e for e in scored if not e["backdoored"]], lambda e: e["score_blackbox"] >= cut)}
 
 
 def implanted(model: dict[str, Any]) -> bool:
@@ -303,7 +335,9 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         # Label-only API audit: the probe score through the API (what its verdict rests on), and the uncalibrated
         # label-only trigger search's index beside it.
         "score_blackbox": label["probe_score"] if measured else None,
-        "blackbox_probe_level": label["probe_level"] if measured else None,
+        # The level the shipped thresholds give (what an audit run now would say), and what the audit said.
+        "blackbox_probe_level": probe_level(label["probe_score"]) if measured else None,
+        "blackbox_audit_probe_level": label["probe_level"] if measured else None,
         "blackbox_probe_suspected": label["probe_suspected"] if measured else None,
         "blackbox_queries": label["probe_queries"] if measured else None,
         "label_only_index": label["anomaly_index"] if measured else None,
@@ -370,7 +404,9 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
         "queries_per_model": _median([e["blackbox_queries"] for e in scored]),
         "n_backdoored": len(pos), "n_clean": len(neg),
         "score": "probes.before.score of a label-only API audit: the probe battery sent through the API",
+        "thresholds": VERDICT_THRESHOLDS,
         "tpr_flagged": _share(pos, _probes_flagged), "fpr_flagged": _share(neg, _probes_flagged),
+        "tpr_likely": _share(pos, _probe_likely), "fpr_likely": _share(neg, _probe_likely),
         "named_target": sum(e["blackbox_probe_suspected"] == e["target"] for e in pos),
         "label_only_index": {
             **_threshold_free(scored, "label_only_index"),
@@ -384,6 +420,10 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _probes_flagged(entry: dict[str, Any]) -> bool:
     return entry["blackbox_probe_level"] not in (None, "no_evidence")
+
+
+def _probe_likely(entry: dict[str, Any]) -> bool:
+    return entry["blackbox_probe_level"] == "likely_backdoored"
 
 
 def _threshold_free(entries: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -426,7 +466,11 @@ def _per_attack(entries: list[dict[str, Any]]) -> dict[str, Any]:
                        "search_named_target": sum(e["suspected_class"] == e["target"] for e in group)
                        if attack != "clean" else None,
                        "probes_named_target": sum(e["probe_suspected"] == e["target"] for e in group)
-                       if attack != "clean" else None}
+                       if attack != "clean" else None,
+                       # The label-only API audit of the same models: its probe level, and its lowest score.
+                       "blackbox_flagged": sum(_probes_flagged(e) for e in group),
+                       "blackbox_min_score": min((round(e["score_blackbox"], 3) for e in group
+                                                  if e["score_blackbox"] is not None), default=None)}
     return out
 
 
@@ -507,11 +551,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 NOTES: list[str] = [
-    "The zoo was rebuilt with the implantation ladder (bench/zoo.py) at 8473f8d; its 52 audits ran in two processes "
-    "(held-out, calibration) right after, and lc-00/01/02, rebuilt on the ladder's final LC rungs, were re-audited "
-    "after that. The held-out label-only API audits ran last, on the code of 907ffee (which records their probe "
-    "readings). The probe, trigger-search and label-only code did not change in between. This file was written by "
-    "--analyse-only from the saved readings at the commit given.",
+    "The zoo was rebuilt on a 2-core bf16 EPYC at 049546a (every model's BA and ASR equal to the manifest's); all 52 "
+    "white-box audits and all 52 label-only API audits then ran at 30c1629 in two processes of one thread each "
+    "(held-out first, then calibration). This file was written by --analyse-only from those readings at the commit "
+    "given.",
+    "The API probe battery has 39 probes since 30c1629 (31 before): patches stamped at all four corners at once and "
+    "four blend patterns instead of two. They were added after the 31-probe battery's held-out run (ROC-AUC 0.935, "
+    "TPR at 5% FPR 0.57) missed multi-corner triggers (label-consistent, adaptive-patch) and two clean models' "
+    "default-class pulls under blends outscored weak backdoors. The calibration half separated under both batteries, "
+    "so it could not show the gap: the held-out half was looked at before this battery was chosen.",
+    "One audit probes one seeded sample of 100 images, and a model's probe score moves by 0.03-0.09 (sd) from one "
+    "sample to another (bench/results/probe_sampling.json, a diagnostic over 20 samples). The held-out run's sample "
+    "put clean-16 (0.491) above physicalba-03 (0.470) and lc-01 (0.490): TPR at 5% FPR 0.857; over the 20 samples "
+    "the held-out TPR at 5% FPR averaged 0.961 and reached 0.90 in 90% of them.",
+    "API audits read the probe score with the same thresholds as checkpoint audits (suspicious 0.6, likely 0.75): "
+    "8 of 14 held-out backdoors flagged, 0 of 12 clean. The cut the calibration half's label-only audits would pick "
+    "(api_probe_thresholds: 0.343, above its highest clean model, 0.297) flags 14 of 14 held-out backdoors and 2 of "
+    "12 clean (clean-07, clean-16): not shipped, a 'suspicious' that fires on one clean model in six means little.",
     "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
     "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
     "(gates aside) with the shipped thresholds; 'audit_verdict' is what the audit reported.",
