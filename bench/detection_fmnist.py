@@ -35,9 +35,9 @@ what such an audit's verdict rests on: the probe battery's score through the API
 planned queries per model: probe images times probes), and the level the shipped
 thresholds give it (``VERDICT_THRESHOLDS``; the level the audit itself reported is kept
 beside it). ``api_probe_thresholds`` shows the cuts the calibration half's label-only
-audits would pick, so the shipped ones can be checked against them. The label-only trigger search's anomaly index of the same audits sits beside
-it (``label_only_index``: uncalibrated, never in the verdict; ROC-AUC and TPR at 5%
-FPR need no threshold).
+audits would pick, so the shipped ones can be checked against them. The label-only
+trigger search's anomaly index of the same audits sits beside it (``label_only_index``:
+uncalibrated, never in the verdict; ROC-AUC and TPR at 5% FPR need no threshold).
 """
 
 from __future__ import annotations
@@ -274,14 +274,14 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     assert scorer is not None
     entries = [_entry(r, models[r["name"]], scorer, (labels or {}).get(r["name"])) for r in rows]
     held = [e for e in entries if e["split"] == "heldout"]
+    calibration = [e for e in entries if e["split"] == "calibration"]
     out = {
         "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": _blackbox_separation(held)},
-        "calibration": {"whitebox": _separation(calib_entries := [e for e in entries if e["split"] == "calibration"],
-                                                scorer),
-                        "blackbox_labels": _blackbox_separation(calib_entries)},
+        "calibration": {"whitebox": _separation(calibration, scorer),
+                        "blackbox_labels": _blackbox_separation(calibration)},
         "fitted_on_calibration": fitted and fitted.to_dict(),
-        "api_probe_thresholds": api_probe_thresholds([e for e in entries if e["split"] == "calibration"
-                                                      and (not e["backdoored"] or e["implanted"])], held),
+        "api_probe_thresholds": api_probe_thresholds(
+            [e for e in calibration if not e["backdoored"] or e["implanted"]], held),
         "scored_with": scorer.to_dict(),
         "baselines_heldout": {name: _auc_only(held, rows, key) for name, key in
                               (("probe_score_alone", "probe_score"), ("anomaly_index_alone", "anomaly_index"))},
@@ -308,8 +308,8 @@ def api_probe_thresholds(calib: list[dict[str, Any]], held: list[dict[str, Any]]
     return {"shipped": VERDICT_THRESHOLDS,
             "fitted_on_calibration": {"suspicious": suspicious,
                                       "likely_backdoored": max(suspicious, VERDICT_THRESHOLDS["likely_backdoored"])},
-            "calibration_clean_max": round(max(clean), 4), "n_clean": len(clean), "n_backdoored": len(scored) - len(clean),
-            "heldout_at_fitted_suspicious": _flagged_at(held, suspicious)}
+            "calibration_clean_max": round(max(clean), 4), "n_clean": len(clean),
+            "n_backdoored": len(scored) - len(clean), "heldout_at_fitted_suspicious": _flagged_at(held, suspicious)}
 
 
 def _flagged_at(held: list[dict[str, Any]], cut: float) -> dict[str, Any]:
