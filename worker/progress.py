@@ -12,7 +12,8 @@ process goes silent long enough for the sweep to recover the audit; after each b
 it also runs a chore of the executor's (mirroring new checkpoints to the store).
 
 A database hiccup during a write is logged and skipped: progress is cosmetic, and a
-six-hour training run must not die because one UPDATE failed. A row that is no longer
+six-hour training run must not die because one UPDATE failed. A write broken by Celery's
+soft time limit is not a hiccup: the limit is raised again (``interrupted_by_time_limit``). A row that is no longer
 ours -- reaped, cancelled, or restarted by a redelivered task (``attempts`` moved on) --
 makes ``should_cancel`` answer True, so the pipeline stops at the next batch.
 """
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -165,12 +167,32 @@ class RowLink:
         except IllegalTransition as exc:
             self._lose(exc.message)
         except SQLAlchemyError as exc:
+            if interrupted_by_time_limit(exc):
+                raise SoftTimeLimitExceeded() from exc
             log.warning("audit %s: progress/heartbeat write skipped: %s", self.audit_id, exc)
 
     def _lose(self, reason: str) -> None:
         if self.lost_reason is None:
             log.warning("audit %s: no longer ours (%s); stopping", self.audit_id, reason)
             self.lost_reason = reason
+
+
+def interrupted_by_time_limit(exc: BaseException) -> bool:
+    """Whether Celery's soft time limit is what broke this database call.
+
+    The limit arrives as a signal and can land inside a query; the driver then fails on its
+    half-sent command and SQLAlchemy raises *that* failure, with the time limit only in its
+    context. Skipped like any hiccup, the audit would run on until the sandbox's own clock
+    killed it and end ``sandbox_limit_exceeded`` instead of ``time_limit`` (seen in CI).
+    """
+    seen: BaseException | None = exc
+    for _ in range(16):  # a context chain is short; the bound only guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, SoftTimeLimitExceeded):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class KeepAlive:
