@@ -29,13 +29,13 @@ from auditor.data import ImageSet, load_fashion_mnist, take
 from auditor.evaluation import model_predictor
 from auditor.evaluation.probes import ProbeConfig, suspicion_score
 from auditor.models import load_checkpoint
-from auditor.pipeline.plan import probe_config
+from auditor.pipeline.plan import EFFORTS, probe_config
 from auditor.settings import Settings
 from bench.common import RESULTS, provenance, write_json
 from bench.detection_fmnist import implanted, roc_auc, tpr_at_fpr
 from bench.zoo import DEFAULT_OUT, load_manifest
 
-PROBE_IMAGES = 100  # what quick and standard API audits probe
+PROBE_IMAGES = EFFORTS["standard"].api_probe_images  # what quick and standard API audits probe (100)
 
 
 def model_scores(path: Path, samples: list[ImageSet], config: ProbeConfig) -> list[float]:

@@ -13,9 +13,10 @@ it also runs a chore of the executor's (mirroring new checkpoints to the store).
 
 A database hiccup during a write is logged and skipped: progress is cosmetic, and a
 six-hour training run must not die because one UPDATE failed. A write broken by Celery's
-soft time limit is not a hiccup: the limit is raised again (``interrupted_by_time_limit``). A row that is no longer
-ours -- reaped, cancelled, or restarted by a redelivered task (``attempts`` moved on) --
-makes ``should_cancel`` answer True, so the pipeline stops at the next batch.
+soft time limit is not a hiccup: the limit is raised again (``interrupted_by_time_limit``).
+A row that is no longer ours -- reaped, cancelled, or restarted by a redelivered task
+(``attempts`` moved on) -- makes ``should_cancel`` answer True, so the pipeline stops at
+the next batch.
 """
 
 from __future__ import annotations
