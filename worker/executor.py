@@ -61,7 +61,7 @@ from auditor.store.control_cache import part_prefix, run_with_control_cache
 from auditor.store.db import make_engine, make_session_factory, session_scope
 from auditor.store.lifecycle import AuditStatus, is_terminal
 from worker.checkpoints import CheckpointMirror, discard_checkpoints
-from worker.infra import transient_error
+from worker.infra import interrupted_by_time_limit, transient_error
 from worker.notify import WebhookPolicy, deliver_webhook
 from worker.parts import ControlParts, Dispatch, close_parts
 from worker.progress import KeepAlive, RowLink, planned_stage_weights
@@ -416,10 +416,12 @@ class AuditExecutor:
         try:
             yield
         except SoftTimeLimitExceeded:
-            message = f"The audit exceeded its time limit of {self.settings.audit_time_limit_s} s."
-            self._record_failure(ErrorCode.TIME_LIMIT.value, message)
+            self._record_failure(ErrorCode.TIME_LIMIT.value, self._time_limit_message())
             raise
         except Exception as exc:
+            if interrupted_by_time_limit(exc):
+                self._record_failure(ErrorCode.TIME_LIMIT.value, self._time_limit_message())
+                raise SoftTimeLimitExceeded() from exc
             transient = transient_error(exc)
             if transient is not None:
                 if final_attempt:
@@ -431,6 +433,9 @@ class AuditExecutor:
                 raise transient from exc
             self._record_failure(ErrorCode.INTERNAL_ERROR.value, f"{type(exc).__name__}: {exc}")
             raise
+
+    def _time_limit_message(self) -> str:
+        return f"The audit exceeded its time limit of {self.settings.audit_time_limit_s} s."
 
     def _record_failure(self, code: str, message: str) -> None:
         """Best effort: when even this write fails, the sweep recovers the row later."""

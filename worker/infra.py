@@ -4,13 +4,16 @@ The rule: retry transient infrastructure errors (an S3 endpoint or the database
 briefly unreachable), never a training failure. This module draws that line in one
 place: ``transient_error(exc)`` turns a boto/botocore or SQLAlchemy connection-level
 exception into a ``TransientInfraError`` carrying the error code to store if retries
-run out, and returns None for everything else.
+run out, and returns None for everything else. One exception never counts as
+transient however it looks: a database call broken by Celery's soft time limit
+(``interrupted_by_time_limit``) -- the audit ran out of time, and a retry would too.
 """
 
 from __future__ import annotations
 
 from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
 from boto3.exceptions import S3UploadFailedError
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from auditor.errors import ErrorCode
@@ -77,3 +80,23 @@ def _looks_transient(message: str) -> bool:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def interrupted_by_time_limit(exc: BaseException) -> bool:
+    """Whether Celery's soft time limit is what broke this database call.
+
+    The limit arrives as a signal and can land inside a query; the driver then fails on its
+    half-sent command and SQLAlchemy raises *that* failure, with the time limit only in its
+    context. Taken for a hiccup, the limit would be lost: a skipped progress write let the
+    audit run on until the sandbox's own clock killed it (``sandbox_limit_exceeded``
+    instead of ``time_limit``, seen in CI), and a retried "transient" error would start it
+    over with the same clock.
+    """
+    seen: BaseException | None = exc
+    for _ in range(16):  # a context chain is short; the bound only guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, SoftTimeLimitExceeded):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

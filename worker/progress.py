@@ -40,6 +40,7 @@ from auditor.spec import AuditSpec
 from auditor.store.audits import get_audit, heartbeat, update_progress
 from auditor.store.db import session_scope
 from auditor.store.lifecycle import IllegalTransition
+from worker.infra import interrupted_by_time_limit
 
 log = logging.getLogger(__name__)
 
@@ -176,24 +177,6 @@ class RowLink:
         if self.lost_reason is None:
             log.warning("audit %s: no longer ours (%s); stopping", self.audit_id, reason)
             self.lost_reason = reason
-
-
-def interrupted_by_time_limit(exc: BaseException) -> bool:
-    """Whether Celery's soft time limit is what broke this database call.
-
-    The limit arrives as a signal and can land inside a query; the driver then fails on its
-    half-sent command and SQLAlchemy raises *that* failure, with the time limit only in its
-    context. Skipped like any hiccup, the audit would run on until the sandbox's own clock
-    killed it and end ``sandbox_limit_exceeded`` instead of ``time_limit`` (seen in CI).
-    """
-    seen: BaseException | None = exc
-    for _ in range(16):  # a context chain is short; the bound only guards against a cycle
-        if seen is None:
-            return False
-        if isinstance(seen, SoftTimeLimitExceeded):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 class KeepAlive:

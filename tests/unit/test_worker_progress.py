@@ -6,7 +6,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
-from worker.progress import interrupted_by_time_limit
+from worker.infra import interrupted_by_time_limit, transient_error
 
 
 def _driver_failure_during(first: BaseException) -> OperationalError:
