@@ -2,7 +2,7 @@
 
     python -m bench.zoo                                     # first: build the zoo (bench/zoo.py)
     python -m bench.detection_fmnist                        # audit every zoo model not audited yet, then analyse
-    python -m bench.detection_fmnist --split heldout        # only the held-out half
+    python -m bench.detection_fmnist --split heldout        # only the held-out split
     python -m bench.detection_fmnist --analyse-only         # refit and rewrite the results from saved audits
     python -m bench.detection_fmnist --blackbox-labels      # also audit every model as a label-only API
 
@@ -15,9 +15,12 @@ mask fraction, recovered-trigger success and suspected class, and the combined
 score and verdict the audit itself gave. Each audit's reading is saved under
 ``--work-dir/parts`` so runs can be split and resumed.
 
-The analysis refits the combined score's logistic model on the calibration split
-only (``fit_logistic``), picks the two verdict thresholds there, and judges both on
-the held-out split: ROC-AUC with a bootstrap 95% interval, the TPR at 5% FPR, the
+The zoo has three splits (bench/zoo.py, ``SPLITS``): calibration, development (the
+first build's held-out half, looked at while the API probe battery was chosen) and
+heldout (built afterwards, audited once with the detector frozen). The analysis
+refits the combined score's logistic model on the calibration split only
+(``fit_logistic``), picks the two verdict thresholds there, and judges both on the
+held-out split (the development split is reported beside it, the same way): ROC-AUC with a bootstrap 95% interval, the TPR at 5% FPR, the
 FPR and TPR of each threshold, and per-attack detection rates. The coefficients
 shipped in ``auditor/detection/combined.py`` are the ones this analysis printed;
 ``--analyse-only`` shows whether they still match the saved audits. The product's
@@ -62,7 +65,7 @@ from auditor.pipeline.verdict import VERDICT_THRESHOLDS, probe_level
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.common import RESULTS, provenance, write_json
-from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, load_manifest, zoo_specs
+from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, SPLITS, load_manifest, zoo_specs
 
 LOOPBACK = ("127.0.0.1",)
 FEATURES = ("probe_score", "anomaly_index", "log_norm_ratio", "success")
@@ -160,10 +163,12 @@ def audit_model_labels(name: str, entry: dict[str, Any], args: argparse.Namespac
 
 
 def audit_order(manifest: dict[str, Any], split: str | None) -> list[str]:
-    """Held-out models first, attacks interleaved, so a partial run still covers every attack."""
+    """Held-out models first, then development, then calibration; attacks interleaved, so a partial run still covers
+    every attack."""
     models = manifest["models"]
     names = [n for n in models if split is None or models[n]["spec"]["split"] == split]
-    return sorted(names, key=lambda n: (models[n]["spec"]["split"] != "heldout", n.rsplit("-", 1)[-1], n))
+    first = {name: i for i, name in enumerate(reversed(SPLITS))}
+    return sorted(names, key=lambda n: (first[models[n]["spec"]["split"]], n.rsplit("-", 1)[-1], n))
 
 
 # -- the fit ----------------------------------------------------------------------------------------------------------
@@ -274,9 +279,12 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     assert scorer is not None
     entries = [_entry(r, models[r["name"]], scorer, (labels or {}).get(r["name"])) for r in rows]
     held = [e for e in entries if e["split"] == "heldout"]
+    development = [e for e in entries if e["split"] == "development"]
     calibration = [e for e in entries if e["split"] == "calibration"]
     out = {
         "heldout": {"whitebox": _separation(held, scorer), "blackbox_labels": _blackbox_separation(held)},
+        "development": {"whitebox": _separation(development, scorer),
+                        "blackbox_labels": _blackbox_separation(development)},
         "calibration": {"whitebox": _separation(calibration, scorer),
                         "blackbox_labels": _blackbox_separation(calibration)},
         "fitted_on_calibration": fitted and fitted.to_dict(),
@@ -286,6 +294,7 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
         "baselines_heldout": {name: _auc_only(held, rows, key) for name, key in
                               (("probe_score_alone", "probe_score"), ("anomaly_index_alone", "anomaly_index"))},
         "per_attack_heldout": _per_attack(held),
+        "per_attack_development": _per_attack(development),
         "per_attack_all": _per_attack(entries),
         "models": entries,
     }
@@ -593,7 +602,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", type=Path, default=DEFAULT_OUT, help="bench/zoo.py's --out")
     p.add_argument("--effort", default="quick")
-    p.add_argument("--split", choices=["calibration", "heldout"], default=None)
+    p.add_argument("--split", choices=SPLITS, default=None)
     p.add_argument("--models", default="", help="comma-separated subset")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/detection_fmnist"))
     p.add_argument("--analyse-only", action="store_true")

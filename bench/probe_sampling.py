@@ -33,7 +33,7 @@ from auditor.pipeline.plan import EFFORTS, probe_config
 from auditor.settings import Settings
 from bench.common import RESULTS, provenance, write_json
 from bench.detection_fmnist import implanted, roc_auc, tpr_at_fpr
-from bench.zoo import DEFAULT_OUT, load_manifest
+from bench.zoo import DEFAULT_OUT, SPLITS, load_manifest
 
 PROBE_IMAGES = EFFORTS["standard"].api_probe_images  # what quick and standard API audits probe (100)
 
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = load_manifest(args.zoo)["models"]
     # Poisoned models whose own trigger does not work are neither backdoored nor clean here (as in the fit).
     judged = {n: m for n, m in models.items() if m["spec"]["attack"] is None or implanted(m)}
-    rows, by_split = [], {"calibration": {}, "heldout": {}}
+    rows, by_split = [], {split: {} for split in SPLITS}
     for name, entry in sorted(judged.items()):
         scores = model_scores(Path(entry["path"]), samples, config)
         by_split[entry["spec"]["split"]][name] = scores

@@ -149,11 +149,19 @@ RATES = {
 }
 
 
-def zoo_specs(clean: int = 24, per_attack: int = 4) -> list[ZooSpec]:
-    """The zoo: ``clean`` clean models (a third heavily augmented) and ``per_attack`` models per attack.
+#: The zoo's splits. The first build alternated calibration and held-out within each group; its held-out half was
+#: looked at while the API probe battery was chosen (30c1629), so it is "development" now, and "heldout" is a third
+#: group built afterwards from seeds no earlier choice saw, audited once with the detector frozen.
+SPLITS = ("calibration", "development", "heldout")
+
+
+def zoo_specs(clean: int = 24, per_attack: int = 4, fresh_clean: int = 12, fresh_per_attack: int = 2) -> list[ZooSpec]:
+    """The zoo: clean models (a third heavily augmented) and models per attack, first build then fresh held-out ones.
 
     Architecture, width and recipe rotate with the model's position so every attack and
-    both kinds of clean model see several of each; splits alternate within each group.
+    both kinds of clean model see several of each; the first build's splits alternate
+    within each group. The fresh group comes after it in every rotation, so the first
+    build's models keep their exact specs.
     """
     specs: list[ZooSpec] = []
     slot = clean
@@ -162,24 +170,30 @@ def zoo_specs(clean: int = 24, per_attack: int = 4) -> list[ZooSpec]:
         arch, widths = ARCHS[(i + shift) % len(ARCHS)]
         return arch, widths[(i // len(ARCHS)) % len(widths)], RECIPES[(i // 2 + shift) % len(RECIPES)]
 
-    for i in range(clean):
+    def clean_spec(i: int, split: str) -> ZooSpec:
         augmented = i % 3 == 2
         # The shift keeps architecture and recipe from lining up with augmentation or split.
         arch, width, recipe = shape(i, shift=i // 3)
-        group_pos = i // 3 if augmented else i - i // 3
-        specs.append(ZooSpec(f"clean{'-aug' if augmented else ''}-{i:02d}", seed=100 + i, arch=arch, width=width,
-                             recipe=recipe, epochs=3, augmented=augmented,
-                             split=("calibration", "heldout")[group_pos % 2]))
+        return ZooSpec(f"clean{'-aug' if augmented else ''}-{i:02d}", seed=100 + i, arch=arch, width=width,
+                       recipe=recipe, epochs=3, augmented=augmented, split=split)
+
+    def attack_spec(a: int, attack: str, j: int, split: str) -> ZooSpec:
+        nonlocal slot
+        arch, width, recipe = shape(slot)
+        slot += 1
+        epochs = {"lc": 6, "adaptive_patch": 5}.get(attack, 3)  # both implant slowly (measured on a first build)
+        return ZooSpec(f"{attack}-{j:02d}", seed=200 + 10 * a + j, arch=arch, width=width, recipe=recipe,
+                       epochs=epochs, attack=attack, target=(3 * j + 2 * a + 1) % 10, poison_rate=RATES[attack][j % 4],
+                       split=split)
+
+    for i in range(clean):
+        group_pos = i // 3 if i % 3 == 2 else i - i // 3
+        specs.append(clean_spec(i, SPLITS[group_pos % 2]))
     for a, attack in enumerate(ATTACK_ORDER):
-        for j in range(per_attack):
-            arch, width, recipe = shape(slot)
-            slot += 1
-            target = (3 * j + 2 * a + 1) % 10
-            rate = RATES[attack][j % 4]
-            epochs = {"lc": 6, "adaptive_patch": 5}.get(attack, 3)  # both implant slowly (measured on a first build)
-            specs.append(ZooSpec(f"{attack}-{j:02d}", seed=200 + 10 * a + j, arch=arch, width=width, recipe=recipe,
-                                 epochs=epochs, attack=attack, target=target, poison_rate=rate,
-                                 split=("calibration", "heldout")[j % 2]))
+        specs += [attack_spec(a, attack, j, SPLITS[j % 2]) for j in range(per_attack)]
+    specs += [clean_spec(i, "heldout") for i in range(clean, clean + fresh_clean)]
+    for a, attack in enumerate(ATTACK_ORDER):
+        specs += [attack_spec(a, attack, j, "heldout") for j in range(per_attack, per_attack + fresh_per_attack)]
     return specs
 
 
