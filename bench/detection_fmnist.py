@@ -6,9 +6,9 @@
     python -m bench.detection_fmnist --analyse-only         # refit and rewrite the results from saved audits
     python -m bench.detection_fmnist --blackbox-labels      # also audit every model as a label-only API
 
-Each zoo model is audited with ``run_audit`` and spec fields only: ``{"effort": E,
-"controls": {"attacks": []}, "refine": {"epochs": 1, "pool_size": 2000}}`` (REFINE
-only has to run: the score is read before the defense), as the file a user would
+Each zoo model is audited with ``run_audit`` and spec fields only (``audit_spec``: the
+effort, no positive controls, a REFINE that only has to run, since the score is read
+before the defense, and 2,000 test images), as the file a user would
 upload (safetensors for the registry's small CNN, TorchScript otherwise). From each
 report it reads the probe score, the trigger search's anomaly index, norm ratio,
 mask fraction, recovered-trigger success and suspected class, and the combined
@@ -322,7 +322,7 @@ def api_probe_thresholds(calib: list[dict[str, Any]], held: list[dict[str, Any]]
 
 
 def _flagged_at(held: list[dict[str, Any]], cut: float) -> dict[str, Any]:
-    """What a cut on the black-box score would flag on the held-out half."""
+    """What a cut on the black-box score would flag on the held-out split."""
     scored = [e for e in held if e["score_blackbox"] is not None]
     return {"tpr_flagged": _share([e for e in scored if e["backdoored"]], lambda e: e["score_blackbox"] >= cut),
             "fpr_flagged": _share([e for e in scored if not e["backdoored"]], lambda e: e["score_blackbox"] >= cut)}
@@ -390,6 +390,10 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
             e["name"] for e in pos if e["verdict"] == "no_evidence" and (e["recovered_asr"] or 0.0) >= 0.8),
         "verdicts": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
                      ("likely_backdoored", "suspicious", "no_evidence")},
+        # The verdict a reader sees, not the score's cut: a recovered trigger lifts a clean model to suspicious.
+        "clean_flagged": sorted(e["name"] for e in neg if e["verdict"] != "no_evidence"),
+        "clean_lifted_by_recovered_trigger": sorted(
+            e["name"] for e in neg if e["verdict"] == "suspicious" and e["score_whitebox"] < scorer.suspicious),
     }
 
 
@@ -417,6 +421,8 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
         "tpr_flagged": _share(pos, _probes_flagged), "fpr_flagged": _share(neg, _probes_flagged),
         "tpr_likely": _share(pos, _probe_likely), "fpr_likely": _share(neg, _probe_likely),
         "named_target": sum(e["blackbox_probe_suspected"] == e["target"] for e in pos),
+        # As for the white-box line: a poisoned model whose own trigger does not work has no backdoor to find.
+        "implanted_only": _blackbox_implanted_only([e for e in pos if e["implanted"]], neg),
         "label_only_index": {
             **_threshold_free(scored, "label_only_index"),
             "queries_per_model": _median([e["label_only_queries"] for e in scored]),
@@ -425,6 +431,14 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
             "named_target": sum(e["label_only_suspected_class"] == e["target"] for e in pos),
         },
     }
+
+
+def _blackbox_implanted_only(working: list[dict[str, Any]], neg: list[dict[str, Any]]) -> dict[str, Any]:
+    """The label-only figures against the backdoored models whose trigger works (ASR >= 50%) only."""
+    if not working or not neg:
+        return {"n_backdoored": len(working)}
+    return {"n_backdoored": len(working), **_threshold_free(working + neg, "score_blackbox"),
+            "tpr_flagged": _share(working, _probes_flagged), "tpr_likely": _share(working, _probe_likely)}
 
 
 def _probes_flagged(entry: dict[str, Any]) -> bool:
@@ -560,39 +574,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 NOTES: list[str] = [
-    "The zoo was rebuilt on a 2-core bf16 EPYC at 049546a (every model's BA and ASR equal to the manifest's); all 52 "
-    "white-box audits and all 52 label-only API audits then ran at 30c1629 in two processes of one thread each "
-    "(held-out first, then calibration). This file was written by --analyse-only from those readings at the commit "
-    "given.",
-    "The API probe battery has 39 probes since 30c1629 (31 before): patches stamped at all four corners at once and "
-    "four blend patterns instead of two. They were added after the 31-probe battery's held-out run (ROC-AUC 0.935, "
-    "TPR at 5% FPR 0.57) missed multi-corner triggers (label-consistent, adaptive-patch) and two clean models' "
-    "default-class pulls under blends outscored weak backdoors. The calibration half separated under both batteries, "
-    "so it could not show the gap: the held-out half was looked at before this battery was chosen.",
+    "Splits (bench/zoo.py, SPLITS). calibration: the score's fit and thresholds. development: the zoo's first held-out "
+    "half, looked at while the API probe battery was chosen (30c1629), so no longer untouched; its figures equal the "
+    "ones this file gave it as 'heldout' then. heldout: 26 models built at 56311f5 from seeds of their own after the "
+    "detector was frozen (12 clean, 4 augmented; 2 poisoned per attack), audited once, no change made since.",
+    "The zoo was built on a 2-core bf16 EPYC (the first build's 52 models bit-identical to the manifest's: same BA and "
+    "ASR); all 78 white-box audits and all 78 label-only API audits ran at 56311f5 in two processes of one thread each "
+    "(held-out first, then development, then calibration). This file was written by --analyse-only from those readings "
+    "at the commit given.",
+    "What the untouched split showed, white-box: ROC-AUC 0.988 over all 14 poisoned models and 0.993 over the 12 "
+    "whose trigger works; TPR at 5% FPR 0.857 and 0.917. The working backdoor it misses is lc-05 (true ASR 93%, "
+    "four corner patches): probe score 0.012, because the full battery stamps one corner at a time; its search named "
+    "the target with success 0.98 but no anomalous mask. lc-04 (ASR 10%, never implanted) reads no_evidence too. Both "
+    "break the line 'no backdoored model no_evidence while its recovered trigger works (>= 80%)', which the "
+    "development split kept. bench/results/corner_probes.json measures the full battery with four-corner patches "
+    "added, as a lead.",
+    "Three of the 12 held-out clean models read 'suspicious' (clean-25, clean-34, clean-aug-32: small CNNs, the "
+    "search's trigger toward Bag, success 0.88-0.91): none is above the score's cut, each is lifted by the rule that a "
+    "recovered trigger never coexists with no_evidence. The development split had one such model (clean-07), the "
+    "calibration split none.",
+    "Label-only API on the held-out split: ROC-AUC 0.982 (0.993 over working backdoors), TPR at 5% FPR 0.786 (0.917): "
+    "one clean model, clean-25 (0.609), outscores lc-05 (0.525) and the two poisoned models that never implanted. The "
+    "shipped thresholds flag 11 of 14 poisoned models and clean-25 ('suspicious', 1 of 12). The cut the calibration "
+    "split's label-only audits would pick (api_probe_thresholds: 0.343) flags all 14 and the same clean model.",
     "One audit probes one seeded sample of 100 images, and a model's probe score moves by 0.03-0.09 (sd) from one "
-    "sample to another (bench/results/probe_sampling.json, a diagnostic over 20 samples). The held-out run's sample "
-    "put clean-16 (0.491) above physicalba-03 (0.470) and lc-01 (0.490): TPR at 5% FPR 0.857; over the 20 samples "
-    "the held-out TPR at 5% FPR averaged 0.961 and reached 0.90 in 90% of them.",
-    "API audits read the probe score with the same thresholds as checkpoint audits (suspicious 0.6, likely 0.75): "
-    "8 of 14 held-out backdoors flagged, 0 of 12 clean. The cut the calibration half's label-only audits would pick "
-    "(api_probe_thresholds: 0.343, above its highest clean model, 0.297) flags 14 of 14 held-out backdoors and 2 of "
-    "12 clean (clean-07, clean-16): not shipped, a 'suspicious' that fires on one clean model in six means little.",
+    "sample to another (bench/results/probe_sampling.json, a diagnostic over 20 samples).",
+    "queries_per_model is what the probe score costs (100 images x 39 probes). The same audits also ran the label-only "
+    "trigger search (label_only_index: about 2,150 more queries, uncalibrated, never in the verdict; a spec without "
+    "model.api.label_only_detection skips it).",
     "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
     "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
-    "(gates aside) with the shipped thresholds; 'audit_verdict' is what the audit reported.",
+    "(gates aside) with the shipped thresholds, lifted to suspicious by a recovered trigger; 'audit_verdict' is what "
+    "the audit reported.",
     "'backdoored' is by construction (the model was trained on poisoned data); 'implanted' says whether its own "
-    "trigger works (true ASR >= 50%). Every held-out poisoned model implanted; four calibration ones did not even "
-    "on the ladder's last rung ('not_implanted') and are left out of the fit.",
-    "Scored with the shipped coefficients (auditor/detection/combined.py), fitted on the calibration half of the "
-    "zoo's first build (18 models, before the ladder). A refit on the rebuilt calibration half (22 models, "
-    "--analyse-only --refit) gave the same held-out level for every model and the same ROC-AUC, so they were kept.",
+    "trigger works (true ASR >= 50%). Four calibration models and two held-out ones (wanet-04, lc-04) did not even "
+    "on the ladder's last rung ('not_implanted'); they are left out of the fit, counted in the headline figures and "
+    "left out of 'implanted_only'.",
+    "Scored with the shipped coefficients (auditor/detection/combined.py), fitted on the calibration split of the "
+    "zoo's first build (18 models, before the ladder). fitted_on_calibration is the refit on the rebuilt calibration "
+    "split (22 models, --analyse-only --refit); it gave the development split the same levels, so it was not shipped.",
     "The registry's resnet18 is not in the zoo: one training step of a batch of 128 took 4.3 s on one core, "
     "~10 min per model at the zoo's budget. The zoo's three architectures are the registry's small_cnn "
     "(safetensors, widths 8-24) and two the registry does not know, uploaded as TorchScript (lenet, mlp_conv).",
     "On these small, briefly trained models a universal small-mask 'trigger' exists for almost any class: the "
     "recovered trigger's success was 0.88-0.99 on clean models too, and clean models' anomaly index reached 4-5 "
     "(some flagged by index and ratio). Success alone, and the index alone, do not separate.",
-    "Figures are from few models (14 backdoored and 12 clean per split). When a split separates perfectly the "
+    "Figures are from few models (14 poisoned and 12 clean per split). When a split separates perfectly the "
     "percentile bootstrap interval of its ROC-AUC collapses to [1, 1]: it says this sample separates, not that "
     "every model would. A threshold picked on 12 clean calibration models cannot promise an FPR below ~8%.",
 ]

@@ -98,11 +98,12 @@ def features(reading: dict[str, Any]) -> list[float]:
 #: quick effort. The thresholds were picked on the same half: ``likely`` the cut above every clean calibration model
 #: but at least 0.5; no ``suspicious`` tier below it, because 12 clean models cannot place a cut at a 5% false-positive
 #: rate (the first fit's 10% cut, 0.126, flagged 2 of 12 held-out clean models and the CI's clean model). Below 0.5
-#: the score reads no evidence; a recovered trigger still lifts that to suspicious. Held-out half (26 models, never
-#: seen by the fit), after the zoo was rebuilt so every held-out poisoned model implanted: ROC-AUC 1.0 (14 vs 12),
-#: 14 of 14 flagged, 0 of 12 clean above the cut (bench/results/detection_fmnist.json); a refit on the rebuilt
-#: calibration half gave every held-out model the same level, so these stayed. ``success`` carries most of
-#: the weight but only separates in combination: clean models' small-mask "triggers" also reach 0.88-0.99 here.
+#: the score reads no evidence; a recovered trigger still lifts that to suspicious. On the zoo's held-out split (26
+#: models built after this was frozen; bench/results/detection_fmnist.json): ROC-AUC 0.988 over 14 poisoned models
+#: against 12 clean (0.993 over the 12 that work), no clean model above the cut, but a working four-corner
+#: label-consistent backdoor missed and 3 clean models lifted to suspicious by a recovered trigger. A refit on the
+#: rebuilt calibration split gave every development model the same level, so these stayed. ``success`` carries most
+#: of the weight but only separates in combination: clean models' small-mask "triggers" also reach 0.88-0.99 here.
 COMBINED = CombinedModel(
     intercept=-18.7783,
     weights={"probe_score": 3.7094, "anomaly_index": 0.1027, "log_norm_ratio": -0.6217, "success": 16.3345},

@@ -99,8 +99,9 @@ API_EVALUATION_IMAGES = images_for_half_width(EVALUATION_HALF_WIDTH)
 #: of 20 and 30 degrees; strong noise): 40 queries per probed image with its clean answer. Its core kept every probe
 #: that gave the strongest evidence in bench/results/suspicion_fmnist.json (patch3/5 at the trigger's corner, uniform
 #: blends at alpha 0.2-0.3, rotations of 20-30 degrees). The four-corner patches and blend patterns 2-3 were added after
-#: the zoo's held-out half showed what the 31-probe core missed (label-consistent and adaptive-patch triggers stamp
-#: several corners); bench/results/detection_fmnist.json gives the figures and why they are no longer untouched.
+#: the zoo's first held-out half (its development split since) showed what the 31-probe core missed (label-consistent
+#: and adaptive-patch triggers stamp several corners); the held-out split was built after this battery was frozen
+#: (bench/results/detection_fmnist.json).
 API_PROBE_BATTERY: dict[str, Any] = {
     "patch_sizes": (3, 5), "patch_fills": ("white", "checker"), "random_patches": 0, "blend_patterns": 4,
     "patch_positions": ("tl", "tr", "bl", "br", "center", "corners"),
