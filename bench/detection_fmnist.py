@@ -588,7 +588,7 @@ NOTES: list[str] = [
     "the target with success 0.98 but no anomalous mask. lc-04 (ASR 10%, never implanted) reads no_evidence too. Both "
     "break the line 'no backdoored model no_evidence while its recovered trigger works (>= 80%)', which the "
     "development split kept. bench/results/corner_probes.json measures the full battery with four-corner patches "
-    "added, as a lead.",
+    "added, as a lead (probe score alone on the held-out split: ROC-AUC 0.965 -> 0.993; lc-05 0.023 -> 0.474).",
     "Three of the 12 held-out clean models read 'suspicious' (clean-25, clean-34, clean-aug-32: small CNNs, the "
     "search's trigger toward Bag, success 0.88-0.91): none is above the score's cut, each is lifted by the rule that a "
     "recovered trigger never coexists with no_evidence. The development split had one such model (clean-07), the "
@@ -598,7 +598,9 @@ NOTES: list[str] = [
     "shipped thresholds flag 11 of 14 poisoned models and clean-25 ('suspicious', 1 of 12). The cut the calibration "
     "split's label-only audits would pick (api_probe_thresholds: 0.343) flags all 14 and the same clean model.",
     "One audit probes one seeded sample of 100 images, and a model's probe score moves by 0.03-0.09 (sd) from one "
-    "sample to another (bench/results/probe_sampling.json, a diagnostic over 20 samples).",
+    "sample to another (bench/results/probe_sampling.json, a diagnostic over 20 samples). Over working backdoors the "
+    "TPR at 5% FPR averaged 0.85 on the held-out split across samples (>= 0.90 in 6 of 20): the 0.917 above is a "
+    "fortunate draw, not a margin.",
     "queries_per_model is what the probe score costs (100 images x 39 probes). The same audits also ran the label-only "
     "trigger search (label_only_index: about 2,150 more queries, uncalibrated, never in the verdict; a spec without "
     "model.api.label_only_detection skips it).",
