@@ -64,8 +64,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "backdoored": entry["spec"]["attack"] is not None, **scores})
         print(f"{name}: {scores}", flush=True)
     splits = {s: {b: separation([r for r in rows if r["split"] == s], b) for b in BATTERIES} for s in SPLITS}
-    payload = {"probe_images": PROBE_IMAGES, "patch_positions": {b: list(configs[b].patch_positions) for b in BATTERIES},
-               "splits": splits, "models": rows, **provenance(torch.device("cpu"), "bench.corner_probes")}
+    positions = {b: list(configs[b].patch_positions) for b in BATTERIES}
+    payload = {"probe_images": PROBE_IMAGES, "patch_positions": positions, "splits": splits, "models": rows,
+               **provenance(torch.device("cpu"), "bench.corner_probes")}
     write_json(args.out, payload)
     print(splits)
     return payload

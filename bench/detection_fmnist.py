@@ -20,8 +20,9 @@ first build's held-out half, looked at while the API probe battery was chosen) a
 heldout (built afterwards, audited once with the detector frozen). The analysis
 refits the combined score's logistic model on the calibration split only
 (``fit_logistic``), picks the two verdict thresholds there, and judges both on the
-held-out split (the development split is reported beside it, the same way): ROC-AUC with a bootstrap 95% interval, the TPR at 5% FPR, the
-FPR and TPR of each threshold, and per-attack detection rates. The coefficients
+held-out split (the development split is reported beside it, the same way):
+ROC-AUC with a bootstrap 95% interval, the TPR at 5% FPR, the FPR and TPR of each
+threshold, and per-attack detection rates. The coefficients
 shipped in ``auditor/detection/combined.py`` are the ones this analysis printed;
 ``--analyse-only`` shows whether they still match the saved audits. The product's
 score is recomputed here from the saved features with the fitted coefficients, so

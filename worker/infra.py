@@ -89,8 +89,8 @@ def interrupted_by_time_limit(exc: BaseException) -> bool:
     half-sent command and SQLAlchemy raises *that* failure, with the time limit only in its
     context. Taken for a hiccup, the limit would be lost: a skipped progress write let the
     audit run on until the sandbox's own clock killed it (``sandbox_limit_exceeded``
-    instead of ``time_limit``, seen in CI), and a retried "transient" error would start it
-    over with the same clock.
+    instead of ``time_limit``, seen in CI), and a "transient" error would requeue an audit
+    that has already used up its time, to run out of it again.
     """
     seen: BaseException | None = exc
     for _ in range(16):  # a context chain is short; the bound only guards against a cycle
