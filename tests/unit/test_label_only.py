@@ -155,11 +155,16 @@ def test_the_benchmark_budget_is_the_smallest_whose_plan_runs_the_detection_with
     assert plan_audit(parse_spec(label_only_spec("quick", url, budget - 1)), FASHION_MNIST).label_only is None
     held = [{"score_blackbox": probe, "backdoored": b, "blackbox_queries": 3100, "blackbox_probe_level": level,
              "blackbox_probe_suspected": 1, "label_only_index": index, "label_only_queries": 2290,
-             "label_only_suspected_class": 1, "target": 1 if b else None}
-            for probe, index, level, b in ((0.9, 3.0, "likely_backdoored", True), (0.1, 0.4, "no_evidence", False),
-                                           (0.5, 0.8, "no_evidence", True), (0.4, 0.9, "no_evidence", False))]
+             "label_only_suspected_class": 1, "target": 1 if b else None, "implanted": works}
+            for probe, index, level, b, works in ((0.9, 3.0, "likely_backdoored", True, True),
+                                                  (0.1, 0.4, "no_evidence", False, None),
+                                                  (0.5, 0.8, "no_evidence", True, False),
+                                                  (0.4, 0.9, "no_evidence", False, None))]
     figures = _blackbox_separation(held)
     assert figures["roc_auc"] == 1.0 and figures["queries_per_model"] == 3100 and figures["tpr_at_5fpr"] == 1.0
     assert figures["tpr_flagged"] == {"rate": 0.5, "n": 2} and figures["fpr_flagged"] == {"rate": 0.0, "n": 2}
+    # The poisoned model whose trigger never worked is left out of implanted_only.
+    working = figures["implanted_only"]
+    assert working["n_backdoored"] == 1 and working["tpr_flagged"] == {"rate": 1.0, "n": 1}
     index = figures["label_only_index"]
     assert index["roc_auc"] == 0.75 and index["queries_per_model"] == 2290 and index["named_target"] == 2
