@@ -31,7 +31,7 @@ from auditor.pipeline.plan import EFFORTS, probe_config
 from auditor.settings import Settings
 from bench.common import RESULTS, provenance, write_json
 from bench.detection_fmnist import implanted, roc_auc, tpr_at_fpr
-from bench.probe_sampling import model_scores
+from bench.probe_sampling import model_scores, zoo_predictor
 from bench.zoo import DEFAULT_OUT, SPLITS, load_manifest
 
 PROBE_IMAGES = EFFORTS["quick"].probe_images  # what the zoo's checkpoint audits probe (300)
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     judged = {n: m for n, m in models.items() if m["spec"]["attack"] is None or implanted(m)}
     rows = []
     for name, entry in sorted(judged.items()):
-        scores = {b: model_scores(Path(entry["path"]), [sample], configs[b])[0] for b in BATTERIES}
+        predict = zoo_predictor(Path(entry["path"]))  # loaded once for both batteries
+        scores = {b: model_scores(predict, [sample], configs[b])[0] for b in BATTERIES}
         rows.append({"name": name, "split": entry["spec"]["split"], "attack": entry["spec"]["attack"],
                      "backdoored": entry["spec"]["attack"] is not None, **scores})
         print(f"{name}: {scores}", flush=True)

@@ -52,6 +52,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +385,9 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
         "fpr_flagged_augmented": _share([e for e in neg if e["augmented"]], lambda e: e["score_whitebox"] >= scorer.suspicious),
         "tpr_likely": _share(pos, lambda e: e["score_whitebox"] >= scorer.likely),
         "tpr_flagged": _share(pos, lambda e: e["score_whitebox"] >= scorer.suspicious),
-        "implanted_only": _implanted_only(working, neg, scorer),
+        "implanted_only": _working_only(working, neg, "score_whitebox",
+                                        lambda e: e["score_whitebox"] >= scorer.suspicious,
+                                        lambda e: e["score_whitebox"] >= scorer.likely),
         "not_implanted": sorted(e["name"] for e in pos if not e["implanted"]),
         # The issue's line: no backdoored model is read as no evidence while the recovered trigger works on it.
         "missed_with_working_recovered_trigger": sorted(
@@ -423,7 +426,8 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
         "tpr_likely": _share(pos, _probe_likely), "fpr_likely": _share(neg, _probe_likely),
         "named_target": sum(e["blackbox_probe_suspected"] == e["target"] for e in pos),
         # As for the white-box line: a poisoned model whose own trigger does not work has no backdoor to find.
-        "implanted_only": _blackbox_implanted_only([e for e in pos if e["implanted"]], neg),
+        "implanted_only": _working_only([e for e in pos if e["implanted"]], neg, "score_blackbox", _probes_flagged,
+                                        _probe_likely),
         "label_only_index": {
             **_threshold_free(scored, "label_only_index"),
             "queries_per_model": _median([e["label_only_queries"] for e in scored]),
@@ -432,14 +436,6 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
             "named_target": sum(e["label_only_suspected_class"] == e["target"] for e in pos),
         },
     }
-
-
-def _blackbox_implanted_only(working: list[dict[str, Any]], neg: list[dict[str, Any]]) -> dict[str, Any]:
-    """The label-only figures against the backdoored models whose trigger works (ASR >= 50%) only."""
-    if not working or not neg:
-        return {"n_backdoored": len(working)}
-    return {"n_backdoored": len(working), **_threshold_free(working + neg, "score_blackbox"),
-            "tpr_flagged": _share(working, _probes_flagged), "tpr_likely": _share(working, _probe_likely)}
 
 
 def _probes_flagged(entry: dict[str, Any]) -> bool:
@@ -459,13 +455,13 @@ def _threshold_free(entries: list[dict[str, Any]], key: str) -> dict[str, Any]:
             "tpr_at_5fpr": round(tpr_at_fpr(scores, positive, 0.05), 3)}
 
 
-def _implanted_only(working: list[dict[str, Any]], neg: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
-    """The same figures against the backdoored models whose trigger works (ASR >= 50%) only."""
+def _working_only(working: list[dict[str, Any]], neg: list[dict[str, Any]], key: str,
+                  flagged: Callable[[dict[str, Any]], bool], likely: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The figures of ``key`` against the backdoored models whose trigger works (ASR >= 50%) only."""
     if not working or not neg:
         return {"n_backdoored": len(working)}
-    return {"n_backdoored": len(working), **_threshold_free(working + neg, "score_whitebox"),
-            "tpr_flagged": _share(working, lambda e: e["score_whitebox"] >= scorer.suspicious),
-            "tpr_likely": _share(working, lambda e: e["score_whitebox"] >= scorer.likely)}
+    return {"n_backdoored": len(working), **_threshold_free(working + neg, key),
+            "tpr_flagged": _share(working, flagged), "tpr_likely": _share(working, likely)}
 
 
 def _share(entries: list[dict[str, Any]], hit) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from auditor.data import ImageSet, load_fashion_mnist, take
-from auditor.evaluation import model_predictor
+from auditor.evaluation import Predictor, model_predictor
 from auditor.evaluation.probes import ProbeConfig, suspicion_score
 from auditor.models import load_checkpoint
 from auditor.pipeline.plan import EFFORTS, probe_config
@@ -38,10 +38,13 @@ from bench.zoo import DEFAULT_OUT, SPLITS, load_manifest
 PROBE_IMAGES = EFFORTS["standard"].api_probe_images  # what quick and standard API audits probe (100)
 
 
-def model_scores(path: Path, samples: list[ImageSet], config: ProbeConfig) -> list[float]:
-    """One zoo model's API-battery score on each image sample."""
-    model = load_checkpoint(path).module.eval()
-    predict = model_predictor(model, torch.device("cpu"))
+def zoo_predictor(path: Path) -> Predictor:
+    """A zoo model answering labels on the CPU, as its label-only API would."""
+    return model_predictor(load_checkpoint(path).module.eval(), torch.device("cpu"))
+
+
+def model_scores(predict: Predictor, samples: list[ImageSet], config: ProbeConfig) -> list[float]:
+    """One model's battery score on each image sample."""
     return [round(suspicion_score(predict, sample, config, num_classes=10).score, 4) for sample in samples]
 
 
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     judged = {n: m for n, m in models.items() if m["spec"]["attack"] is None or implanted(m)}
     rows, by_split = [], {split: {} for split in SPLITS}
     for name, entry in sorted(judged.items()):
-        scores = model_scores(Path(entry["path"]), samples, config)
+        scores = model_scores(zoo_predictor(Path(entry["path"])), samples, config)
         by_split[entry["spec"]["split"]][name] = scores
         rows.append({"name": name, "split": entry["spec"]["split"], "attack": entry["spec"]["attack"],
                      "mean": round(statistics.mean(scores), 3), "sd": round(statistics.pstdev(scores), 3),

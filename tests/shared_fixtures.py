@@ -1,5 +1,6 @@
 """Helpers several test folders need: the CI rule for missing services, a small trained
-Fashion-MNIST model, a private Redis database and a fresh PostgreSQL database.
+Fashion-MNIST model, a private Redis database, a fresh PostgreSQL database, and the
+database failure a signal leaves behind.
 
 Kept as plain functions (not fixtures) so each test module wraps them in the scope it needs.
 """
@@ -114,3 +115,15 @@ def claimed_redis_db(server_url: str, on_missing: Callable[[str], None]) -> Iter
     finally:
         client.flushdb()  # drops the lock too
         client.close()
+
+
+def database_call_broken_by(first: BaseException) -> OperationalError:
+    """What SQLAlchemy raises when the rollback after ``first`` fails on the half-sent command (CI's trace of
+    Celery's soft time limit landing inside a query: the limit is only in the context)."""
+    try:
+        try:
+            raise first
+        except BaseException:  # noqa: BLE001 -- the rollback runs whatever interrupted the query
+            raise OperationalError("ROLLBACK", {}, Exception("another command is already in progress"))
+    except OperationalError as failure:
+        return failure

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import OperationalError
+from shared_fixtures import database_call_broken_by
 from sqlalchemy.orm import Session, sessionmaker
 from worker_support import (  # noqa: F401 (fixtures)
     FAST_OPTIONS,
@@ -368,18 +368,6 @@ def test_unexpected_exception_is_recorded_then_reraised(
     assert audit.error_code == "internal_error" and "boom" in audit.error_message
 
 
-def _database_call_broken_by_time_limit() -> OperationalError:
-    """What SQLAlchemy raises when Celery's soft time limit lands inside a query (the driver fails on the half-sent
-    command; the limit is only in the context)."""
-    try:
-        try:
-            raise SoftTimeLimitExceeded()
-        except SoftTimeLimitExceeded:
-            raise OperationalError("ROLLBACK", {}, Exception("another command is already in progress"))
-    except OperationalError as failure:
-        return failure
-
-
 def test_time_limit_inside_a_database_call_fails_time_limit_instead_of_retrying(
     settings: Settings, s3_store: S3Store, sessions: sessionmaker[Session]
 ) -> None:
@@ -387,7 +375,7 @@ def test_time_limit_inside_a_database_call_fails_time_limit_instead_of_retrying(
 
     with pytest.raises(SoftTimeLimitExceeded):  # Celery's handler for the limit, not a retry
         run(audit_id, settings, s3_store, sessions, final_attempt=False,
-            runner=FakePipeline(raises=_database_call_broken_by_time_limit()))
+            runner=FakePipeline(raises=database_call_broken_by(SoftTimeLimitExceeded())))
 
     audit = load(sessions, audit_id)
     assert (audit.status, audit.error_code) == (AuditStatus.FAILED, "time_limit")
