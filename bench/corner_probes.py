@@ -1,19 +1,19 @@
-"""Would the checkpoint audit's probe battery see four-corner triggers if it stamped them? (diagnostic)
+"""Does stamping a patch at all four corners at once let the probe battery see four-corner triggers? (diagnostic)
 
     python -m bench.zoo                     # first: build the zoo (bench/zoo.py)
     python -m bench.corner_probes           # -> bench/results/corner_probes.json
 
-The API battery stamps its patches at all four corners at once as well (position
-``corners``); the full battery of checkpoint audits does not, so that its combined
-score keeps the calibration it was fitted with. On the zoo's held-out split that cost
-a working label-consistent backdoor (lc-05: four corner patches, true ASR 93%): its
-label-only API audit scored 0.525, its checkpoint audit's probe score 0.012. This
-diagnostic scores every zoo model's probe battery as a quick checkpoint audit runs it
-(300 test images, seed 0) as shipped and with ``corners`` added, and reports each
-split's ROC-AUC and TPR at 5% FPR of the probe score alone, over working backdoors and
-clean models. It is a lead for the next detector change, not a product figure: the
-change would have to be refitted on the calibration split and judged on models no
-choice has seen (bench/zoo.py, ``SPLITS``).
+The full battery of checkpoint audits stamped its patches at one corner (or the
+centre) at a time until the zoo's second build showed what that cost: a working
+label-consistent backdoor (lc-05: four corner patches, true ASR 93%) scored 0.012 at
+its checkpoint audit and 0.525 through the API battery, which also stamps all four
+corners at once (position ``corners``). This diagnostic scores every zoo model's
+battery as a quick checkpoint audit runs it (300 test images, seed 0) with single
+corners only and with ``corners`` added (the full battery since), and reports each
+split's ROC-AUC and TPR at 5% FPR of the probe score alone, over working backdoors
+and clean models. It was the lead for that change; the change itself was refitted on
+the calibration split and judged on a build no choice had seen (bench/zoo.py,
+``SPLITS``; bench/detection_fmnist.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from auditor.data import load_fashion_mnist, take
-from auditor.evaluation.probes import ALL_POSITIONS
+from auditor.evaluation.probes import POSITIONS
 from auditor.pipeline.plan import EFFORTS, probe_config
 from auditor.settings import Settings
 from bench.common import RESULTS, provenance, write_json
@@ -35,7 +35,7 @@ from bench.probe_sampling import model_scores, zoo_predictor
 from bench.zoo import DEFAULT_OUT, SPLITS, load_manifest
 
 PROBE_IMAGES = EFFORTS["quick"].probe_images  # what the zoo's checkpoint audits probe (300)
-BATTERIES = ("shipped", "with_corners")
+BATTERIES = ("single_corners", "with_corners")
 
 
 def separation(rows: list[dict[str, Any]], battery: str) -> dict[str, Any]:
@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _, test = load_fashion_mnist(settings.fmnist_dir, settings.data_dir)
     sample = take(test, PROBE_IMAGES, seed=0)
     shipped = replace(probe_config(False, PROBE_IMAGES, 0), bootstrap=0)
-    configs = {"shipped": shipped, "with_corners": replace(shipped, patch_positions=ALL_POSITIONS)}
+    assert "corners" in shipped.patch_positions
+    single = tuple(p for p in POSITIONS if p != "corners")
+    configs = {"single_corners": replace(shipped, patch_positions=single), "with_corners": shipped}
     models = load_manifest(args.zoo)["models"]
     # Poisoned models whose own trigger does not work are neither backdoored nor clean here (as in the fit).
     judged = {n: m for n, m in models.items() if m["spec"]["attack"] is None or implanted(m)}

@@ -107,6 +107,7 @@ def audit_model(name: str, entry: dict[str, Any], args: argparse.Namespace, sett
         "anomaly_index": det.get("anomaly_index"), "norm_ratio": det.get("norm_ratio"),
         "mask_fraction": det.get("mask_fraction"), "success": (det.get("success") or {}).get("value"),
         "suspected_class": det.get("suspected_class"), "flagged": det.get("flagged"), "recovered": det.get("recovered"),
+        "counts_toward_verdict": det.get("counts_toward_verdict"),
         "combined_reported": (verdict.get("combined") or {}).get("score"), "verdict": verdict.get("level"),
         "probe_level": verdict.get("probe_level"), "gates_tripped": [g["name"] for g in report.get("gates") or []
                                                                      if g["tripped"]],
@@ -356,8 +357,11 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         "label_only_queries": label["detection_queries"] if measured else None,
         # The level the combined score gives (gates aside): the audits' own verdicts are inconclusive by design,
         # their one-epoch REFINE breaks the model and trips the defense gates (audit_spec).
-        "verdict": scorer.level(score, bool(r.get("recovered"))), "audit_verdict": r["verdict"],
-        "recovered_asr": r["success"], "true_asr": m.get("asr"),
+        "verdict": scorer.level(score, counts(r)), "audit_verdict": r["verdict"],
+        # The search always returns a best candidate; it is a *recovered* trigger only when flagged (an outlying
+        # small mask that works, verdict.py). The candidate reaches 80% on most clean models too.
+        "recovered_asr": r["success"] if r["recovered"] else None, "candidate_asr": r["success"],
+        "trigger_counts": counts(r), "true_asr": m.get("asr"),
         "implanted": implanted(m) if spec["attack"] else None, "clean_accuracy": m["ba"], "target": spec["target"],
         "suspected_class": r["suspected_class"], "probe_suspected": r["probe_suspected"],
         # What the backdoor was built with: the zoo's implantation ladder may have raised the spec's rate and epochs.
@@ -368,6 +372,11 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         "combined_reported": r.get("combined_reported"), "audit_seconds": r["seconds"],
         "load_average_1m": r.get("load_average_1m"),
     }
+
+
+def counts(reading: dict[str, Any]) -> bool:
+    """The product's rule (verdict.py, ``TriggerFinding.counts``): a recovered trigger toward the probes' suspect."""
+    return bool(reading.get("recovered")) and reading.get("probe_suspected") == reading.get("suspected_class")
 
 
 def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
@@ -392,9 +401,14 @@ def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[st
         # The issue's line: no backdoored model is read as no evidence while the recovered trigger works on it.
         "missed_with_working_recovered_trigger": sorted(
             e["name"] for e in pos if e["verdict"] == "no_evidence" and (e["recovered_asr"] or 0.0) >= 0.8),
+        # The same line read on the search's best candidate, flagged or not, and why it cannot be the rule.
+        "missed_with_working_candidate": sorted(
+            e["name"] for e in pos if e["verdict"] == "no_evidence" and e["candidate_asr"] >= 0.8),
+        "clean_with_working_candidate": _share(neg, lambda e: e["candidate_asr"] >= 0.8),
+        "recovered_not_counted": sorted(e["name"] for e in entries if e["recovered"] and not e["trigger_counts"]),
         "verdicts": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
                      ("likely_backdoored", "suspicious", "no_evidence")},
-        # The verdict a reader sees, not the score's cut: a recovered trigger lifts a clean model to suspicious.
+        # The verdict a reader sees, not the score's cut: a counted trigger lifts a clean model to suspicious.
         "clean_flagged": sorted(e["name"] for e in neg if e["verdict"] != "no_evidence"),
         "clean_lifted_by_recovered_trigger": sorted(
             e["name"] for e in neg if e["verdict"] == "suspicious" and e["score_whitebox"] < scorer.suspicious),

@@ -92,22 +92,21 @@ def features(reading: dict[str, Any]) -> list[float]:
     ]
 
 
-#: Fitted on 2026-11-30 by ``python -m bench.detection_fmnist --analyse-only --refit`` (L2-regularised logistic
-#: regression on standardised features, penalty 1) on the calibration half of the zoo: 12 clean models and the 6
-#: poisoned ones whose trigger works (ASR >= 50%; 8 poisoned models that did not implant were left out), audited at
-#: quick effort. The thresholds were picked on the same half: ``likely`` the cut above every clean calibration model
-#: but at least 0.5; no ``suspicious`` tier below it, because 12 clean models cannot place a cut at a 5% false-positive
-#: rate (the first fit's 10% cut, 0.126, flagged 2 of 12 held-out clean models and the CI's clean model). Below 0.5
-#: the score reads no evidence; a recovered trigger still lifts that to suspicious. On the zoo's held-out split (26
-#: models built after this was frozen; bench/results/detection_fmnist.json): ROC-AUC 0.988 over 14 poisoned models
-#: against 12 clean (0.993 over the 12 that work), no clean model above the cut, but a working four-corner
-#: label-consistent backdoor missed and 3 clean models lifted to suspicious by a recovered trigger. A refit on the
-#: rebuilt calibration split gave every development model the same level, so these stayed. ``success`` carries most
-#: of the weight but only separates in combination: clean models' small-mask "triggers" also reach 0.88-0.99 here.
+#: Fitted on 2026-12-02 by ``python -m bench.detection_fmnist --analyse-only --refit`` (L2-regularised logistic
+#: regression on standardised features, penalty 1) on the calibration split of the zoo: 12 clean models and the 10
+#: poisoned ones whose trigger works (ASR >= 50%; 4 that did not implant left out), audited at quick effort with the
+#: full battery's four-corner patches (182 probes). The thresholds were picked on the same split: ``likely`` the cut
+#: above every clean calibration model but at least 0.5; no ``suspicious`` tier below it, because 12 clean models
+#: cannot place a cut at a 5% false-positive rate. Below 0.5 the score reads no evidence; a recovered trigger toward
+#: the class the probes suspect still lifts that to suspicious. The previous fit (five patch positions, 2026-11-30)
+#: missed a four-corner label-consistent backdoor and let universal patches lift 3 of 12 clean models of the zoo's
+#: second build; this one was frozen before the third build was audited (bench/results/detection_fmnist.json).
+#: ``success`` carries most of the weight but only separates in combination: every clean model's best candidate
+#: trigger also reaches 0.93-0.99 here.
 COMBINED = CombinedModel(
-    intercept=-18.7783,
-    weights={"probe_score": 3.7094, "anomaly_index": 0.1027, "log_norm_ratio": -0.6217, "success": 16.3345},
+    intercept=-21.4433,
+    weights={"probe_score": 3.9838, "anomaly_index": 0.126, "log_norm_ratio": -0.8987, "success": 19.0294},
     likely=0.5,
     suspicious=0.5,
-    fitted_by="bench/detection_fmnist.py --refit, zoo calibration half (18 models), 2026-11-30",
+    fitted_by="bench/detection_fmnist.py --refit, zoo calibration split (22 models), 2026-12-02",
 )

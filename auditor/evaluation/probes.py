@@ -32,11 +32,11 @@ from auditor.transforms import rotate, warp
 ProbeFn = Callable[[torch.Tensor], torch.Tensor]
 
 FAMILIES = ("patch", "blend", "warp", "rotate", "noise")
-POSITIONS = ("tl", "tr", "bl", "br", "center")  # the full battery's patch positions
-#: "corners" stamps the same patch at all four corners at once: multi-location triggers (Turner et al.'s label-consistent
-#: attack, adaptive-patch) answer it far more strongly than any single corner. Not in the full battery's default, whose
-#: score the white-box calibration was fitted on; the compact API battery adds it.
-ALL_POSITIONS = POSITIONS + ("corners",)
+#: The patch positions: each corner, the centre, and "corners", the same patch at all four corners at once.
+#: Multi-location triggers (Turner et al.'s label-consistent attack, adaptive-patch) answer "corners" far more
+#: strongly than any single corner: a working four-corner label-consistent backdoor scored 0.012 without it and 0.47
+#: with it, while no clean zoo model's score rose (bench/results/corner_probes.json).
+POSITIONS = ("tl", "tr", "bl", "br", "center", "corners")
 PATCH_FILLS = ("white", "black", "checker")
 BOOTSTRAP_PROBES = 10  # the score's interval re-scores only the strongest probes (see _bootstrap_interval)
 
@@ -45,7 +45,7 @@ BOOTSTRAP_PROBES = 10  # the score's interval re-scores only the strongest probe
 class ProbeConfig:
     """Which probes to run, on how many images, and how the score is formed.
 
-    Defaults give 158 probes on 500 images (79,500 queries): seconds for a local
+    Defaults give 182 probes on 500 images (91,500 queries): seconds for a local
     model; for a rate-limited API lower ``num_images`` or the number of
     random patterns.
     """
@@ -83,8 +83,8 @@ class ProbeConfig:
         unknown = set(self.families) - set(FAMILIES)
         if unknown or not self.families:
             raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {sorted(unknown)}")
-        if set(self.patch_positions) - set(ALL_POSITIONS):
-            raise ValueError(f"patch_positions must be among {ALL_POSITIONS}")
+        if set(self.patch_positions) - set(POSITIONS):
+            raise ValueError(f"patch_positions must be among {POSITIONS}")
         if set(self.patch_fills) - set(PATCH_FILLS):
             raise ValueError(f"patch_fills must be among {PATCH_FILLS}")
         if self.bootstrap < 0:

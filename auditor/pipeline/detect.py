@@ -118,19 +118,29 @@ def _draw_maps(state: AuditState, result: LabelOnlyResult) -> str | None:
     return LABEL_ONLY_IMAGE
 
 
-def trigger_finding(state: AuditState) -> TriggerFinding | None:
-    """What the verdict reads from the search (None when it did not run)."""
+def trigger_finding(state: AuditState, probe_class: int | None) -> TriggerFinding | None:
+    """What the verdict reads from the search (None when it did not run), beside the probes' suspected class.
+
+    The probes run after the search, so this is where the report's detection section learns whether the two agree
+    and whether the trigger counts.
+    """
     result: TriggerSearchResult | None = state.detection
     if result is None:
         return None
     plan = state.plan.detection
     calibrated = plan.steps >= CALIBRATED_SEARCH_STEPS and plan.images >= CALIBRATED_SEARCH_IMAGES
-    return TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
-                          result.success, on_surrogate=plan.model == "surrogate", calibrated=calibrated)
+    finding = TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
+                             result.success, on_surrogate=plan.model == "surrogate", calibrated=calibrated,
+                             probe_class=probe_class)
+    section = state.sections.get("detection")
+    if section is not None:
+        section.update(agrees_with_probes=finding.agrees_with_probes, counts_toward_verdict=finding.counts)
+    return finding
 
 
 def detection_section(result: TriggerSearchResult, model: str, image: str | None) -> dict[str, Any]:
-    """The report's ``detection`` section (auditor/report/schema.py, ``Detection``)."""
+    """The report's ``detection`` section (auditor/report/schema.py, ``Detection``); whether it agrees with the
+    probes, and so counts, is filled in once they ran (``trigger_finding``)."""
     finding = TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
                              result.success, model == "surrogate")
     return {
@@ -138,7 +148,7 @@ def detection_section(result: TriggerSearchResult, model: str, image: str | None
         "anomaly_index": round(result.anomaly_index, 4), "norm_ratio": round(result.norm_ratio, 4),
         "max_norm_ratio": TRIGGER_MAX_NORM_RATIO, "flagged": result.flagged,
         "success": result.success.to_dict(), "recovered": finding.recovered,
-        "counts_toward_verdict": finding.counts, "anomaly_threshold": finding.anomaly_threshold,
+        "agrees_with_probes": finding.agrees_with_probes, "counts_toward_verdict": finding.counts, "anomaly_threshold": finding.anomaly_threshold,
         "success_floor": TRIGGER_SUCCESS_FLOOR, "max_mask_fraction": TRIGGER_MAX_MASK_FRACTION,
         "mask_norms": [round(v, 4) for v in result.mask_norms],
         "anomaly_indices": [round(v, 4) for v in result.anomaly_indices],

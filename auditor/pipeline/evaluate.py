@@ -136,7 +136,7 @@ def _findings(state: AuditState, before: SuspicionReport, after: SuspicionReport
         ba_after=share_interval(utility["ba_after"], n) if labelled else None,
         surrogate_agreement=state.sections.get("surrogate_agreement"),
         controls=control_findings(state.sections["positive_controls"]),
-        trigger=trigger_finding(state),
+        trigger=trigger_finding(state, before.suspect_class),
     )
 
 

@@ -110,7 +110,7 @@ API_PROBE_BATTERY: dict[str, Any] = {
 }
 #: The defended model is probed with the submitted model's strongest probes only (see evaluate.py): API audits pay a
 #: query per probe and image, so five; checkpoint audits twice the probes the score's bootstrap re-scores
-#: (BOOTSTRAP_PROBES), which cuts the after-REFINE battery from 158 x 500 defended-model predictions to 20 x 500 --
+#: (BOOTSTRAP_PROBES), which cuts the after-REFINE battery from 182 x 500 defended-model predictions to 20 x 500 --
 #: most of a warm standard audit's evaluation (bench/results/audit_cost_inference_lever.json). The "after" score is reported, never
 #: gated, and without the default-class discount it can only err high.
 API_AFTER_PROBES = 5

@@ -23,8 +23,15 @@ from the *combined score* (auditor/detection/combined.py: P(targeted backdoor) f
 score and the search, fitted on half a model zoo, judged on the other); ``probe_level``
 keeps the probe score's own reading (the level of shorter searches, e.g. tiny). A *recovered*
 trigger (anomaly index >= 2, mask <= half the median class's and <= 10% of the
-image, success >= 80% on held-out images of other classes) never coexists with
-``no_evidence``: it lifts that reading to ``suspicious``. A tripped gate still makes
+image, success >= 80% on held-out images of other classes) toward the class the probe
+battery suspects never coexists with ``no_evidence``: it lifts that reading to
+``suspicious``. Toward another class it is reported but counts for nothing: small
+clean CNNs carry universal patches toward an "easy" class (Bag, on Fashion-MNIST) that
+the search recovers like a trigger. On the zoo's first two builds (78 models) the
+search recovered 36 triggers: the 4 on clean models and the 3 on backdoored models
+that named a class other than the target all disagreed with the probes, and all 29
+that named the target agreed (bench/results/detection_fmnist.json; the rule was then
+judged on a third build). A tripped gate still makes
 the verdict ``inconclusive``, with the trigger named in the headline. On API audits
 the search runs on the surrogate: reported, it moves nothing; the level is the probe score's.
 
@@ -115,6 +122,7 @@ class TriggerFinding:
     success: Interval  # the recovered trigger on held-out clean images not of suspected_class
     on_surrogate: bool  # API audits: the search ran on the distilled surrogate, not the submitted model
     calibrated: bool = True  # searched at least as long as the combined score's calibration (combined.py)
+    probe_class: int | None = None  # the probe battery's suspected class (None: the probes suspect none)
 
     @property
     def anomaly_threshold(self) -> float:
@@ -127,9 +135,14 @@ class TriggerFinding:
                 and self.success.value >= TRIGGER_SUCCESS_FLOOR)
 
     @property
+    def agrees_with_probes(self) -> bool:
+        """Two independent readings name one class: what tells a backdoor from a clean model's universal patch."""
+        return self.probe_class == self.suspected_class
+
+    @property
     def counts(self) -> bool:
-        """Whether it moves the verdict: recovered on the submitted model itself."""
-        return self.recovered and not self.on_surrogate
+        """Whether it moves the verdict: recovered on the submitted model itself, toward the probes' suspect."""
+        return self.recovered and not self.on_surrogate and self.agrees_with_probes
 
 
 @dataclass(frozen=True)
@@ -215,7 +228,7 @@ def combined_reading(findings: Findings) -> dict[str, Any] | None:
     if t is None or t.on_surrogate or not t.calibrated:
         return None
     return combined_verdict(findings.suspicion_before.value, t.anomaly_index, t.norm_ratio, t.success.value,
-                            t.recovered)
+                            t.counts)
 
 
 def verdict(findings: Findings, gates: list[Gate], fitness: Fitness) -> dict[str, Any]:
@@ -265,6 +278,10 @@ def _trigger_sentence(findings: Findings, trigger: TriggerFinding, lowercase: bo
                 f"{trigger.success.n:,} held-out images there (anomaly index {trigger.anomaly_index:.1f}).")
     if trigger.on_surrogate:
         sentence += " Not verified against the API."
+    elif not trigger.agrees_with_probes:
+        probes = "suspect no class" if trigger.probe_class is None else \
+            f"point at class {findings.class_names[trigger.probe_class]}"
+        sentence += f" Not counted: the probes {probes}, and small clean models carry such universal patches."
     return sentence[:1].lower() + sentence[1:] if lowercase else sentence
 
 

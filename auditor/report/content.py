@@ -410,6 +410,8 @@ def _evidence_row(report: Report, b: ProbeEvidence | None, a: ProbeEvidence | No
 def _trigger_text(report: Report, d: Detection) -> str:
     """``class 1 Trouser, anomaly index 3.1; sends 95.0% [..], n = 300 held-out images there``."""
     state = "recovered" if d.recovered else "flagged, but too large or too weak" if d.flagged else "not flagged"
+    if d.recovered and d.agrees_with_probes is False:
+        state += ", toward another class than the probes' suspect"
     return (f"class {report.class_name(d.suspected_class)}, anomaly index {d.anomaly_index:.1f} ({state}); sends "
             f"{with_interval(d.success)} held-out images there")
 
@@ -427,6 +429,9 @@ def _detection(report: Report) -> Section | None:
                           f"{'flagged' if d.flagged else 'not flagged'})"],
         ["Recovered trigger's success", f"{with_interval(d.success)} held-out images of other classes"],
         ["Mask size", f"{pct(d.mask_fraction)} of the image (a trigger counts up to {pct(d.max_mask_fraction)})"],
+        ["Probes suspect the same class", {True: "yes", False: "no (a clean model's universal patch looks like "
+                                                              "this; it does not count)", None: "not recorded"}[
+            d.agrees_with_probes]],
         ["Counts toward the verdict", "yes" if d.counts_toward_verdict else "no"],
         ["Search", f"{d.steps} steps per class on {d.images:,} clean images, {seconds(d.seconds)}"],
     ], align="ll")

@@ -33,7 +33,8 @@ from auditor.pipeline.verdict import Fitness, Gate
 #: thresholds; on checkpoint audits it sets the level. 2.0, 2.1 and 2.2 reports still validate.
 #: 2.4 added ``detection.label_only`` (label-only trigger detection on a model API, not calibrated, outside the
 #: verdict), ``plan.label_only`` and ``plan.queries.detection``; 2.0 to 2.3 reports still validate.
-SCHEMA_VERSION = "2.4"
+#: 2.5 added ``detection.agrees_with_probes``: a recovered trigger counts only toward the class the probes suspect.
+SCHEMA_VERSION = "2.5"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -419,7 +420,11 @@ class Detection(_Model):
     success_floor: Fraction
     max_mask_fraction: Fraction  # a mask covering more of the image is no small trigger
     recovered: bool  # flagged, mask_fraction <= max_mask_fraction and success.value >= success_floor
-    counts_toward_verdict: bool  # recovered on the submitted model (not the surrogate): the level is not no_evidence
+    counts_toward_verdict: bool  # recovered on the submitted model, probes agreeing: the level is not no_evidence
+    #: Whether the probe battery's suspected class is suspected_class (2.5; None in older reports). A small CNN has
+    #: universal patches toward an "easy" class that the search recovers like a trigger; a backdoor's trigger search
+    #: and probes name the same class (bench/results/detection_fmnist.json).
+    agrees_with_probes: bool | None = None
     mask_norms: list[Annotated[float, Field(ge=0.0)]]  # per class: L1 norm of the best mask, in pixels
     anomaly_indices: list[float]  # per class (positive: smaller mask than typical)
     reached: list[bool] = Field(default_factory=list)  # per class: whether any mask reached the search's target
@@ -437,8 +442,10 @@ class Detection(_Model):
         small = self.mask_fraction <= self.max_mask_fraction
         if self.recovered != (self.flagged and small and self.success.value >= self.success_floor):
             raise ValueError("recovered must say whether the flagged, small trigger reaches success_floor")
-        if self.counts_toward_verdict != (self.recovered and self.model == "submitted"):
-            raise ValueError("only a trigger recovered on the submitted model counts toward the verdict")
+        corroborated = self.agrees_with_probes is not False  # reports before 2.5 do not say
+        if self.counts_toward_verdict != (self.recovered and self.model == "submitted" and corroborated):
+            raise ValueError("only a trigger recovered on the submitted model, toward the class the probes suspect, "
+                             "counts toward the verdict")
         return self
 
 
@@ -468,7 +475,7 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    schema_version: Literal["2.0", "2.1", "2.2", "2.3", "2.4"] = SCHEMA_VERSION  # 2.0 to 2.3 reports still validate
+    schema_version: Literal["2.0", "2.1", "2.2", "2.3", "2.4", "2.5"] = SCHEMA_VERSION  # 2.0 to 2.4 reports still validate
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status

@@ -136,9 +136,10 @@ def test_unlabelled_held_out_images_are_refused(data, arch):
 
 
 def trigger(on_surrogate: bool = False, success: float = 0.93, index: float = 3.1, ratio: float = 0.3,
-            area: float = 0.01, calibrated: bool = True) -> TriggerFinding:
+            area: float = 0.01, calibrated: bool = True, probe_class: int | None = 2) -> TriggerFinding:
     return TriggerFinding(suspected_class=2, anomaly_index=index, norm_ratio=ratio, mask_fraction=area,
-                          success=wilson(round(success * 300), 300), on_surrogate=on_surrogate, calibrated=calibrated)
+                          success=wilson(round(success * 300), 300), on_surrogate=on_surrogate, calibrated=calibrated,
+                          probe_class=probe_class)
 
 
 def test_a_recovered_trigger_never_leaves_no_evidence():
@@ -170,6 +171,22 @@ def test_a_search_shorter_than_the_calibration_keeps_the_probe_reading_and_gives
     assert lifted["headline"].startswith("The probes alone read no evidence, but")
 
 
+@pytest.mark.parametrize("probe_class", [5, None])
+def test_a_trigger_toward_a_class_the_probes_do_not_suspect_is_reported_but_not_counted(probe_class):
+    """A clean small CNN's universal patch toward an easy class looks like a recovered trigger; the probes' suspect
+    is what tells it from a backdoor's (verdict.py)."""
+    finding = trigger(probe_class=probe_class)
+    assert finding.recovered and not finding.agrees_with_probes and not finding.counts
+
+    verdict = conclude(sound(0.2, trigger=finding)).verdict
+
+    assert verdict["level"] == verdict["combined"]["score_level"] == "no_evidence"
+    assert verdict["trigger_evidence"] is False
+    assert "recovered a small trigger toward class class2" in verdict["headline"]
+    probes = "suspect no class" if probe_class is None else "point at class class5"
+    assert f"Not counted: the probes {probes}" in verdict["headline"]
+
+
 def test_a_trigger_found_on_the_surrogate_is_reported_but_does_not_move_the_verdict():
     verdict = conclude(sound(0.2, trigger=trigger(on_surrogate=True))).verdict
     assert verdict["level"] == "no_evidence" and verdict["trigger_evidence"] is False and verdict["combined"] is None
@@ -190,7 +207,7 @@ def detection_section(counts: bool = True) -> dict:
         "model": "submitted" if counts else "surrogate", "suspected_class": 3, "anomaly_index": 4.7,
         "anomaly_threshold": 2.0, "norm_ratio": 0.09, "max_norm_ratio": 0.5, "flagged": True,
         "success": {"value": 0.973, "n": 270, "low": 0.945, "high": 0.987}, "success_floor": 0.8,
-        "max_mask_fraction": 0.1, "recovered": True, "counts_toward_verdict": counts,
+        "max_mask_fraction": 0.1, "recovered": True, "agrees_with_probes": True, "counts_toward_verdict": counts,
         "mask_norms": [43.0, 85.0, 59.0, 5.0, 56.0, 53.0, 47.0, 106.0, 26.0, 95.0],
         "anomaly_indices": [0.6, -1.0, -0.2, 4.7, -0.1, 0.0, 0.3, -1.4, 1.6, -1.2], "reached": [True] * 10,
         "mask_fraction": 0.0064, "steps": 300, "images": 256, "seconds": 84.0, "image": "trigger-recovered.png",
@@ -227,3 +244,8 @@ def test_the_report_shows_the_recovered_trigger_and_refuses_it_beside_no_evidenc
     assert validate_report(surrogate).detection.model == "surrogate"
     with pytest.raises(ReportValidationError, match="recovered"):
         validate_report({**report, "detection": {**detection_section(), "mask_fraction": 0.2}})
+    with pytest.raises(ReportValidationError, match="the probes suspect"):
+        validate_report({**report, "detection": {**detection_section(), "agrees_with_probes": False}})
+    disagreeing = {**detection_section(), "agrees_with_probes": False, "counts_toward_verdict": False}
+    assert validate_report({**lifted, "detection": disagreeing,
+                            "verdict": {**lifted["verdict"], "trigger_evidence": False}}).detection.agrees_with_probes is False
