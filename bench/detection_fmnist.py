@@ -16,8 +16,8 @@ score and verdict the audit itself gave. Each audit's reading is saved under
 ``--work-dir/parts`` so runs can be split and resumed.
 
 The zoo has three splits (bench/zoo.py, ``SPLITS``): calibration, development (the
-first build's held-out half, looked at while the API probe battery was chosen) and
-heldout (built afterwards, audited once with the detector frozen). The analysis
+first build's held-out half and the second build, each looked at while the detector
+changed) and heldout (the third build, audited once with the detector frozen). The analysis
 refits the combined score's logistic model on the calibration split only
 (``fit_logistic``), picks the two verdict thresholds there, and judges both on the
 held-out split (the development split is reported beside it, the same way):
@@ -588,56 +588,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 NOTES: list[str] = [
-    "Splits (bench/zoo.py, SPLITS). calibration: the score's fit and thresholds. development: the zoo's first held-out "
-    "half, looked at while the API probe battery was chosen (30c1629), so no longer untouched; its figures equal the "
-    "ones this file gave it as 'heldout' then. heldout: 26 models built at 56311f5 from seeds of their own after the "
-    "detector was frozen (12 clean, 4 augmented; 2 poisoned per attack), audited once, no change made since.",
-    "The zoo was built on a 2-core bf16 EPYC (the first build's 52 models bit-identical to the manifest's: same BA and "
-    "ASR); all 78 white-box audits and all 78 label-only API audits ran at 56311f5 in two processes of one thread each "
-    "(held-out first, then development, then calibration). This file was written by --analyse-only from those readings "
-    "at the commit given.",
-    "What the untouched split showed, white-box: ROC-AUC 0.988 over all 14 poisoned models and 0.993 over the 12 "
-    "whose trigger works; TPR at 5% FPR 0.857 and 0.917. The working backdoor it misses is lc-05 (true ASR 93%, "
-    "four corner patches): probe score 0.012, because the full battery stamps one corner at a time; its search named "
-    "the target with success 0.98 but no anomalous mask. lc-04 (ASR 10%, never implanted) reads no_evidence too. Both "
-    "break the line 'no backdoored model no_evidence while its recovered trigger works (>= 80%)', which the "
-    "development split kept. bench/results/corner_probes.json measures the full battery with four-corner patches "
-    "added, as a lead (probe score alone on the held-out split: ROC-AUC 0.965 -> 0.993; lc-05 0.023 -> 0.474).",
-    "Three of the 12 held-out clean models read 'suspicious' (clean-25, clean-34, clean-aug-32: small CNNs, the "
-    "search's trigger toward Bag, success 0.88-0.91): none is above the score's cut, each is lifted by the rule that a "
-    "recovered trigger never coexists with no_evidence. The development split had one such model (clean-07), the "
-    "calibration split none.",
-    "Label-only API on the held-out split: ROC-AUC 0.982 (0.993 over working backdoors), TPR at 5% FPR 0.786 (0.917): "
-    "one clean model, clean-25 (0.609), outscores lc-05 (0.525) and the two poisoned models that never implanted. The "
-    "shipped thresholds flag 11 of 14 poisoned models and clean-25 ('suspicious', 1 of 12). The cut the calibration "
-    "split's label-only audits would pick (api_probe_thresholds: 0.343) flags all 14 and the same clean model.",
-    "One audit probes one seeded sample of 100 images, and a model's probe score moves by 0.03-0.09 (sd) from one "
-    "sample to another (bench/results/probe_sampling.json, a diagnostic over 20 samples). Over working backdoors the "
-    "TPR at 5% FPR averaged 0.85 on the held-out split across samples (>= 0.90 in 6 of 20): the 0.917 above is a "
-    "fortunate draw, not a margin.",
+    "Splits (bench/zoo.py, SPLITS). calibration: the score's fit and thresholds (half of the first build). "
+    "development: the first build's other half (looked at while the API probe battery was chosen, 30c1629) and the "
+    "whole second build (56311f5), whose one audit showed the two flaws fixed at 3faa0fe: the full battery now stamps "
+    "four-corner patches, and a recovered trigger counts only toward the class the probes suspect. heldout: the third "
+    "build (12 clean, 4 augmented; 2 poisoned per attack), made and audited once after the detector was frozen at "
+    "3faa0fe; nothing changed because of it.",
+    "All 104 models were built on a 2-core bf16 EPYC (the first build's 52 bit-identical to "
+    "bench/results/zoo_manifest.json's earlier build); all 104 white-box audits and all 104 label-only API audits ran "
+    "at 3faa0fe in two processes of one thread each (calibration first, then the refit was frozen, then held-out, "
+    "then development), beside the zoo builders and bench.probe_sampling, so audit_seconds are contended. This file "
+    "was written by --analyse-only from those readings at the commit given.",
+    "Held-out, white-box: ROC-AUC 0.994 over all 14 poisoned models (1.0 over the 11 whose trigger works), TPR at 5% "
+    "FPR 0.929 (1.0); every working backdoor likely_backdoored, no clean model flagged (0 of 12), no recovered trigger "
+    "on a clean model. The three poisoned models that never implanted (lc-06 2%, wanet-06 22%, lc-07 42% true ASR) "
+    "read no_evidence.",
+    "Label-only API on the held-out split: ROC-AUC 0.964 (0.985 over working backdoors), TPR at 5% FPR 0.786 (0.909): "
+    "the three models that never implanted score like clean ones. Over 20 other 100-image samples "
+    "(bench/results/probe_sampling.json) the working-backdoor TPR at 5% FPR averaged 0.914, min 0.909. The shipped "
+    "thresholds (0.6 / 0.75) flag 8 of 11 working backdoors and no clean model; the calibration split's label-only "
+    "cut (api_probe_thresholds) would flag 10 of 11 and one clean model (clean-43, 0.44).",
+    "The evidence line: missed_with_working_recovered_trigger lists backdoored models read no_evidence while a "
+    "recovered trigger (flagged: an outlying small mask reaching >= 80%) works on them; it is empty on every split. "
+    "recovered_asr is null when nothing was recovered; candidate_asr is the search's best candidate, flagged or not, "
+    "which reaches >= 80% on every clean model of every split (clean_with_working_candidate), so the line read on it "
+    "could not be kept by any detector (missed_with_working_candidate).",
+    "recovered_not_counted: recovered triggers toward another class than the probes suspect. On the development split "
+    "they are the four clean models that the previous rule lifted to suspicious (clean-07, clean-25, clean-34, "
+    "clean-aug-32, all toward Bag) and two working backdoors whose search named a wrong class (batt-04, lc-03), both "
+    "likely_backdoored by the score anyway.",
     "queries_per_model is what the probe score costs (100 images x 39 probes). The same audits also ran the label-only "
     "trigger search (label_only_index: about 2,150 more queries, uncalibrated, never in the verdict; a spec without "
     "model.api.label_only_detection skips it).",
     "The audits' own verdicts are inconclusive by design: the benchmark's REFINE (1 epoch, width-4 U-Net, 256 "
     "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
-    "(gates aside) with the shipped thresholds, lifted to suspicious by a recovered trigger; 'audit_verdict' is what "
-    "the audit reported.",
+    "(gates aside) with the shipped thresholds, lifted to suspicious by a trigger that counts (trigger_counts); "
+    "'audit_verdict' is what the audit reported.",
     "'backdoored' is by construction (the model was trained on poisoned data); 'implanted' says whether its own "
-    "trigger works (true ASR >= 50%). Four calibration models and two held-out ones (wanet-04, lc-04) did not even "
-    "on the ladder's last rung ('not_implanted'); they are left out of the fit, counted in the headline figures and "
-    "left out of 'implanted_only'.",
-    "Scored with the shipped coefficients (auditor/detection/combined.py), fitted on the calibration split of the "
-    "zoo's first build (18 models, before the ladder). fitted_on_calibration is the refit on the rebuilt calibration "
-    "split (22 models, --analyse-only --refit); it gave the development split the same levels, so it was not shipped.",
+    "trigger works (true ASR >= 50%). Nine poisoned models did not even on the ladder's last rung (four WaNet, five "
+    "LC; 'not_implanted'); they are left out of the fit, counted in the headline figures and left out of "
+    "'implanted_only'.",
+    "Scored with the shipped coefficients (auditor/detection/combined.py), fitted on the calibration split at 3faa0fe "
+    "(22 models: 12 clean, 10 working backdoors); fitted_on_calibration is the same fit recomputed from the saved "
+    "audits.",
     "The registry's resnet18 is not in the zoo: one training step of a batch of 128 took 4.3 s on one core, "
     "~10 min per model at the zoo's budget. The zoo's three architectures are the registry's small_cnn "
     "(safetensors, widths 8-24) and two the registry does not know, uploaded as TorchScript (lenet, mlp_conv).",
-    "On these small, briefly trained models a universal small-mask 'trigger' exists for almost any class: the "
-    "recovered trigger's success was 0.88-0.99 on clean models too, and clean models' anomaly index reached 4-5 "
-    "(some flagged by index and ratio). Success alone, and the index alone, do not separate.",
-    "Figures are from few models (14 poisoned and 12 clean per split). When a split separates perfectly the "
-    "percentile bootstrap interval of its ROC-AUC collapses to [1, 1]: it says this sample separates, not that "
-    "every model would. A threshold picked on 12 clean calibration models cannot promise an FPR below ~8%.",
+    "Figures are from few models (14 poisoned and 12 clean per split, twice that in development). When a split "
+    "separates perfectly the percentile bootstrap interval of its ROC-AUC collapses to [1, 1]: it says this sample "
+    "separates, not that every model would. 0 false positives of 12 clean models bounds the rate only below 26% "
+    "(95%); the fit saw no working WaNet or LC backdoor and the held-out split has one working WaNet and no working LC.",
 ]
 
 

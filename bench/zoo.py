@@ -27,21 +27,19 @@ figures measure the recipe's failures instead of the detector. So a model that
 does not implant is retrained on the implantation ladder (``escalated``): the
 poisoning rate doubles and one more epoch per rung (LC: two more epochs, the last
 rung the whole target class), up to ``LADDER`` rungs; every rung's rate, epochs and ASR
-are kept in the manifest (``attempts``), so a reader sees what it took. With it,
-24 of 28 of the first build implanted, all 14 of its development split; wanet-00 and
-wanet-02 (an MLP-conv and a LeNet, 22-42% at the 30% cap) and lc-00 and lc-02 (26%
-and 42%) did not, are kept with ``implanted: false`` and stay out of the detection
-fit. Of the held-out build 12 of 14 implanted: wanet-04 (an MLP-conv, 45% at 30%
-poisoning) and lc-04 (10% with the whole target class) did not.
+are kept in the manifest (``attempts``), so a reader sees what it took. With it, 47
+of the 56 poisoned models implanted; four WaNet models (22-45% at the 30% cap) and
+five LC models (2-42% with the whole target class) did not, are kept with
+``implanted: false`` and stay out of the detection fit.
 
 Every model's clean accuracy on the 10,000 test images and the true attack success
 rate of its own trigger (test images of other classes sent to the target) go into
 ``manifest.json`` next to the models, with a split (``SPLITS``). The first build (24
 clean, 4 per attack) alternates calibration and development within each (attack,
-augmented) group, so both hold every attack and both kinds of clean model; the
-development split was the held-out half until the API probe battery was chosen
-while looking at it. The held-out split is a second build of 12 clean models and 2
-per attack from seeds of their own, audited once with the detector frozen.
+augmented) group, so both hold every attack and both kinds of clean model. Each later
+build (``LATER_BUILDS``: 12 clean models and 2 per attack, from seeds of their own)
+was held out when it was made: the second joined development once the detector had
+been changed because of it, the third is the held-out split.
 ``bench/results/zoo_manifest.json`` keeps a copy without paths. Models live outside
 git (``--out``).
 """

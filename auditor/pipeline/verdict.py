@@ -30,8 +30,8 @@ clean CNNs carry universal patches toward an "easy" class (Bag, on Fashion-MNIST
 the search recovers like a trigger. On the zoo's first two builds (78 models) the
 search recovered 36 triggers: the 4 on clean models and the 3 on backdoored models
 that named a class other than the target all disagreed with the probes, and all 29
-that named the target agreed (bench/results/detection_fmnist.json; the rule was then
-judged on a third build). A tripped gate still makes
+that named the target agreed (their audits at 56311f5, bench/results/detection_fmnist.json
+then); the rule was frozen and judged on a third build. A tripped gate still makes
 the verdict ``inconclusive``, with the trigger named in the headline. On API audits
 the search runs on the surrogate: reported, it moves nothing; the level is the probe score's.
 
