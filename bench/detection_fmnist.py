@@ -359,7 +359,7 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         # their one-epoch REFINE breaks the model and trips the defense gates (audit_spec).
         "verdict": scorer.level(score, counts(r)), "audit_verdict": r["verdict"],
         # The search always returns a best candidate; it is a *recovered* trigger only when flagged (an outlying
-        # small mask that works, verdict.py). The candidate reaches 80% on most clean models too.
+        # small mask that works, verdict.py). The candidate reaches 80% on every clean zoo model too.
         "recovered_asr": r["success"] if r["recovered"] else None, "candidate_asr": r["success"],
         "trigger_counts": counts(r), "true_asr": m.get("asr"),
         "implanted": implanted(m) if spec["attack"] else None, "clean_accuracy": m["ba"], "target": spec["target"],

@@ -475,7 +475,8 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    schema_version: Literal["2.0", "2.1", "2.2", "2.3", "2.4", "2.5"] = SCHEMA_VERSION  # 2.0 to 2.4 reports still validate
+    # 2.0 to 2.4 reports still validate
+    schema_version: Literal["2.0", "2.1", "2.2", "2.3", "2.4", "2.5"] = SCHEMA_VERSION
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status
