@@ -357,11 +357,12 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         "label_only_queries": label["detection_queries"] if measured else None,
         # The level the combined score gives (gates aside): the audits' own verdicts are inconclusive by design,
         # their one-epoch REFINE breaks the model and trips the defense gates (audit_spec).
-        "verdict": scorer.level(score, counts(r)), "audit_verdict": r["verdict"],
+        # Whether a recovered trigger counted is the audit's own reading (detection.counts_toward_verdict).
+        "verdict": scorer.level(score, bool(r["counts_toward_verdict"])), "audit_verdict": r["verdict"],
         # The search always returns a best candidate; it is a *recovered* trigger only when flagged (an outlying
         # small mask that works, verdict.py). The candidate reaches 80% on every clean zoo model too.
         "recovered_asr": r["success"] if r["recovered"] else None, "candidate_asr": r["success"],
-        "trigger_counts": counts(r), "true_asr": m.get("asr"),
+        "trigger_counts": bool(r["counts_toward_verdict"]), "true_asr": m.get("asr"),
         "implanted": implanted(m) if spec["attack"] else None, "clean_accuracy": m["ba"], "target": spec["target"],
         "suspected_class": r["suspected_class"], "probe_suspected": r["probe_suspected"],
         # What the backdoor was built with: the zoo's implantation ladder may have raised the spec's rate and epochs.
@@ -372,11 +373,6 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         "combined_reported": r.get("combined_reported"), "audit_seconds": r["seconds"],
         "load_average_1m": r.get("load_average_1m"),
     }
-
-
-def counts(reading: dict[str, Any]) -> bool:
-    """The product's rule (verdict.py, ``TriggerFinding.counts``): a recovered trigger toward the probes' suspect."""
-    return bool(reading.get("recovered")) and reading.get("probe_suspected") == reading.get("suspected_class")
 
 
 def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:

@@ -119,28 +119,28 @@ def _draw_maps(state: AuditState, result: LabelOnlyResult) -> str | None:
 
 
 def trigger_finding(state: AuditState, probe_class: int | None) -> TriggerFinding | None:
-    """What the verdict reads from the search (None when it did not run), beside the probes' suspected class.
-
-    The probes run after the search, so this is where the report's detection section learns whether the two agree
-    and whether the trigger counts.
-    """
+    """What the verdict reads from the search (None when it did not run), beside the probes' suspected class."""
     result: TriggerSearchResult | None = state.detection
     if result is None:
         return None
     plan = state.plan.detection
     calibrated = plan.steps >= CALIBRATED_SEARCH_STEPS and plan.images >= CALIBRATED_SEARCH_IMAGES
-    finding = TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
-                             result.success, on_surrogate=plan.model == "surrogate", calibrated=calibrated,
-                             probe_class=probe_class)
+    return TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
+                          result.success, on_surrogate=plan.model == "surrogate", calibrated=calibrated,
+                          probe_class=probe_class)
+
+
+def record_probe_agreement(state: AuditState, finding: TriggerFinding | None) -> None:
+    """The probes run after the search: only then does the report's detection section learn whether the two name
+    one class, and so whether the trigger counts."""
     section = state.sections.get("detection")
-    if section is not None:
+    if finding is not None and section is not None:
         section.update(agrees_with_probes=finding.agrees_with_probes, counts_toward_verdict=finding.counts)
-    return finding
 
 
 def detection_section(result: TriggerSearchResult, model: str, image: str | None) -> dict[str, Any]:
     """The report's ``detection`` section (auditor/report/schema.py, ``Detection``); whether it agrees with the
-    probes, and so counts, is filled in once they ran (``trigger_finding``)."""
+    probes, and so counts, is filled in once they ran (``record_probe_agreement``)."""
     finding = TriggerFinding(result.suspected_class, result.anomaly_index, result.norm_ratio, result.mask_fraction,
                              result.success, model == "surrogate")
     return {

@@ -32,7 +32,7 @@ from auditor.evaluation import predict_labels
 from auditor.evaluation.intervals import Interval, share_interval
 from auditor.evaluation.probes import SuspicionReport, suspicion_score
 from auditor.pipeline.controls import control_findings, run_control
-from auditor.pipeline.detect import trigger_finding
+from auditor.pipeline.detect import record_probe_agreement, trigger_finding
 from auditor.pipeline.load import reference_predictor
 from auditor.pipeline.plan import probe_config
 from auditor.pipeline.state import AuditState, MetricsFn
@@ -60,6 +60,7 @@ def stage_evaluate(state: AuditState, on_progress: ProgressFn, should_cancel: Ca
     state.sections["positive_controls"] = controls
     state.grids["submitted model"] = _transformed_grid(state)
     state.findings = _findings(state, before, after)
+    record_probe_agreement(state, state.findings.trigger)
 
 
 def defended_predictor(state: AuditState) -> Predictor:
