@@ -5,6 +5,7 @@
     python -m bench.detection_fmnist --split heldout        # only the held-out split
     python -m bench.detection_fmnist --analyse-only         # refit and rewrite the results from saved audits
     python -m bench.detection_fmnist --blackbox-labels      # also audit every model as a label-only API
+    python -m bench.detection_fmnist --readings-from bench/results/detection_fmnist.json   # re-analyse, no zoo
 
 Each zoo model is audited with ``run_audit`` and spec fields only (``audit_spec``: the
 effort, no positive controls, a REFINE that only has to run, since the score is read
@@ -22,7 +23,9 @@ refits the combined score's logistic model on the calibration split only
 (``fit_logistic``), picks the two verdict thresholds there, and judges both on the
 held-out split (the development split is reported beside it, the same way):
 ROC-AUC with a bootstrap 95% interval, the TPR at 5% FPR, the FPR and TPR of each
-threshold, and per-attack detection rates. The coefficients
+threshold, and per-attack detection rates. They judge the working backdoors (the
+zoo's definition of a backdoored model: its own trigger works) against the clean
+models; ``all_poisoned`` gives the same figures counting every poisoned model. The coefficients
 shipped in ``auditor/detection/combined.py`` are the ones this analysis printed;
 ``--analyse-only`` shows whether they still match the saved audits. The product's
 score is recomputed here from the saved features with the fitted coefficients, so
@@ -53,6 +56,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +71,7 @@ from auditor.pipeline.verdict import VERDICT_THRESHOLDS, probe_level
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.common import RESULTS, provenance, write_json
-from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, SPLITS, load_manifest, zoo_specs
+from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, SPLITS, ZooSpec, load_manifest, zoo_specs
 
 LOOPBACK = ("127.0.0.1",)
 FEATURES = ("probe_score", "anomaly_index", "log_norm_ratio", "success")
@@ -268,7 +272,7 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
     rows = [p for p in parts.values() if p["status"] == "succeeded" and p["name"] in models]
     truth = {n: models[n]["spec"]["attack"] is not None for n in models}
     # A poisoned model whose trigger does not work (ASR < 50%) carries no working backdoor: the fit neither
-    # rewards nor punishes a score for it; the held-out figures count it both ways (by construction, implanted).
+    # rewards nor punishes a score for it, and the figures judge the working ones (``all_poisoned`` counts it too).
     calib = [r for r in rows if models[r["name"]]["spec"]["split"] == "calibration"
              and not (truth[r["name"]] and not implanted(models[r["name"]]))]
     # Only with both classes audited: with one, the unpenalised intercept runs off and Newton's Hessian is singular
@@ -292,9 +296,9 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
                         "blackbox_labels": _blackbox_separation(calibration)},
         "fitted_on_calibration": fitted and fitted.to_dict(),
         "api_probe_thresholds": api_probe_thresholds(
-            [e for e in calibration if not e["backdoored"] or e["implanted"]], held),
+            _judged_population(calibration), held),
         "scored_with": scorer.to_dict(),
-        "baselines_heldout": {name: _auc_only(held, rows, key) for name, key in
+        "baselines_heldout": {name: _auc_only(held, key) for name, key in
                               (("probe_score_alone", "probe_score"), ("anomaly_index_alone", "anomaly_index"))},
         "per_attack_heldout": _per_attack(held),
         "per_attack_development": _per_attack(development),
@@ -326,7 +330,7 @@ def api_probe_thresholds(calib: list[dict[str, Any]], held: list[dict[str, Any]]
 
 def _flagged_at(held: list[dict[str, Any]], cut: float) -> dict[str, Any]:
     """What a cut on the black-box score would flag on the held-out split."""
-    scored = [e for e in held if e["score_blackbox"] is not None]
+    scored = [e for e in _judged_population(held) if e["score_blackbox"] is not None]
     return {"tpr_flagged": _share([e for e in scored if e["backdoored"]], lambda e: e["score_blackbox"] >= cut),
             "fpr_flagged": _share([e for e in scored if not e["backdoored"]], lambda e: e["score_blackbox"] >= cut)}
 
@@ -376,30 +380,31 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
 
 
 def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
-    positive = [e["backdoored"] for e in entries]
-    if not any(positive) or all(positive):
-        return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "n": len(entries)}
+    """White-box separation of the working backdoors from the clean models (``_judged``), and of every poisoned one."""
     neg = [e for e in entries if not e["backdoored"]]
-    pos = [e for e in entries if e["backdoored"]]
-    working = [e for e in pos if e["implanted"]]
+    poisoned = [e for e in entries if e["backdoored"]]
+    pos = [e for e in poisoned if e["implanted"]]
+    if not pos or not neg:
+        return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "n": len(entries)}
+
+    def flagged(e: dict[str, Any]) -> bool:
+        return e["score_whitebox"] >= scorer.suspicious
+
+    def likely(e: dict[str, Any]) -> bool:
+        return e["score_whitebox"] >= scorer.likely
+
     return {
-        **_threshold_free(entries, "score_whitebox"),
-        "n_backdoored": len(pos), "n_clean": len(neg),
-        "fpr_likely": _share(neg, lambda e: e["score_whitebox"] >= scorer.likely),
-        "fpr_flagged": _share(neg, lambda e: e["score_whitebox"] >= scorer.suspicious),
-        "fpr_flagged_augmented": _share([e for e in neg if e["augmented"]], lambda e: e["score_whitebox"] >= scorer.suspicious),
-        "tpr_likely": _share(pos, lambda e: e["score_whitebox"] >= scorer.likely),
-        "tpr_flagged": _share(pos, lambda e: e["score_whitebox"] >= scorer.suspicious),
-        "implanted_only": _working_only(working, neg, "score_whitebox",
-                                        lambda e: e["score_whitebox"] >= scorer.suspicious,
-                                        lambda e: e["score_whitebox"] >= scorer.likely),
-        "not_implanted": sorted(e["name"] for e in pos if not e["implanted"]),
+        **_judged(pos, neg, "score_whitebox", flagged, likely),
+        "fpr_likely": _share(neg, likely), "fpr_flagged": _share(neg, flagged),
+        "fpr_flagged_augmented": _share([e for e in neg if e["augmented"]], flagged),
+        "all_poisoned": _judged(poisoned, neg, "score_whitebox", flagged, likely),
+        "not_implanted": sorted(e["name"] for e in poisoned if not e["implanted"]),
         # The issue's line: no backdoored model is read as no evidence while the recovered trigger works on it.
         "missed_with_working_recovered_trigger": sorted(
-            e["name"] for e in pos if e["verdict"] == "no_evidence" and (e["recovered_asr"] or 0.0) >= 0.8),
+            e["name"] for e in poisoned if e["verdict"] == "no_evidence" and (e["recovered_asr"] or 0.0) >= 0.8),
         # The same line read on the search's best candidate, flagged or not, and why it cannot be the rule.
         "missed_with_working_candidate": sorted(
-            e["name"] for e in pos if e["verdict"] == "no_evidence" and e["candidate_asr"] >= 0.8),
+            e["name"] for e in poisoned if e["verdict"] == "no_evidence" and e["candidate_asr"] >= 0.8),
         "clean_with_working_candidate": _share(neg, lambda e: e["candidate_asr"] >= 0.8),
         "recovered_not_counted": sorted(e["name"] for e in entries if e["recovered"] and not e["trigger_counts"]),
         "verdicts": {lvl: sum(e["verdict"] == lvl for e in entries) for lvl in
@@ -419,27 +424,24 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
     trigger search's index (uncalibrated, never in the verdict) is given beside it under ``label_only_index``.
     """
     scored = [e for e in held if e["score_blackbox"] is not None]
-    positive = [e["backdoored"] for e in scored]
-    if not any(positive) or all(positive):
-        return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "queries_per_model": None, "n": len(scored),
-                "not_measured": "no label-only API audits of both clean and backdoored held-out models "
-                                "(run with --blackbox-labels)"}
-    pos = [e for e in scored if e["backdoored"]]
     neg = [e for e in scored if not e["backdoored"]]
+    poisoned = [e for e in scored if e["backdoored"]]
+    pos = [e for e in poisoned if e["implanted"]]
+    if not pos or not neg:
+        return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "queries_per_model": None, "n": len(scored),
+                "not_measured": "no label-only API audits of both clean and backdoored models of the split "
+                                "(run with --blackbox-labels)"}
     return {
-        **_threshold_free(scored, "score_blackbox"),
+        **_judged(pos, neg, "score_blackbox", _probes_flagged, _probe_likely),
         "queries_per_model": _median([e["blackbox_queries"] for e in scored]),
-        "n_backdoored": len(pos), "n_clean": len(neg),
         "score": "probes.before.score of a label-only API audit: the probe battery sent through the API",
         "thresholds": VERDICT_THRESHOLDS,
-        "tpr_flagged": _share(pos, _probes_flagged), "fpr_flagged": _share(neg, _probes_flagged),
-        "tpr_likely": _share(pos, _probe_likely), "fpr_likely": _share(neg, _probe_likely),
+        "fpr_flagged": _share(neg, _probes_flagged), "fpr_likely": _share(neg, _probe_likely),
         "named_target": sum(e["blackbox_probe_suspected"] == e["target"] for e in pos),
-        # As for the white-box line: a poisoned model whose own trigger does not work has no backdoor to find.
-        "implanted_only": _working_only([e for e in pos if e["implanted"]], neg, "score_blackbox", _probes_flagged,
-                                        _probe_likely),
+        "all_poisoned": {**_judged(poisoned, neg, "score_blackbox", _probes_flagged, _probe_likely),
+                         "named_target": sum(e["blackbox_probe_suspected"] == e["target"] for e in poisoned)},
         "label_only_index": {
-            **_threshold_free(scored, "label_only_index"),
+            **_threshold_free(pos + neg, "label_only_index"),
             "queries_per_model": _median([e["label_only_queries"] for e in scored]),
             "max_queries_per_model": max(e["label_only_queries"] for e in scored),
             "score": "detection.label_only.anomaly_index of the same audits (uncalibrated, not in the verdict)",
@@ -468,24 +470,35 @@ def _threshold_free(entries: list[dict[str, Any]], key: str) -> dict[str, Any]:
 Hit = Callable[[dict[str, Any]], bool]
 
 
-def _working_only(working: list[dict[str, Any]], neg: list[dict[str, Any]], key: str, flagged: Hit,
-                  likely: Hit) -> dict[str, Any]:
-    """The figures of ``key`` against the backdoored models whose trigger works (ASR >= 50%) only."""
-    if not working or not neg:
-        return {"n_backdoored": len(working)}
-    return {"n_backdoored": len(working), **_threshold_free(working + neg, key),
-            "tpr_flagged": _share(working, flagged), "tpr_likely": _share(working, likely)}
+def _judged(pos: list[dict[str, Any]], neg: list[dict[str, Any]], key: str, flagged: Hit,
+            likely: Hit) -> dict[str, Any]:
+    """ROC-AUC, its interval and the TPR at 5% FPR of ``key``, ``pos`` against the clean ``neg``, and the share of
+    ``pos`` each verdict threshold flags.
+
+    The headline ``pos`` is the working backdoors (bench/zoo.py: a poisoned model is backdoored only if its own
+    trigger sends at least half of the other classes' images to its target); ``all_poisoned`` counts every model
+    trained on poisoned data, so a reader sees what the models that never implanted do to the figures.
+    """
+    return {**_threshold_free(pos + neg, key), "n_backdoored": len(pos), "n_clean": len(neg),
+            "tpr_flagged": _share(pos, flagged), "tpr_likely": _share(pos, likely)}
 
 
 def _share(entries: list[dict[str, Any]], hit) -> dict[str, Any] | None:
     return {"rate": round(sum(map(hit, entries)) / len(entries), 3), "n": len(entries)} if entries else None
 
 
-def _auc_only(held: list[dict[str, Any]], rows: list[dict[str, Any]], key: str) -> float | None:
-    positive = [e["backdoored"] for e in held]
+def _auc_only(entries: list[dict[str, Any]], key: str) -> float | None:
+    """ROC-AUC of one feature alone, working backdoors against clean models."""
+    judged = _judged_population(entries)
+    positive = [e["backdoored"] for e in judged]
     if not any(positive) or all(positive):
         return None
-    return round(roc_auc([float(e[key] or 0.0) for e in held], positive), 3)
+    return round(roc_auc([float(e[key] or 0.0) for e in judged], positive), 3)
+
+
+def _judged_population(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The clean models and the working backdoors: who the headline figures judge (``_judged``)."""
+    return [e for e in entries if not e["backdoored"] or e["implanted"]]
 
 
 def _per_attack(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -556,6 +569,37 @@ def audit_pending_labels(args: argparse.Namespace, settings: Settings, labels_di
               f"{part['suspected_class']} queries {part['detection_queries']} ({part['seconds']} s)", flush=True)
 
 
+def readings_from_results(results: Path, zoo_summary: Path = RESULTS / "zoo_manifest.json") -> tuple[
+        dict[str, dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]]]:
+    """The audits' readings, the zoo manifest and the label-only readings, rebuilt from a file this benchmark wrote
+    and the zoo's summary in bench/results.
+
+    So the analysis re-runs from committed files on a machine that has neither the zoo nor its 208 saved audits
+    (about 1.5 h of auditing on two cores): every reading ``analyse`` uses is kept per model in ``models``.
+    """
+    spec_fields = {f.name for f in fields(ZooSpec)}
+    manifest = {"models": {}}
+    for m in json.loads(zoo_summary.read_text())["models"]:
+        facts = {k: v for k, v in m.items() if k not in spec_fields or k in ("poison_rate", "epochs")}
+        manifest["models"][m["name"]] = {"spec": {k: m[k] for k in spec_fields}, **facts}
+    parts, labels = {}, {}
+    for e in json.loads(results.read_text())["models"]:
+        parts[e["name"]] = {
+            "name": e["name"], "status": "succeeded", "seconds": e["audit_seconds"], "probe_score": e["probe_score"],
+            "probe_suspected": e["probe_suspected"], "anomaly_index": e["anomaly_index"],
+            "norm_ratio": e["norm_ratio"], "mask_fraction": e["mask_fraction"], "success": e["candidate_asr"],
+            "suspected_class": e["suspected_class"], "recovered": e["recovered"],
+            "counts_toward_verdict": e["trigger_counts"], "combined_reported": e["combined_reported"],
+            "verdict": e["audit_verdict"], "load_average_1m": e["load_average_1m"]}
+        if e["score_blackbox"] is not None:
+            labels[e["name"]] = {
+                "status": "succeeded", "probe_score": e["score_blackbox"], "probe_level": e["blackbox_audit_probe_level"],
+                "probe_suspected": e["blackbox_probe_suspected"], "probe_queries": e["blackbox_queries"],
+                "anomaly_index": e["label_only_index"], "suspected_class": e["label_only_suspected_class"],
+                "detection_queries": e["label_only_queries"]}
+    return parts, manifest, labels
+
+
 def load_parts(parts_dir: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(parts_dir.glob("*.json"))}
 
@@ -567,20 +611,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parts_dir.mkdir(parents=True, exist_ok=True)
     labels_dir = args.work_dir / "parts_labels"
     labels_dir.mkdir(parents=True, exist_ok=True)
-    if not args.analyse_only:
-        audit_pending(args, settings, parts_dir)
-        if args.blackbox_labels:
-            audit_pending_labels(args, settings, labels_dir)
-    manifest = load_manifest(args.zoo)
-    parts = load_parts(parts_dir)
-    result = analyse(parts, manifest, None if args.refit else COMBINED, load_parts(labels_dir))
-    payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"),
+    if args.readings_from:
+        parts, manifest, labels = readings_from_results(args.readings_from)
+        readings = _origin(args.readings_from)
+    else:
+        if not args.analyse_only:
+            audit_pending(args, settings, parts_dir)
+            if args.blackbox_labels:
+                audit_pending_labels(args, settings, labels_dir)
+        manifest, parts, labels = load_manifest(args.zoo), load_parts(parts_dir), load_parts(labels_dir)
+        readings = {"from": str(args.work_dir)}
+    result = analyse(parts, manifest, None if args.refit else COMBINED, labels)
+    payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"), "readings": readings,
                "zoo": {"models": len(manifest["models"]), "audited": len(parts)},
                "config": {"spec": audit_spec(args.effort, None), "features": list(FEATURES),
                           "blackbox_labels_budget": label_only_budget(args.effort)}, "notes": NOTES}
     write_json(args.out, payload)
     print(json.dumps({"heldout": result["heldout"]["whitebox"], "fitted": result["fitted_on_calibration"]}, indent=1))
     return payload
+
+
+def _origin(results: Path) -> dict[str, Any]:
+    """Where a results file's readings were measured: the audits' run, carried over when it was itself rebuilt."""
+    saved = json.loads(results.read_text())
+    return saved.get("readings") if "git_commit" in saved.get("readings", {}) else {
+        "from": str(results), "git_commit": saved.get("git_commit"), "command": saved.get("command")}
 
 
 NOTES: list[str] = [
@@ -594,16 +649,23 @@ NOTES: list[str] = [
     "bench/results/zoo_manifest.json's earlier build); all 104 white-box audits and all 104 label-only API audits ran "
     "at 3faa0fe in two processes of one thread each (calibration first, then the refit was frozen, then held-out, "
     "then development), beside the zoo builders and bench.probe_sampling, so audit_seconds are contended. This file "
-    "was written by --analyse-only from those readings at the commit given.",
-    "Held-out, white-box: ROC-AUC 0.994 over all 14 poisoned models (1.0 over the 11 whose trigger works), TPR at 5% "
-    "FPR 0.929 (1.0); every working backdoor likely_backdoored, no clean model flagged (0 of 12), no recovered trigger "
+    "was rewritten by --readings-from from those readings (kept per model in 'models'; 'readings' names the run they "
+    "come from) at the commit given: the old analysis, fed the same way, reproduces the earlier file section by "
+    "section.",
+    "Who the figures judge: the working backdoors (true ASR >= 50%, bench/zoo.py's definition of a backdoored model "
+    "since 8473f8d, which the fit has used since) against the clean models. The three earlier files counted every "
+    "model trained on poisoned data as backdoored; the figures over all poisoned models stay under all_poisoned. The "
+    "switch was made after the held-out split had been audited (its readings are unchanged); it moves no figure of "
+    "the working backdoors, only which population is the headline.",
+    "Held-out, white-box: ROC-AUC 1.0, TPR at 5% FPR 1.0 over the 11 working backdoors (all_poisoned: 0.994 and 0.929 "
+    "over all 14); every working backdoor likely_backdoored, no clean model flagged (0 of 12), no recovered trigger "
     "on a clean model. The three poisoned models that never implanted (lc-06 2%, wanet-06 22%, lc-07 42% true ASR) "
     "read no_evidence.",
-    "Label-only API on the held-out split: ROC-AUC 0.964 (0.985 over working backdoors), TPR at 5% FPR 0.786 (0.909): "
-    "the three models that never implanted score like clean ones. Over 20 other 100-image samples "
-    "(bench/results/probe_sampling.json) the working-backdoor TPR at 5% FPR averaged 0.914, min 0.909. The shipped "
-    "thresholds (0.6 / 0.75) flag 8 of 11 working backdoors and no clean model; the calibration split's label-only "
-    "cut (api_probe_thresholds) would flag 10 of 11 and one clean model (clean-43, 0.44).",
+    "Label-only API on the held-out split: ROC-AUC 0.985, TPR at 5% FPR 0.909 (all_poisoned: 0.964 and 0.786: the "
+    "three models that never implanted score like clean ones). Over 20 other 100-image samples "
+    "(bench/results/probe_sampling.json) the TPR at 5% FPR averaged 0.914, min 0.909. The shipped thresholds "
+    "(0.6 / 0.75) flag 8 of 11 working backdoors and no clean model; the calibration split's label-only cut "
+    "(api_probe_thresholds) would flag 10 of 11 and one clean model (clean-43, 0.44).",
     "The evidence line: missed_with_working_recovered_trigger lists backdoored models read no_evidence while a "
     "recovered trigger (flagged: an outlying small mask reaching >= 80%) works on them; it is empty on every split. "
     "recovered_asr is null when nothing was recovered; candidate_asr is the search's best candidate, flagged or not, "
@@ -620,10 +682,10 @@ NOTES: list[str] = [
     "images) breaks the model and trips the defense gates. 'verdict' per model is the combined score's level "
     "(gates aside) with the shipped thresholds, lifted to suspicious by a trigger that counts (trigger_counts); "
     "'audit_verdict' is what the audit reported.",
-    "'backdoored' is by construction (the model was trained on poisoned data); 'implanted' says whether its own "
-    "trigger works (true ASR >= 50%). Nine poisoned models did not even on the ladder's last rung (four WaNet, five "
-    "LC; 'not_implanted'); they are left out of the fit, counted in the headline figures and left out of "
-    "'implanted_only'.",
+    "Per model, 'backdoored' is by construction (the model was trained on poisoned data) and 'implanted' says whether "
+    "its own trigger works (true ASR >= 50%). Nine poisoned models did not even on the ladder's last rung (four "
+    "WaNet, five LC; 'not_implanted' per split): they are left out of the fit and of the headline figures, and "
+    "counted in 'all_poisoned'.",
     "Scored with the shipped coefficients (auditor/detection/combined.py), fitted on the calibration split at 3faa0fe "
     "(22 models: 12 clean, 10 working backdoors); fitted_on_calibration is the same fit recomputed from the saved "
     "audits.",
@@ -645,6 +707,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="", help="comma-separated subset")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/detection_fmnist"))
     p.add_argument("--analyse-only", action="store_true")
+    p.add_argument("--readings-from", type=Path, default=None,
+                   help="analyse the per-model readings of a results file this benchmark wrote (and "
+                        "bench/results/zoo_manifest.json) instead of the saved audits: no zoo needed")
     p.add_argument("--no-wait", action="store_true", help="audit what the zoo has now instead of waiting for the rest")
     p.add_argument("--refit", action="store_true", help="score with the coefficients fitted now, not the shipped ones")
     p.add_argument("--blackbox-labels", action="store_true",

@@ -161,10 +161,12 @@ def test_the_benchmark_budget_is_the_smallest_whose_plan_runs_the_detection_with
                                                   (0.5, 0.8, "no_evidence", True, False),
                                                   (0.4, 0.9, "no_evidence", False, None))]
     figures = _blackbox_separation(held)
+    # The headline judges the working backdoor against the clean models; the poisoned model whose trigger never
+    # worked counts only in all_poisoned.
     assert figures["roc_auc"] == 1.0 and figures["queries_per_model"] == 3100 and figures["tpr_at_5fpr"] == 1.0
-    assert figures["tpr_flagged"] == {"rate": 0.5, "n": 2} and figures["fpr_flagged"] == {"rate": 0.0, "n": 2}
-    # The poisoned model whose trigger never worked is left out of implanted_only.
-    working = figures["implanted_only"]
-    assert working["n_backdoored"] == 1 and working["tpr_flagged"] == {"rate": 1.0, "n": 1}
+    assert figures["n_backdoored"] == 1 and figures["tpr_flagged"] == {"rate": 1.0, "n": 1}
+    assert figures["fpr_flagged"] == {"rate": 0.0, "n": 2}
+    every = figures["all_poisoned"]
+    assert every["n_backdoored"] == 2 and every["tpr_flagged"] == {"rate": 0.5, "n": 2} and every["roc_auc"] == 1.0
     index = figures["label_only_index"]
-    assert index["roc_auc"] == 0.75 and index["queries_per_model"] == 2290 and index["named_target"] == 2
+    assert index["roc_auc"] == 1.0 and index["queries_per_model"] == 2290 and index["named_target"] == 1
