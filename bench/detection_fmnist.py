@@ -580,6 +580,8 @@ def readings_from_results(results: Path, zoo_summary: Path = RESULTS / "zoo_mani
     spec_fields = {f.name for f in fields(ZooSpec)}
     manifest = {"models": {}}
     for m in json.loads(zoo_summary.read_text())["models"]:
+        # The summary flattens the facts over the spec, so poison_rate and epochs are the built rung's (``_entry``
+        # reads those) and the spec's own values are not recoverable; nothing in the analysis needs them.
         facts = {k: v for k, v in m.items() if k not in spec_fields or k in ("poison_rate", "epochs")}
         manifest["models"][m["name"]] = {"spec": {k: m[k] for k in spec_fields}, **facts}
     parts, labels = {}, {}
@@ -607,14 +609,13 @@ def load_parts(parts_dir: Path) -> dict[str, dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     settings = Settings.from_env()
-    parts_dir = args.work_dir / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    labels_dir = args.work_dir / "parts_labels"
-    labels_dir.mkdir(parents=True, exist_ok=True)
     if args.readings_from:
         parts, manifest, labels = readings_from_results(args.readings_from)
         readings = _origin(args.readings_from)
     else:
+        parts_dir, labels_dir = args.work_dir / "parts", args.work_dir / "parts_labels"
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        labels_dir.mkdir(parents=True, exist_ok=True)
         if not args.analyse_only:
             audit_pending(args, settings, parts_dir)
             if args.blackbox_labels:
