@@ -40,7 +40,7 @@ label-only detection, read from the plan's own refusal). Its readings are saved 
 ``--work-dir/parts_labels``; the analysis then fills ``heldout.blackbox_labels`` with
 what such an audit's verdict rests on: the probe battery's score through the API (its
 planned queries per model: probe images times probes), and the level the shipped
-thresholds give it (``VERDICT_THRESHOLDS``; the level the audit itself reported is kept
+thresholds of the API battery give it (``API_VERDICT_THRESHOLDS``; the level the audit itself reported is kept
 beside it). ``api_probe_thresholds`` shows the cuts the calibration half's label-only
 audits would pick, so the shipped ones can be checked against them. The label-only
 trigger search's anomaly index of the same audits sits beside it (``label_only_index``:
@@ -67,7 +67,7 @@ from auditor.detection.combined import COMBINED, CombinedModel, features
 from auditor.errors import AuditError, ErrorCode
 from auditor.models import load_checkpoint
 from auditor.pipeline import FASHION_MNIST, AuditInputs, plan_audit, run_audit
-from auditor.pipeline.verdict import VERDICT_THRESHOLDS, probe_level
+from auditor.pipeline.verdict import API_VERDICT_THRESHOLDS, probe_level
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.common import RESULTS, provenance, write_json
@@ -313,17 +313,19 @@ def api_probe_thresholds(calib: list[dict[str, Any]], held: list[dict[str, Any]]
 
     ``suspicious``: midway between the highest clean calibration score and the next score above it (no clean
     calibration model flagged); ``likely_backdoored``: the shipped 0.75, never below ``suspicious``. Reported so the
-    shipped thresholds (calibrated on bench/suspicion_fmnist, with the full battery) can be checked against them.
+    shipped API thresholds (auditor/pipeline/verdict.py: chosen on the calibration and development splits) can be
+    checked against them.
     """
     scored = [e for e in calib if e["score_blackbox"] is not None]
     clean = [e["score_blackbox"] for e in scored if not e["backdoored"]]
     if not clean or len(clean) == len(scored):
-        return {"shipped": VERDICT_THRESHOLDS, "fitted_on_calibration": None}
+        return {"shipped": API_VERDICT_THRESHOLDS, "fitted_on_calibration": None}
     above = sorted(e["score_blackbox"] for e in scored if e["score_blackbox"] > max(clean))
     suspicious = round((max(clean) + above[0]) / 2, 3) if above else round(max(clean) + 0.01, 3)
-    return {"shipped": VERDICT_THRESHOLDS,
+    return {"shipped": API_VERDICT_THRESHOLDS,
             "fitted_on_calibration": {"suspicious": suspicious,
-                                      "likely_backdoored": max(suspicious, VERDICT_THRESHOLDS["likely_backdoored"])},
+                                      "likely_backdoored": max(suspicious,
+                                                               API_VERDICT_THRESHOLDS["likely_backdoored"])},
             "calibration_clean_max": round(max(clean), 4), "n_clean": len(clean),
             "n_backdoored": len(scored) - len(clean), "heldout_at_fitted_suspicious": _flagged_at(held, suspicious)}
 
@@ -352,7 +354,7 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
         # label-only trigger search's index beside it.
         "score_blackbox": label["probe_score"] if measured else None,
         # The level the shipped thresholds give (what an audit run now would say), and what the audit said.
-        "blackbox_probe_level": probe_level(label["probe_score"]) if measured else None,
+        "blackbox_probe_level": probe_level(label["probe_score"], "api") if measured else None,
         "blackbox_audit_probe_level": label["probe_level"] if measured else None,
         "blackbox_probe_suspected": label["probe_suspected"] if measured else None,
         "blackbox_queries": label["probe_queries"] if measured else None,
@@ -435,7 +437,7 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
         **_judged(pos, neg, "score_blackbox", _probes_flagged, _probe_likely),
         "queries_per_model": _median([e["blackbox_queries"] for e in scored]),
         "score": "probes.before.score of a label-only API audit: the probe battery sent through the API",
-        "thresholds": VERDICT_THRESHOLDS,
+        "thresholds": API_VERDICT_THRESHOLDS,
         "fpr_flagged": _share(neg, _probes_flagged), "fpr_likely": _share(neg, _probe_likely),
         "named_target": sum(e["blackbox_probe_suspected"] == e["target"] for e in pos),
         "all_poisoned": {**_judged(poisoned, neg, "score_blackbox", _probes_flagged, _probe_likely),
@@ -609,19 +611,20 @@ def load_parts(parts_dir: Path) -> dict[str, dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     settings = Settings.from_env()
-    if args.readings_from:
-        parts, manifest, labels = readings_from_results(args.readings_from)
-        readings = _origin(args.readings_from)
-    else:
-        parts_dir, labels_dir = args.work_dir / "parts", args.work_dir / "parts_labels"
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        labels_dir.mkdir(parents=True, exist_ok=True)
-        if not args.analyse_only:
-            audit_pending(args, settings, parts_dir)
-            if args.blackbox_labels:
-                audit_pending_labels(args, settings, labels_dir)
-        manifest, parts, labels = load_manifest(args.zoo), load_parts(parts_dir), load_parts(labels_dir)
-        readings = {"from": str(args.work_dir)}
+    parts_dir, labels_dir = args.work_dir / "parts", args.work_dir / "parts_labels"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    if not args.analyse_only:
+        audit_pending(args, settings, parts_dir)
+        if args.blackbox_labels:
+            audit_pending_labels(args, settings, labels_dir)
+    manifest, parts, labels = load_manifest(args.zoo), load_parts(parts_dir), load_parts(labels_dir)
+    readings = {"from": str(args.work_dir), "audits": len(parts)}
+    if args.readings_from:  # the saved audits join (and replace) the file's
+        kept_parts, kept_manifest, kept_labels = readings_from_results(args.readings_from)
+        manifest = {"models": {**kept_manifest["models"], **manifest["models"]}}
+        parts, labels = {**kept_parts, **parts}, {**kept_labels, **labels}
+        readings = {"file": _origin(args.readings_from), "work_dir": readings}
     result = analyse(parts, manifest, None if args.refit else COMBINED, labels)
     payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"), "readings": readings,
                "zoo": {"models": len(manifest["models"]), "audited": len(parts)},
@@ -633,10 +636,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _origin(results: Path) -> dict[str, Any]:
-    """Where a results file's readings were measured: the audits' run, carried over when it was itself rebuilt."""
+    """Where a results file's readings were measured: the run that wrote it and, when that run itself read a
+    results file, where those readings came from."""
     saved = json.loads(results.read_text())
-    return saved.get("readings") if "git_commit" in saved.get("readings", {}) else {
-        "from": str(results), "git_commit": saved.get("git_commit"), "command": saved.get("command")}
+    return {"from": str(results), "git_commit": saved.get("git_commit"), "command": saved.get("command"),
+            "readings": saved.get("readings")}
 
 
 NOTES: list[str] = [
@@ -709,8 +713,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/refine-audit-bench/detection_fmnist"))
     p.add_argument("--analyse-only", action="store_true")
     p.add_argument("--readings-from", type=Path, default=None,
-                   help="analyse the per-model readings of a results file this benchmark wrote (and "
-                        "bench/results/zoo_manifest.json) instead of the saved audits: no zoo needed")
+                   help="start from the per-model readings of a results file this benchmark wrote (and "
+                        "bench/results/zoo_manifest.json): with --analyse-only no zoo is needed; models audited "
+                        "in --work-dir join them (a later build), replacing a model's reading from the file")
     p.add_argument("--no-wait", action="store_true", help="audit what the zoo has now instead of waiting for the rest")
     p.add_argument("--refit", action="store_true", help="score with the coefficients fitted now, not the shipped ones")
     p.add_argument("--blackbox-labels", action="store_true",

@@ -161,7 +161,7 @@ RATES = {
 SPLITS = ("calibration", "development", "heldout")
 #: Models per later build: (clean, per attack) and its split. Each comes after the earlier ones in every rotation, so
 #: earlier builds keep their exact specs (and their models, bit for bit).
-LATER_BUILDS = ((12, 2, "development"), (12, 2, "heldout"))
+LATER_BUILDS = ((12, 2, "development"), (12, 2, "heldout"), (12, 2, "heldout"))
 
 
 def zoo_specs(clean: int = 24, per_attack: int = 4,
@@ -408,7 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_json(args.out / "manifest.json", manifest)
         claim.unlink()
     manifest = load_manifest(args.out)
-    write_json(RESULTS / "zoo_manifest.json", summary(manifest))
+    write_json(RESULTS / "zoo_manifest.json", with_committed(summary(manifest), RESULTS / "zoo_manifest.json"))
     return manifest
 
 
@@ -423,6 +423,19 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
                     "changes. poison_rate and epochs are what a backdoored model was built with: the implantation "
                     "ladder's last rung (attempts lists every rung with its BA and ASR).",
             "models": models}
+
+
+def with_committed(built: dict[str, Any], committed: Path) -> dict[str, Any]:
+    """The summary of this machine's models joined to the committed one's other models.
+
+    A later build made on another machine (the zoo lives outside git) must not drop the earlier builds' entries
+    that bench/detection_fmnist.py --readings-from analyses; a model built here replaces its committed entry.
+    """
+    if not committed.exists():
+        return built
+    mine = {m["name"] for m in built["models"]}
+    kept = [m for m in json.loads(committed.read_text())["models"] if m["name"] not in mine]
+    return {**built, "models": kept + built["models"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

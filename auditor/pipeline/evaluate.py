@@ -138,6 +138,7 @@ def _findings(state: AuditState, before: SuspicionReport, after: SuspicionReport
         surrogate_agreement=state.sections.get("surrogate_agreement"),
         controls=control_findings(state.sections["positive_controls"]),
         trigger=trigger_finding(state, before.suspect_class),
+        probe_battery=state.plan.probes.battery,
     )
 
 

@@ -52,6 +52,16 @@ def test_the_score_sets_the_level_when_every_gate_passes(score: float, level: st
         assert conclusion.verdict["headline"].endswith("Use the defended model.")
 
 
+@pytest.mark.parametrize(("score", "level"), [(0.75, "likely_backdoored"), (0.55, "suspicious"),
+                                             (0.5, "suspicious"), (0.49, "no_evidence")])
+def test_an_api_audit_reads_its_compact_battery_against_its_own_thresholds(score: float, level: str):
+    """The compact battery's scores sit lower: 0.55 is suspicious through an API and no evidence on a checkpoint."""
+    conclusion = conclude(sound(score, probe_battery="api"))
+
+    assert conclusion.verdict["level"] == conclusion.verdict["probe_level"] == probe_level(score, "api") == level
+    assert conclusion.verdict["level"] == "likely_backdoored" or probe_level(score) == "no_evidence"
+
+
 def _collapsed() -> dict:
     """A defended model that answers one class for everything (tiny effort's failure)."""
     return {"histogram_after": (2401,) + (0,) * 9, "ba_after": share_interval(0.1, N_TEST),
