@@ -71,7 +71,7 @@ from auditor.pipeline.verdict import API_VERDICT_THRESHOLDS, probe_level
 from auditor.settings import Settings
 from auditor.spec import parse_spec
 from bench.common import RESULTS, provenance, write_json
-from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, SPLITS, ZooSpec, load_manifest, zoo_specs
+from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, SPLITS, ZooSpec, build_numbers, load_manifest, zoo_specs
 
 LOOPBACK = ("127.0.0.1",)
 FEATURES = ("probe_score", "anomaly_index", "log_norm_ratio", "success")
@@ -300,11 +300,24 @@ def analyse(parts: dict[str, dict[str, Any]], manifest: dict[str, Any], model: C
         "scored_with": scorer.to_dict(),
         "baselines_heldout": {name: _auc_only(held, key) for name, key in
                               (("probe_score_alone", "probe_score"), ("anomaly_index_alone", "anomaly_index"))},
+        # The held-out split gathers every build made after the detector was frozen; each build judged alone too.
+        "heldout_by_build": _by_build(held, scorer),
         "per_attack_heldout": _per_attack(held),
         "per_attack_development": _per_attack(development),
         "per_attack_all": _per_attack(entries),
         "models": entries,
     }
+    return out
+
+
+def _by_build(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
+    """White-box and label-only figures of each build among ``entries``."""
+    numbers = build_numbers()
+    out = {}
+    for build in sorted({numbers[e["name"]] for e in entries}):
+        mine = [e for e in entries if numbers[e["name"]] == build]
+        out[str(build)] = {"models": len(mine), "whitebox": _separation(mine, scorer),
+                           "blackbox_labels": _blackbox_separation(mine)}
     return out
 
 

@@ -210,6 +210,18 @@ def zoo_specs(clean: int = 24, per_attack: int = 4,
     return specs
 
 
+def build_numbers(clean: int = 24, per_attack: int = 4,
+                  later: tuple[tuple[int, int, str], ...] = LATER_BUILDS) -> dict[str, int]:
+    """Which build (1 = the first) made each zoo model: ``zoo_specs`` lists the builds one after another."""
+    sizes = [clean + per_attack * len(ATTACK_ORDER)] + [c + a * len(ATTACK_ORDER) for c, a, _ in later]
+    names = [s.name for s in zoo_specs(clean, per_attack, later)]
+    numbers, start = {}, 0
+    for build, size in enumerate(sizes, start=1):
+        numbers.update({name: build for name in names[start:start + size]})
+        start += size
+    return numbers
+
+
 def heavy_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random 3-pixel shifts (pad + crop), random erasing of a 4-12 px box (p 0.5), Gaussian noise sd 0-0.1."""
     n, _, h, w = x.shape
