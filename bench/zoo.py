@@ -27,10 +27,10 @@ figures measure the recipe's failures instead of the detector. So a model that
 does not implant is retrained on the implantation ladder (``escalated``): the
 poisoning rate doubles and one more epoch per rung (LC: two more epochs, the last
 rung the whole target class), up to ``LADDER`` rungs; every rung's rate, epochs and ASR
-are kept in the manifest (``attempts``), so a reader sees what it took. With it, 47
-of the 56 poisoned models implanted; four WaNet models (22-45% at the 30% cap) and
-five LC models (2-42% with the whole target class) did not, are kept with
-``implanted: false`` and stay out of the detection fit.
+are kept in the manifest (``attempts``), so a reader sees what it took. With it, 59
+of the 70 poisoned models implanted; five WaNet models (22-45% at the 30% cap) and
+six LC models (2-43% with the whole target class) did not, are kept with
+``implanted: false`` and stay out of the detection fit and figures.
 
 Every model's clean accuracy on the 10,000 test images and the true attack success
 rate of its own trigger (test images of other classes sent to the target) go into
@@ -39,7 +39,9 @@ clean, 4 per attack) alternates calibration and development within each (attack,
 augmented) group, so both hold every attack and both kinds of clean model. Each later
 build (``LATER_BUILDS``: 12 clean models and 2 per attack, from seeds of their own)
 was held out when it was made: the second joined development once the detector had
-been changed because of it, the third is the held-out split.
+been changed because of it; the third and the fourth (made after the API audits'
+probe thresholds were fixed, to judge them) are the held-out split
+(``build_numbers`` tells the builds apart).
 ``bench/results/zoo_manifest.json`` keeps a copy without paths. Models live outside
 git (``--out``).
 """
@@ -157,7 +159,8 @@ RATES = {
 #: looked at while the API probe battery was chosen (30c1629), so it is "development" now. The second build (56311f5)
 #: was held out until its one audit showed the checkpoint battery's blind spot for four-corner triggers and clean
 #: models lifted by universal patches; the fixes were chosen looking at it, so it is "development" too, and "heldout"
-#: is a third build from seeds no earlier choice saw, audited once with the detector frozen again.
+#: is a third build from seeds no earlier choice saw, audited once with the detector frozen again, and a fourth, built
+#: and audited once after the API battery's thresholds were fixed (auditor/pipeline/verdict.py).
 SPLITS = ("calibration", "development", "heldout")
 #: Models per later build: (clean, per attack) and its split. Each comes after the earlier ones in every rotation, so
 #: earlier builds keep their exact specs (and their models, bit for bit).
@@ -207,6 +210,8 @@ def zoo_specs(clean: int = 24, per_attack: int = 4,
         for a, attack in enumerate(ATTACK_ORDER):
             specs += [attack_spec(a, attack, j, split) for j in range(first_attack, first_attack + n_attack)]
         first_clean, first_attack = first_clean + n_clean, first_attack + n_attack
+    # Attack seeds are 200 + 10 * attack + j: a build past j = 9 would reuse the next attack's seeds.
+    assert len({s.seed for s in specs}) == len(specs), "zoo seeds collide: give later builds a seed scheme of their own"
     return specs
 
 
