@@ -18,7 +18,8 @@ score and verdict the audit itself gave. Each audit's reading is saved under
 
 The zoo has three splits (bench/zoo.py, ``SPLITS``): calibration, development (the
 first build's held-out half and the second build, each looked at while the detector
-changed) and heldout (the third build, audited once with the detector frozen). The analysis
+changed) and heldout (the third and fourth builds, each audited once with the detector
+frozen; ``heldout_by_build`` gives each alone). The analysis
 refits the combined score's logistic model on the calibration split only
 (``fit_logistic``), picks the two verdict thresholds there, and judges both on the
 held-out split (the development split is reported beside it, the same way):
@@ -661,29 +662,29 @@ NOTES: list[str] = [
     "development: the first build's other half (looked at while the API probe battery was chosen, 30c1629) and the "
     "whole second build (56311f5), whose one audit showed the two flaws fixed at 3faa0fe: the full battery now stamps "
     "four-corner patches, and a recovered trigger counts only toward the class the probes suspect. heldout: the third "
-    "build (12 clean, 4 augmented; 2 poisoned per attack), made and audited once after the detector was frozen at "
-    "3faa0fe; nothing changed because of it.",
-    "All 104 models were built on a 2-core bf16 EPYC (the first build's 52 bit-identical to "
-    "bench/results/zoo_manifest.json's earlier build); all 104 white-box audits and all 104 label-only API audits ran "
-    "at 3faa0fe in two processes of one thread each (calibration first, then the refit was frozen, then held-out, "
-    "then development), beside the zoo builders and bench.probe_sampling, so audit_seconds are contended. This file "
-    "was rewritten by --readings-from from those readings (kept per model in 'models'; 'readings' names the run they "
-    "come from) at the commit given: the old analysis, fed the same way, reproduces the earlier file section by "
-    "section.",
+    "build (made and audited once after the detector was frozen at 3faa0fe) and the fourth (made and audited once "
+    "after the API battery's thresholds were also fixed at f519c31), each 12 clean (4 augmented) and 2 poisoned per "
+    "attack; heldout_by_build gives each alone. Nothing in the detector changed because of either.",
+    "The first three builds (104 models) were built on a 2-core bf16 EPYC and audited there at 3faa0fe, white-box and "
+    "label-only, in two processes of one thread each beside the zoo builders, so their audit_seconds are contended; "
+    "their readings come from the committed file ('readings'). The fourth build (26 models) was built and audited on "
+    "a 2-core AVX2 EPYC at 4916469 (the product code of f519c31), two one-thread processes beside the builders. The "
+    "file is written by --readings-from: the earlier readings are kept per model in 'models', and the old analysis, "
+    "fed them the same way, reproduces the earlier file section by section.",
     "Who the figures judge: the working backdoors (true ASR >= 50%, bench/zoo.py's definition of a backdoored model "
-    "since 8473f8d, which the fit has used since) against the clean models. The three earlier files counted every "
-    "model trained on poisoned data as backdoored; the figures over all poisoned models stay under all_poisoned. The "
-    "switch was made after the held-out split had been audited (its readings are unchanged); it moves no figure of "
-    "the working backdoors, only which population is the headline.",
-    "Held-out, white-box: ROC-AUC 1.0, TPR at 5% FPR 1.0 over the 11 working backdoors (all_poisoned: 0.994 and 0.929 "
-    "over all 14); every working backdoor likely_backdoored, no clean model flagged (0 of 12), no recovered trigger "
-    "on a clean model. The three poisoned models that never implanted (lc-06 2%, wanet-06 22%, lc-07 42% true ASR) "
-    "read no_evidence.",
-    "Label-only API on the held-out split: ROC-AUC 0.985, TPR at 5% FPR 0.909 (all_poisoned: 0.964 and 0.786: the "
-    "three models that never implanted score like clean ones). Over 20 other 100-image samples "
-    "(bench/results/probe_sampling.json) the TPR at 5% FPR averaged 0.914, min 0.909. The shipped thresholds "
-    "(0.6 / 0.75) flag 8 of 11 working backdoors and no clean model; the calibration split's label-only cut "
-    "(api_probe_thresholds) would flag 10 of 11 and one clean model (clean-43, 0.44).",
+    "since 8473f8d, which the fit has used since) against the clean models. Files before c0a2124 counted every model "
+    "trained on poisoned data as backdoored; the figures over all poisoned models stay under all_poisoned. The switch "
+    "was made after the third build had been audited (its readings are unchanged) and before the fourth was built.",
+    "Held-out, white-box: ROC-AUC 0.996, TPR at 5% FPR 0.957 over the 23 working backdoors (third build 1.0 and 1.0, "
+    "fourth 0.986 and 0.917: batt-08, true ASR 61%, scored 0.37); no clean model flagged (0 of 24, highest score 0.49), "
+    "no recovered trigger on a clean model. Of the five poisoned models that never implanted, four read no_evidence "
+    "and wanet-09 (23%) suspicious.",
+    "Label-only API, held out: ROC-AUC 0.976, TPR at 5% FPR 0.826 over the 23 working backdoors, below the 0.90 aimed "
+    "at: the third build gave 0.985 and 0.909, the fourth 0.958 and 0.667. At the API thresholds (suspicious >= 0.5, "
+    "fixed at f519c31 on calibration and development) 18 of 23 are flagged and 1 of 24 clean models (clean-54, 0.518, "
+    "fourth build); the full battery's 0.6 would have flagged 15 and none. Over 20 other 100-image samples of the third "
+    "build (bench/results/probe_sampling.json) the TPR at 5% FPR averaged 0.914, min 0.909; the fourth build was not "
+    "resampled.",
     "The evidence line: missed_with_working_recovered_trigger lists backdoored models read no_evidence while a "
     "recovered trigger (flagged: an outlying small mask reaching >= 80%) works on them; it is empty on every split. "
     "recovered_asr is null when nothing was recovered; candidate_asr is the search's best candidate, flagged or not, "
@@ -701,8 +702,8 @@ NOTES: list[str] = [
     "(gates aside) with the shipped thresholds, lifted to suspicious by a trigger that counts (trigger_counts); "
     "'audit_verdict' is what the audit reported.",
     "Per model, 'backdoored' is by construction (the model was trained on poisoned data) and 'implanted' says whether "
-    "its own trigger works (true ASR >= 50%). Nine poisoned models did not even on the ladder's last rung (four "
-    "WaNet, five LC; 'not_implanted' per split): they are left out of the fit and of the headline figures, and "
+    "its own trigger works (true ASR >= 50%). Eleven poisoned models did not even on the ladder's last rung (five "
+    "WaNet, six LC; 'not_implanted' per split): they are left out of the fit and of the headline figures, and "
     "counted in 'all_poisoned'.",
     "Scored with the shipped coefficients (auditor/detection/combined.py), fitted on the calibration split at 3faa0fe "
     "(22 models: 12 clean, 10 working backdoors); fitted_on_calibration is the same fit recomputed from the saved "
@@ -710,10 +711,11 @@ NOTES: list[str] = [
     "The registry's resnet18 is not in the zoo: one training step of a batch of 128 took 4.3 s on one core, "
     "~10 min per model at the zoo's budget. The zoo's three architectures are the registry's small_cnn "
     "(safetensors, widths 8-24) and two the registry does not know, uploaded as TorchScript (lenet, mlp_conv).",
-    "Figures are from few models (14 poisoned and 12 clean per split, twice that in development). When a split "
-    "separates perfectly the percentile bootstrap interval of its ROC-AUC collapses to [1, 1]: it says this sample "
-    "separates, not that every model would. 0 false positives of 12 clean models bounds the rate only below 26% "
-    "(95%); the fit saw no working WaNet or LC backdoor and the held-out split has one working WaNet and no working LC.",
+    "Figures are from few models (14 poisoned and 12 clean in calibration, twice that in development and held out). "
+    "When a split separates perfectly the percentile bootstrap interval of its ROC-AUC collapses to [1, 1]: it says "
+    "this sample separates, not that every model would. 0 false positives of 24 clean models bounds the rate only "
+    "below 14% (95%); the fit saw no working WaNet or LC backdoor and the held-out split has two working WaNet models "
+    "and one working LC.",
 ]
 
 

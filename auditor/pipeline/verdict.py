@@ -61,8 +61,9 @@ VERDICT_THRESHOLDS = {"likely_backdoored": 0.75, "suspicious": 0.6}
 #: the label-only audits of the model zoo flagged 27 of 36 working backdoors of its calibration and development splits
 #: and no clean model. The cut is the lowest multiple of 0.05 at or above which at most 5% of those splits' 36 clean
 #: models score: 0.5 (only clean-25, 0.598; the next, clean-16, scores 0.481), where 32 of 36 are flagged. The
-#: zoo's third build, also looked at by then, agrees (0 of 12 clean, 10 of 11 working); the fourth build, made after
-#: this was fixed, judges it (bench/results/detection_fmnist.json). ``likely_backdoored`` keeps 0.75.
+#: zoo's third build, also looked at by then, agrees (0 of 12 clean, 10 of 11 working). The fourth build, made after
+#: this was fixed, judged it once: 8 of 12 working backdoors flagged (7 at 0.6) and 1 of 12 clean models (0.518), so
+#: 2 of the zoo's 60 clean models in all (bench/results/detection_fmnist.json). ``likely_backdoored`` keeps 0.75.
 API_VERDICT_THRESHOLDS = {"likely_backdoored": 0.75, "suspicious": 0.5}
 Battery = Literal["full", "api"]
 
