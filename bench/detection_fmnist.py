@@ -71,7 +71,7 @@ from auditor.pipeline import FASHION_MNIST, AuditInputs, plan_audit, run_audit
 from auditor.pipeline.verdict import API_VERDICT_THRESHOLDS, probe_level
 from auditor.settings import Settings
 from auditor.spec import parse_spec
-from bench.common import RESULTS, provenance, write_json
+from bench.common import RESULTS, git_commit, provenance, write_json
 from bench.zoo import DEFAULT_OUT, IMPLANTED_ASR, SPLITS, ZooSpec, build_numbers, load_manifest, zoo_specs
 
 LOOPBACK = ("127.0.0.1",)
@@ -116,7 +116,7 @@ def audit_model(name: str, entry: dict[str, Any], args: argparse.Namespace, sett
         "combined_reported": (verdict.get("combined") or {}).get("score"), "verdict": verdict.get("level"),
         "probe_level": verdict.get("probe_level"), "gates_tripped": [g["name"] for g in report.get("gates") or []
                                                                      if g["tripped"]],
-        "spec": spec, "load_average_1m": round(os.getloadavg()[0], 2),
+        "spec": spec, "load_average_1m": round(os.getloadavg()[0], 2), "git_commit": git_commit(),
     }
 
 
@@ -166,7 +166,7 @@ def audit_model_labels(name: str, entry: dict[str, Any], args: argparse.Namespac
         "detection_queries": lo.get("queries"), "detection_query_cap": lo.get("query_cap"),
         "queries_used": (report.get("queries") or {}).get("queries_used"), "queries_served": served,
         "spec": label_only_spec(args.effort, "http://127.0.0.1:PORT/v1/models/model:predict", budget),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_average_1m": round(os.getloadavg()[0], 2), "git_commit": git_commit(),
     }
 
 
@@ -633,14 +633,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.blackbox_labels:
             audit_pending_labels(args, settings, labels_dir)
     manifest, parts, labels = load_manifest(args.zoo), load_parts(parts_dir), load_parts(labels_dir)
-    readings = {"from": str(args.work_dir), "audits": len(parts)}
+    runs: list[dict[str, Any]] = []
     if args.readings_from:  # the saved audits join (and replace) the file's
         kept_parts, kept_manifest, kept_labels = readings_from_results(args.readings_from)
+        runs = audit_runs(args.readings_from)
+        fresh = [n for n in parts if any(kept_parts.get(n, {}).get(k) != v for k, v in parts[n].items()
+                                         if k in READING_KEYS)]
         manifest = {"models": {**kept_manifest["models"], **manifest["models"]}}
         parts, labels = {**kept_parts, **parts}, {**kept_labels, **labels}
-        readings = {"file": _origin(args.readings_from), "work_dir": readings}
+    else:
+        fresh = list(parts)
+    if fresh:
+        # Parts saved before parts recorded their commit say nothing of it: the analysis that first read them does.
+        audited = sorted({parts[n]["git_commit"] for n in fresh if "git_commit" in parts[n]}) or None
+        command = provenance(torch.device("cpu"), "bench.detection_fmnist")["command"]
+        runs.append({"models": len(fresh), "from": str(args.work_dir), "audited_at": audited,
+                     "analysed_at": git_commit(), "command": command})
     result = analyse(parts, manifest, None if args.refit else COMBINED, labels)
-    payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"), "readings": readings,
+    payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"), "audit_runs": runs,
                "zoo": {"models": len(manifest["models"]), "audited": len(parts)},
                "config": {"spec": audit_spec(args.effort, None), "features": list(FEATURES),
                           "blackbox_labels_budget": label_only_budget(args.effort)}, "notes": NOTES}
@@ -649,12 +659,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
-def _origin(results: Path) -> dict[str, Any]:
-    """Where a results file's readings were measured: the run that wrote it and, when that run itself read a
-    results file, where those readings came from."""
+#: The white-box readings a results file keeps per model (``readings_from_results``): a saved audit whose values
+#: differ from the file's is a new audit run.
+READING_KEYS = ("probe_score", "probe_suspected", "anomaly_index", "norm_ratio", "mask_fraction", "success",
+                "suspected_class", "recovered", "counts_toward_verdict", "combined_reported", "verdict")
+
+
+def audit_runs(results: Path) -> list[dict[str, Any]]:
+    """The audit runs a results file's readings come from, oldest first.
+
+    Files before ``audit_runs`` name theirs in a chain of ``readings`` (each re-analysis nested the one it read);
+    its innermost link is the run that analysed the audits themselves.
+    """
     saved = json.loads(results.read_text())
-    return {"from": str(results), "git_commit": saved.get("git_commit"), "command": saved.get("command"),
-            "readings": saved.get("readings")}
+    if "audit_runs" in saved:
+        return saved["audit_runs"]
+    link = saved.get("readings") or {}
+    while "file" in link or "readings" in link:
+        link = link.get("file") or link.get("readings") or {}
+    return [{"models": len(saved["models"]), "from": "saved audits", "analysed_at": link.get("git_commit"),
+             "command": link.get("command")}]
 
 
 NOTES: list[str] = [

@@ -4,7 +4,7 @@ import json
 
 from auditor.detection.combined import COMBINED
 from bench.common import RESULTS
-from bench.detection_fmnist import _separation, analyse, readings_from_results
+from bench.detection_fmnist import _separation, analyse, audit_runs, readings_from_results
 
 
 def _model(name: str, score: float, poisoned: bool, works: bool | None, verdict: str) -> dict:
@@ -39,3 +39,4 @@ def test_the_committed_detection_figures_follow_from_the_per_model_readings_they
 
     assert len(parts) == len(saved["models"]) == saved["zoo"]["audited"]
     assert {k: saved[k] for k in again} == again
+    assert sum(run["models"] for run in audit_runs(path)) == len(parts)  # every reading's audit run is named
