@@ -633,22 +633,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.blackbox_labels:
             audit_pending_labels(args, settings, labels_dir)
     manifest, parts, labels = load_manifest(args.zoo), load_parts(parts_dir), load_parts(labels_dir)
-    runs: list[dict[str, Any]] = []
+    fresh, runs = list(parts), []
     if args.readings_from:  # the saved audits join (and replace) the file's
         kept_parts, kept_manifest, kept_labels = readings_from_results(args.readings_from)
-        runs = audit_runs(args.readings_from)
-        fresh = [n for n in parts if any(kept_parts.get(n, {}).get(k) != v for k, v in parts[n].items()
-                                         if k in READING_KEYS)]
+        fresh, runs = [n for n in parts if _differs(parts[n], kept_parts.get(n))], audit_runs(args.readings_from)
         manifest = {"models": {**kept_manifest["models"], **manifest["models"]}}
         parts, labels = {**kept_parts, **parts}, {**kept_labels, **labels}
-    else:
-        fresh = list(parts)
     if fresh:
-        # Parts saved before parts recorded their commit say nothing of it: the analysis that first read them does.
-        audited = sorted({parts[n]["git_commit"] for n in fresh if "git_commit" in parts[n]}) or None
-        command = provenance(torch.device("cpu"), "bench.detection_fmnist")["command"]
-        runs.append({"models": len(fresh), "from": str(args.work_dir), "audited_at": audited,
-                     "analysed_at": git_commit(), "command": command})
+        runs.append(_audit_run([parts[n] for n in fresh], args.work_dir))
     result = analyse(parts, manifest, None if args.refit else COMBINED, labels)
     payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"), "audit_runs": runs,
                "zoo": {"models": len(manifest["models"]), "audited": len(parts)},
@@ -663,6 +655,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 #: differ from the file's is a new audit run.
 READING_KEYS = ("probe_score", "probe_suspected", "anomaly_index", "norm_ratio", "mask_fraction", "success",
                 "suspected_class", "recovered", "counts_toward_verdict", "combined_reported", "verdict")
+
+
+def _differs(saved: dict[str, Any], kept: dict[str, Any] | None) -> bool:
+    """Whether a saved white-box audit is not the reading a results file keeps for the model (a new audit run)."""
+    return kept is None or any(kept.get(k) != saved.get(k) for k in READING_KEYS)
+
+
+def _audit_run(fresh: list[dict[str, Any]], work_dir: Path) -> dict[str, Any]:
+    """The run of the saved audits a results file did not hold yet.
+
+    Audits saved before they recorded their commit say nothing of it; the analysis that first read them does.
+    """
+    audited = sorted({part["git_commit"] for part in fresh if "git_commit" in part}) or None
+    return {"models": len(fresh), "from": str(work_dir), "audited_at": audited, "analysed_at": git_commit(),
+            "command": provenance(torch.device("cpu"), "bench.detection_fmnist")["command"]}
 
 
 def audit_runs(results: Path) -> list[dict[str, Any]]:
@@ -691,7 +698,7 @@ NOTES: list[str] = [
     "attack; heldout_by_build gives each alone. Nothing in the detector changed because of either.",
     "The first three builds (104 models) were built on a 2-core bf16 EPYC and audited there at 3faa0fe, white-box and "
     "label-only, in two processes of one thread each beside the zoo builders, so their audit_seconds are contended; "
-    "their readings come from the committed file ('readings'). The fourth build (26 models) was built and audited on "
+    "their readings come from the committed file ('audit_runs'). The fourth build (26 models) was built and audited on "
     "a 2-core AVX2 EPYC at 4916469 (the product code of f519c31), two one-thread processes beside the builders. The "
     "file is written by --readings-from: the earlier readings are kept per model in 'models', and the old analysis, "
     "fed them the same way, reproduces the earlier file section by section.",
