@@ -48,7 +48,8 @@ class, fewer are used (``queries_for`` is the arithmetic the audit plan uses too
 bench/detection_fmnist.py --blackbox-labels on the zoo's 26 held-out models (14
 poisoned, 12 clean; ``quick``'s ~2,150 queries per model): ROC-AUC 0.54 (bootstrap 95%
 interval 0.30-0.77), the target named for 6 of 14 (over the 11 whose trigger works:
-0.52 and 5 of 11); on an earlier held-out build 0.44
+0.52 and 5 of 11; with a fourth build, 0.54 over 23 working backdoors and 24 clean
+models); on an earlier held-out build 0.44
 and 3 of 14, where only one backdoor (a label-consistent patch in four corners, index
 15.9) stood out.
 Audits report it beside the verdict as evidence to look at. It cannot see
