@@ -639,10 +639,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fresh, runs = [n for n in parts if _differs(parts[n], kept_parts.get(n))], audit_runs(args.readings_from)
         manifest = {"models": {**kept_manifest["models"], **manifest["models"]}}
         parts, labels = {**kept_parts, **parts}, {**kept_labels, **labels}
+    where = provenance(torch.device("cpu"), "bench.detection_fmnist")
     if fresh:
-        runs.append(_audit_run([parts[n] for n in fresh], args.work_dir))
+        runs.append(_audit_run([parts[n] for n in fresh], args.work_dir, where))
     result = analyse(parts, manifest, None if args.refit else COMBINED, labels)
-    payload = {**result, **provenance(torch.device("cpu"), "bench.detection_fmnist"), "audit_runs": runs,
+    payload = {**result, **where, "audit_runs": runs,
                "zoo": {"models": len(manifest["models"]), "audited": len(parts)},
                "config": {"spec": audit_spec(args.effort, None), "features": list(FEATURES),
                           "blackbox_labels_budget": label_only_budget(args.effort)}, "notes": NOTES}
@@ -662,30 +663,22 @@ def _differs(saved: dict[str, Any], kept: dict[str, Any] | None) -> bool:
     return kept is None or any(kept.get(k) != saved.get(k) for k in READING_KEYS)
 
 
-def _audit_run(fresh: list[dict[str, Any]], work_dir: Path) -> dict[str, Any]:
-    """The run of the saved audits a results file did not hold yet.
+def _audit_run(fresh: list[dict[str, Any]], work_dir: Path, where: dict[str, Any]) -> dict[str, Any]:
+    """The run of the saved audits a results file did not hold yet; ``where`` is this analysis's provenance.
 
     Audits saved before they recorded their commit say nothing of it; the analysis that first read them does.
     """
     audited = sorted({part["git_commit"] for part in fresh if "git_commit" in part}) or None
-    return {"models": len(fresh), "from": str(work_dir), "audited_at": audited, "analysed_at": git_commit(),
-            "command": provenance(torch.device("cpu"), "bench.detection_fmnist")["command"]}
+    return {"models": len(fresh), "from": str(work_dir), "audited_at": audited, "analysed_at": where["git_commit"],
+            "command": where["command"]}
 
 
 def audit_runs(results: Path) -> list[dict[str, Any]]:
-    """The audit runs a results file's readings come from, oldest first.
-
-    Files before ``audit_runs`` name theirs in a chain of ``readings`` (each re-analysis nested the one it read);
-    its innermost link is the run that analysed the audits themselves.
-    """
+    """The audit runs a results file's readings come from, oldest first (a file without the list: the run that
+    wrote it, which analysed its own saved audits)."""
     saved = json.loads(results.read_text())
-    if "audit_runs" in saved:
-        return saved["audit_runs"]
-    link = saved.get("readings") or {}
-    while "file" in link or "readings" in link:
-        link = link.get("file") or link.get("readings") or {}
-    return [{"models": len(saved["models"]), "from": "saved audits", "analysed_at": link.get("git_commit"),
-             "command": link.get("command")}]
+    return saved.get("audit_runs") or [{"models": len(saved["models"]), "from": "saved audits",
+                                        "analysed_at": saved.get("git_commit"), "command": saved.get("command")}]
 
 
 NOTES: list[str] = [
