@@ -397,9 +397,7 @@ def _entry(r: dict[str, Any], m: dict[str, Any], scorer: CombinedModel,
 
 def _separation(entries: list[dict[str, Any]], scorer: CombinedModel) -> dict[str, Any]:
     """White-box separation of the working backdoors from the clean models (``_judged``), and of every poisoned one."""
-    neg = [e for e in entries if not e["backdoored"]]
-    poisoned = [e for e in entries if e["backdoored"]]
-    pos = [e for e in poisoned if e["implanted"]]
+    neg, poisoned, pos = _populations(entries)
     if not pos or not neg:
         return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "n": len(entries)}
 
@@ -440,9 +438,7 @@ def _blackbox_separation(held: list[dict[str, Any]]) -> dict[str, Any]:
     trigger search's index (uncalibrated, never in the verdict) is given beside it under ``label_only_index``.
     """
     scored = [e for e in held if e["score_blackbox"] is not None]
-    neg = [e for e in scored if not e["backdoored"]]
-    poisoned = [e for e in scored if e["backdoored"]]
-    pos = [e for e in poisoned if e["implanted"]]
+    neg, poisoned, pos = _populations(scored)
     if not pos or not neg:
         return {"roc_auc": None, "ci95": None, "tpr_at_5fpr": None, "queries_per_model": None, "n": len(scored),
                 "not_measured": "no label-only API audits of both clean and backdoored models of the split "
@@ -510,6 +506,12 @@ def _auc_only(entries: list[dict[str, Any]], key: str) -> float | None:
     if not any(positive) or all(positive):
         return None
     return round(roc_auc([float(e[key] or 0.0) for e in judged], positive), 3)
+
+
+def _populations(entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ...]:
+    """The clean models, every poisoned model, and the poisoned models whose trigger works (the headline's)."""
+    poisoned = [e for e in entries if e["backdoored"]]
+    return [e for e in entries if not e["backdoored"]], poisoned, [e for e in poisoned if e["implanted"]]
 
 
 def _judged_population(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

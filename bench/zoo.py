@@ -217,13 +217,12 @@ def zoo_specs(clean: int = 24, per_attack: int = 4,
 
 def build_numbers(clean: int = 24, per_attack: int = 4,
                   later: tuple[tuple[int, int, str], ...] = LATER_BUILDS) -> dict[str, int]:
-    """Which build (1 = the first) made each zoo model: ``zoo_specs`` lists the builds one after another."""
-    sizes = [clean + per_attack * len(ATTACK_ORDER)] + [c + a * len(ATTACK_ORDER) for c, a, _ in later]
-    names = [s.name for s in zoo_specs(clean, per_attack, later)]
-    numbers, start = {}, 0
-    for build, size in enumerate(sizes, start=1):
-        numbers.update({name: build for name in names[start:start + size]})
-        start += size
+    """Which build (1 = the first) made each zoo model: the models a build adds to the zoo of the builds before it
+    (earlier builds keep their specs, ``zoo_specs``)."""
+    numbers: dict[str, int] = {}
+    for build in range(len(later) + 1):
+        for spec in zoo_specs(clean, per_attack, later[:build]):
+            numbers.setdefault(spec.name, build + 1)
     return numbers
 
 
