@@ -124,6 +124,9 @@ class RefineSpec(_Strict):
     pool_size: int | None = Field(None, ge=64)
     unet_width: int | None = Field(None, ge=2, le=128)
     loss: Literal["kd", "bce", "ce"] = "kd"
+    overlay: float | None = Field(None, ge=0.0, le=0.5, description="Blend T's training images with other pool "
+                                  "images at weights up to this, so T learns to see through a faint full-image overlay "
+                                  "(a Blended trigger's shape). 0: off. Defaults from the effort level.")
     bf16: bool | None = Field(None, description="bf16 autocast; default on for CPUs with native bf16 (avx512_bf16 or AMX), where it is measured to help.")
 
 

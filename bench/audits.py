@@ -21,7 +21,8 @@ import torch
 from auditor.attacks import AttackConfig, BackdooredModel, train_backdoored_model, train_clean_model
 from auditor.blackbox import ApiConfig, HttpModelAPI, ModelServer, api_predictor, defended_api_predictor
 from auditor.data import ImageSet, load_fashion_mnist, take
-from auditor.evaluation import attack_metrics, model_predictor
+from auditor.evaluation import accuracy, attack_metrics, model_predictor, predict_labels
+from auditor.evaluation.metrics import asr_and_ra
 from auditor.models import ArchConfig, export_torchscript, load_checkpoint
 from auditor.deploy import load_defense
 from auditor.pipeline import AuditInputs, run_audit
@@ -116,13 +117,36 @@ def _inputs(work_dir: Path, settings: Settings, control_cache: Path | None = Non
 
 
 def _add_trigger(run: dict[str, Any], submitted, defended, test: ImageSet, subject: Subject) -> None:
-    """The planted trigger's ASR and RA before and after, beside the audit's own BA figures."""
+    """The planted trigger's ASR and RA before and after, beside the audit's own BA figures.
+
+    Also each side's ``clean_to_target``: the share of *clean* non-target test images sent to the
+    target class. It is the floor an ASR cannot go below (confusions between similar classes, such
+    as shirts and T-shirts), so a residual ASR near it is no backdoor left; and the residual ASR per
+    true class (``asr_by_class``), which shows where a trigger survives when it does.
+    """
     bd = subject.backdoor
+    target = bd.attack.target
     triggered = bd.attack.triggered_test(test)
     for side, predict in (("before", submitted), ("after", defended)):
-        m = attack_metrics(predict, test, triggered, bd.attack.target)
-        run[side].update(asr=m.asr, ra=m.ra, trigger_ba=m.ba)
+        clean_pred, triggered_pred = predict_labels(predict, test), predict_labels(predict, triggered)
+        asr, ra = asr_and_ra(triggered_pred, triggered.y, target)
+        run[side].update(asr=asr, ra=ra, trigger_ba=accuracy(clean_pred, test.y),
+                         clean_to_target=_share_sent_to(clean_pred, test.y, target),
+                         asr_by_class=_sent_to_by_class(triggered_pred, triggered.y, target))
     run["trigger_test_images"] = len(test)
+
+
+def _share_sent_to(pred: torch.Tensor, labels: torch.Tensor, target: int) -> float:
+    """Of the images whose true class is not ``target``, the share predicted as ``target``."""
+    keep = labels != target
+    return (pred[keep] == target).float().mean().item()
+
+
+def _sent_to_by_class(pred: torch.Tensor, labels: torch.Tensor, target: int) -> list[float | None]:
+    """Per true class, the share predicted as ``target`` (None for the target itself and for absent classes)."""
+    classes = int(labels.max()) + 1
+    return [None if c == target or not (labels == c).any() else (pred[labels == c] == target).float().mean().item()
+            for c in range(classes)]
 
 
 def _run(result: Any, spec: dict[str, Any]) -> dict[str, Any]:

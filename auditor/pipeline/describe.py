@@ -13,7 +13,8 @@ def describe_plan(plan: AuditPlan) -> list[tuple[str, str]]:
         ("Data", f"{d.pool_images:,} pool images, {d.test_images:,} of {d.test_available:,} test images"
                  f"{' (stratified)' if d.stratified else ''}; {d.num_classes} classes, {'x'.join(map(str, d.image_shape))}"),
         ("REFINE", f"{_count(r.epochs, 'epoch')} over {r.pool_images:,} images, U-Net width {r.unet_width}, "
-                   f"batch {r.batch_size}, {r.loss} loss"),
+                   f"batch {r.batch_size}, {r.loss} loss"
+                   f"{f', inputs overlaid up to {r.overlay:g}' if r.overlay else ''}"),
         ("Probes", f"{p.probes} probes ({p.battery} battery) on {p.images} images; the defended model: {p.after_probes}"),
         *([("Trigger search", f"{_count(t.steps, 'step')} per class on {t.images:,} clean images (batch "
                                f"{t.batch_size}) of the {t.model} model; success measured on up to "

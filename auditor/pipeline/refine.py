@@ -34,7 +34,7 @@ def refine_config(plan: AuditPlan) -> RefineConfig:
     r = plan.refine
     return RefineConfig(
         unet=UNetConfig(in_channels=plan.data.image_shape[0], width=r.unet_width), epochs=r.epochs,
-        pool_size=r.pool_images, loss=r.loss, bf16=plan.bf16, batch_size=r.batch_size,
+        pool_size=r.pool_images, loss=r.loss, overlay=r.overlay, bf16=plan.bf16, batch_size=r.batch_size,
     )
 
 

@@ -31,6 +31,10 @@ class RefineConfig:
     step_gamma: float = 0.1
     augment: bool = False  # crop/flip/grayscale as the authors do; off: measured to cost fidelity on 28x28 (bench/)
     hflip: bool = False  # off for Fashion-MNIST-like data where orientation is class evidence
+    #: Blend each of T's training inputs with another image of its batch, at a weight drawn up to this, while f's
+    #: answer on the unblended image stays the target: T learns to see through a faint full-image overlay, the
+    #: shape of a Blended trigger. 0 = off.
+    overlay: float = 0.0
     pool_size: int | None = 20_000  # unlabeled images used; None = the whole pool
     bf16: bool = False  # autocast; measured in bench/, off by default for exact CPU reproducibility
     #: Train T in channels-last layout: oneDNN's convolutions skip a reorder per layer. One train step at width 16,
@@ -50,6 +54,8 @@ class RefineConfig:
             raise ValueError("epochs >= 1, batch_size >= 2 and lr > 0 are required")
         if self.supcon_weight < 0 or self.supcon_temperature <= 0 or self.kd_temperature <= 0:
             raise ValueError("loss weights and temperatures must be positive")
+        if not 0.0 <= self.overlay <= 0.5:
+            raise ValueError("overlay must be between 0 and 0.5")
         if self.pool_size is not None and self.pool_size < self.batch_size:
             raise ValueError("pool_size must hold at least one batch")
 

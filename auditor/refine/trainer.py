@@ -57,6 +57,14 @@ def _augment(x: torch.Tensor, config: RefineConfig, gen: torch.Generator) -> tor
     return random_grayscale(x, gen, 0.2)
 
 
+def _overlay(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """``x`` blended with its batch rolled by one, each image at its own weight in [0, strength) (RefineConfig.overlay)."""
+    if strength <= 0:
+        return x
+    alpha = (torch.rand(len(x), 1, 1, 1, generator=gen) * strength).to(x.device, x.dtype)
+    return torch.lerp(x, x.roll(1, dims=0), alpha)
+
+
 def _make_optimizer(params, config: RefineConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -169,7 +177,7 @@ def _train_epoch(
         with torch.no_grad(), autocast(device, config.bf16):
             logits_clean = model(xb).float()
         with autocast(device, config.bf16):
-            transformed = transform(xb)
+            transformed = transform(_overlay(xb, config.overlay, gen).contiguous(memory_format=_layout(config)))
             logits_t = model(transformed).float()
         fit = fit_loss(config.loss, logits_t, logits_clean, inv, config.kd_temperature)
         pseudo = logits_clean.argmax(1)

@@ -34,7 +34,8 @@ from auditor.pipeline.verdict import Fitness, Gate
 #: 2.4 added ``detection.label_only`` (label-only trigger detection on a model API, not calibrated, outside the
 #: verdict), ``plan.label_only`` and ``plan.queries.detection``; 2.0 to 2.3 reports still validate.
 #: 2.5 added ``detection.agrees_with_probes``: a recovered trigger counts only toward the class the probes suspect.
-SCHEMA_VERSION = "2.5"
+#: 2.6 added ``plan.refine.overlay``: how strongly T's training images were blended with other pool images.
+SCHEMA_VERSION = "2.6"
 DOCS_SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report.schema.json"
 
 #: A share of images in [0, 1]: accuracies, ASR, RA, agreement, flip rates, scores.
@@ -475,8 +476,8 @@ _REQUIRED_WHEN_SUCCEEDED = (
 
 
 class Report(_Model):
-    # 2.0 to 2.4 reports still validate
-    schema_version: Literal["2.0", "2.1", "2.2", "2.3", "2.4", "2.5"] = SCHEMA_VERSION
+    # 2.0 to 2.5 reports still validate
+    schema_version: Literal["2.0", "2.1", "2.2", "2.3", "2.4", "2.5", "2.6"] = SCHEMA_VERSION
     audit_id: Annotated[str, Field(min_length=1, max_length=100)]
     created_at: AwareDatetime  # with a time zone, so "when" is unambiguous across machines
     status: Status

@@ -132,3 +132,26 @@ def test_bf16_autocast_is_a_default_only_where_the_cpu_computes_it_natively():
     assert cpu_bf16_pays(torch.device("cpu")) is _cpu_has_native_bf16()
     flags = open("/proc/cpuinfo").read().split()
     assert _cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_overlay_blends_each_training_image_with_another_of_its_batch_at_most_the_set_weight():
+    from auditor.refine.trainer import _overlay
+
+    x = torch.rand(64, 1, 28, 28)
+    assert _overlay(x, 0.0, torch.Generator().manual_seed(0)) is x
+    blended = _overlay(x, 0.2, torch.Generator().manual_seed(0))
+    other = x.roll(1, dims=0)
+    weight = ((blended - x) / (other - x)).flatten(1).median(1).values  # per image, the weight it got
+    assert (weight >= 0).all() and (weight < 0.2).all() and weight.std() > 0.02  # each its own, drawn in [0, 0.2)
+    torch.testing.assert_close(blended, torch.lerp(x, other, weight.view(-1, 1, 1, 1)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="overlay"):
+        _config(overlay=0.6)
+
+
+def test_a_transform_trained_with_overlays_still_keeps_the_models_behaviour_on_clean_data(tiny_model, tiny_data):
+    config = _config(epochs=6, unet=UNetConfig(in_channels=1, width=8, depth=2), overlay=0.2)
+    result = train_refine(tiny_model, ImageSet(tiny_data[0].x, None), config, num_classes=4, device=CPU, seed=3)
+    defended = DefendedModel(result.transform, tiny_model, result.mapping)
+    test = tiny_data[1]
+    original = predict_labels(model_predictor(tiny_model, CPU), test)
+    assert accuracy(predict_labels(model_predictor(defended, CPU), test), original) > 0.8
