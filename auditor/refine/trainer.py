@@ -86,6 +86,8 @@ def _lr_factor(config: RefineConfig, total_steps: int) -> Callable[[int], float]
 
 
 def _layout(config: RefineConfig) -> torch.memory_format:
+    """T's and, while T trains, f's layout. f in channels-last too: its max-pools on a contiguous activation were
+    17% of a train step (bench/results/audit_cost.json's profile), 6-10x slower than on a channels-last one."""
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
@@ -133,21 +135,25 @@ def train_refine(
     history: list[dict[str, float]] = []
     start_epoch = _resume(checkpoint_dir, config, transform, optimizer, scheduler, history, mapping)
     last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
-    for epoch in range(start_epoch, last_epoch):
-        stats = _train_epoch(
-            transform, model, data, config, inv, optimizer, scheduler, device,
-            _epoch_generator(seed, epoch), lambda done: on_progress("refine", epoch * steps_per_epoch + done, total_steps),
-            should_cancel,
-        )
-        stats["epoch"] = epoch + 1
-        if adapt_model is not None:
-            adapt_model(epoch + 1, transform)
-            freeze(model)
-        history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
-        if checkpoint_dir is not None:
-            _save_checkpoint(Path(checkpoint_dir), epoch + 1, config, transform, optimizer, scheduler, history, mapping)
+    try:
+        model.to(memory_format=_layout(config))
+        for epoch in range(start_epoch, last_epoch):
+            stats = _train_epoch(
+                transform, model, data, config, inv, optimizer, scheduler, device, _epoch_generator(seed, epoch),
+                lambda done: on_progress("refine", epoch * steps_per_epoch + done, total_steps), should_cancel,
+            )
+            stats["epoch"] = epoch + 1
+            if adapt_model is not None:
+                adapt_model(epoch + 1, transform)  # refits the surrogate, which leaves it contiguous
+                freeze(model.to(memory_format=_layout(config)))
+            history.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
+            if checkpoint_dir is not None:
+                _save_checkpoint(Path(checkpoint_dir), epoch + 1, config, transform, optimizer, scheduler, history,
+                                 mapping)
+    finally:  # the caller's model as it came: safetensors and the exporters expect contiguous weights
+        model.to(memory_format=torch.contiguous_format)
     transform.to(memory_format=torch.contiguous_format).eval()
     return RefineResult(transform, mapping, config, seed, history, time.perf_counter() - started, start_epoch)
 

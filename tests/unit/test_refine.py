@@ -87,6 +87,21 @@ def test_cancellation_stops_within_one_batch(tiny_model, tiny_data):
     assert len(batches) == 3  # three batches ran, the fourth poll stopped the run before its batch
 
 
+def test_the_model_trains_in_channels_last_and_comes_back_contiguous_even_when_cancelled(tiny_model, tiny_data):
+    assert any(p.dim() == 4 for p in tiny_model.parameters())
+    layouts = []
+
+    def should_cancel() -> bool:
+        layouts.append(all(p.is_contiguous(memory_format=torch.channels_last)
+                           for p in tiny_model.parameters() if p.dim() == 4))
+        return len(layouts) > 2
+
+    with pytest.raises(AuditCancelled):
+        _run(tiny_model, tiny_data, _config(), should_cancel=should_cancel)
+    assert layouts == [True, True, True]  # f's max-pools are several times faster on channels-last activations
+    assert all(p.is_contiguous() for p in tiny_model.parameters())  # safetensors and the exporters need this
+
+
 def test_exported_defended_model_matches_in_memory_predictions(tmp_path, tiny_model, tiny_data):
     result = _run(tiny_model, tiny_data, _config(epochs=1))
     defended = DefendedModel(result.transform, tiny_model, result.mapping).eval()
