@@ -52,6 +52,29 @@ def warmup_cosine(total_steps: int, warmup_steps: int, schedule: str = "cosine")
     return factor
 
 
+def channels_last_if_accepted(model: nn.Module, example: torch.Tensor) -> bool:
+    """Move ``model``'s weights to channels-last if its forward still runs on ``example`` that way; True if so.
+
+    Why: a 1-channel image is laid out alike either way, so the weights decide the activations' layout, and on
+    contiguous ones PyTorch's CPU max-pool is 6-10x slower (a small CNN infers 1.9x faster channels-last). A
+    submitted model is a program, though: ``x.view(n, -1)`` after a convolution, common in user code and frozen
+    into traced TorchScript, fails on channels-last activations, so such a model stays as it came.
+    """
+    model.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            model(example.contiguous(memory_format=torch.channels_last))
+    except Exception:  # noqa: BLE001 -- whatever the model cannot do channels-last, it does as it came
+        model.to(memory_format=torch.contiguous_format)
+        return False
+    return True
+
+
+def weights_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are laid out channels-last (a single-channel kernel is both)."""
+    return any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+
+
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast where it pays (CPU with avx512_bf16, or CUDA); a no-op context otherwise."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

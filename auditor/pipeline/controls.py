@@ -42,7 +42,7 @@ from auditor.refine import DefendedModel, RefineConfig, inference_transform, tra
 from auditor.refine.remap import derangement
 from auditor.refine.trainer import RefineResult
 from auditor.runtime import CancelFn, check_cancel
-from auditor.training import TrainConfig
+from auditor.training import TrainConfig, channels_last_if_accepted
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def run_control(state: AuditState, name: str, should_cancel: CancelFn, on_metric
             device=state.device, seed=state.spec.seed, should_cancel=should_cancel,
             rule=implant_rule(plan), holdout=holdout,
         )
+    channels_last_if_accepted(bd.model, state.test.x[:2].float().div(255).to(state.device))
     before = attack_metrics(model_predictor(bd.model, state.device), state.test, bd.poisoned_test, plan.target)
     control_file = _keep_model(state, name, bd)
     if not reused:

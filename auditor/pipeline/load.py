@@ -13,6 +13,7 @@ from auditor.errors import AuditError, ErrorCode
 from auditor.evaluation import Predictor, model_predictor, predict_labels
 from auditor.models import ArchConfig, LoadedModel, load_checkpoint
 from auditor.pipeline.state import AuditState
+from auditor.training import channels_last_if_accepted
 
 API_FORMATS = {"v1": "kserve_v1", "v2": "oip_v2", "json": "template"}
 
@@ -37,6 +38,7 @@ def stage_load(state: AuditState) -> None:
         "architecture": loaded.arch.name if loaded.arch else f"{loaded.format} (opaque)",
     }
     _check_model_fits_data(state)
+    channels_last_if_accepted(state.model, state.test.x[:2].float().div(255).to(state.device))
     if state.test.y is None:
         pseudo_label(state)
 

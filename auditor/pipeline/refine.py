@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from auditor.data import ImageSet
@@ -23,6 +24,7 @@ from auditor.pipeline.state import AuditState, MetricsFn
 from auditor.pipeline.surrogate import save_surrogate, surrogate_refitter
 from auditor.refine import DefendedModel, RefineConfig, export_defended_formats, train_refine
 from auditor.runtime import CancelFn, ProgressFn
+from auditor.training import weights_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +90,13 @@ def _api_shape(state: AuditState) -> dict[str, object]:
 def _export_defended_model(state: AuditState) -> None:
     """T, the model and M as one deployable file in each format, each reloaded and compared with
     the in-memory defended model on the test images; a format the model cannot take is reported."""
+    came_channels_last = weights_channels_last(state.model)
+    state.model.to(memory_format=torch.contiguous_format)  # plain weights in the files: torch.export warns on others
     defended = DefendedModel(state.refine.transform, state.model, state.refine.mapping)
     exports = export_defended_formats(defended, state.test.x.float() / 255, state.out)
     defended.to(state.device)  # the exporters leave it on the CPU
+    if came_channels_last:
+        state.model.to(memory_format=torch.channels_last)
     for exported in exports:
         if exported.path is not None:
             state.add_artifact(exported.name, exported.path, "defended_model", "application/octet-stream")

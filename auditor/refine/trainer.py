@@ -24,7 +24,7 @@ from auditor.refine.config import RefineConfig
 from auditor.refine.losses import fit_loss, supcon_loss
 from auditor.refine.remap import derangement, inverse
 from auditor.runtime import CancelFn, ProgressFn, check_cancel, never_cancel, no_progress, save_atomically
-from auditor.training import autocast, warmup_cosine
+from auditor.training import autocast, channels_last_if_accepted, warmup_cosine, weights_channels_last
 from auditor.transforms import random_grayscale, random_hflip, random_resized_crop
 
 CHECKPOINT_NAME = "refine_checkpoint.pt"
@@ -86,8 +86,8 @@ def _lr_factor(config: RefineConfig, total_steps: int) -> Callable[[int], float]
 
 
 def _layout(config: RefineConfig) -> torch.memory_format:
-    """T's and, while T trains, f's layout. f in channels-last too: its max-pools on a contiguous activation were
-    17% of a train step (bench/results/audit_cost.json's profile), 6-10x slower than on a channels-last one."""
+    """T's layout; f trains channels-last too when its forward allows (``channels_last_if_accepted``): its
+    max-pools on contiguous activations were 17% of a train step (bench/results/audit_cost.json's profile)."""
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
@@ -135,8 +135,11 @@ def train_refine(
     history: list[dict[str, float]] = []
     start_epoch = _resume(checkpoint_dir, config, transform, optimizer, scheduler, history, mapping)
     last_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    came_channels_last = weights_channels_last(model)
+    example = data.x[:2].to(device).float().div_(255)
     try:
-        model.to(memory_format=_layout(config))
+        if config.channels_last:
+            channels_last_if_accepted(model, example)
         for epoch in range(start_epoch, last_epoch):
             stats = _train_epoch(
                 transform, model, data, config, inv, optimizer, scheduler, device, _epoch_generator(seed, epoch),
@@ -145,15 +148,17 @@ def train_refine(
             stats["epoch"] = epoch + 1
             if adapt_model is not None:
                 adapt_model(epoch + 1, transform)  # refits the surrogate, which leaves it contiguous
-                freeze(model.to(memory_format=_layout(config)))
+                freeze(model)
+                if config.channels_last:
+                    channels_last_if_accepted(model, example)
             history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
             if checkpoint_dir is not None:
                 _save_checkpoint(Path(checkpoint_dir), epoch + 1, config, transform, optimizer, scheduler, history,
                                  mapping)
-    finally:  # the caller's model as it came: safetensors and the exporters expect contiguous weights
-        model.to(memory_format=torch.contiguous_format)
+    finally:  # the caller's model as it came
+        model.to(memory_format=torch.channels_last if came_channels_last else torch.contiguous_format)
     transform.to(memory_format=torch.contiguous_format).eval()
     return RefineResult(transform, mapping, config, seed, history, time.perf_counter() - started, start_epoch)
 

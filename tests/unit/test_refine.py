@@ -5,6 +5,7 @@ from auditor.data import ImageSet
 from auditor.errors import AuditCancelled
 from auditor.evaluation import accuracy, model_predictor, predict_labels
 from auditor.models import UNet, UNetConfig, load_checkpoint
+from auditor.training import channels_last_if_accepted, weights_channels_last
 from auditor.refine import (
     DefendedModel,
     RefineConfig,
@@ -100,6 +101,41 @@ def test_the_model_trains_in_channels_last_and_comes_back_contiguous_even_when_c
         _run(tiny_model, tiny_data, _config(), should_cancel=should_cancel)
     assert layouts == [True, True, True]  # f's max-pools are several times faster on channels-last activations
     assert all(p.is_contiguous() for p in tiny_model.parameters())  # safetensors and the exporters need this
+
+
+class _FlattensWithView(torch.nn.Module):
+    """User code of a common kind: ``view`` after a convolution works on contiguous activations only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.LazyLinear(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(self.conv(x), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_model_that_cannot_run_channels_last_is_left_as_it_came_and_still_defended(tiny_data):
+    model = _FlattensWithView()
+    images = tiny_data[0].x[:2].float() / 255
+    model(images)  # materialise the lazy layer
+    expected = model(images)
+
+    assert not channels_last_if_accepted(model, images)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert torch.equal(model(images), expected)
+    result = _run(model, tiny_data, _config(epochs=1))
+    assert result.history and all(p.is_contiguous() for p in model.parameters())
+
+
+def test_a_model_that_came_channels_last_goes_back_channels_last(tiny_model, tiny_data):
+    images = tiny_data[0].x[:2].float() / 255
+    assert channels_last_if_accepted(tiny_model, images) and weights_channels_last(tiny_model)
+    try:
+        _run(tiny_model, tiny_data, _config(epochs=1))
+        assert weights_channels_last(tiny_model)
+    finally:
+        tiny_model.to(memory_format=torch.contiguous_format)  # the fixture is shared
 
 
 def test_exported_defended_model_matches_in_memory_predictions(tmp_path, tiny_model, tiny_data):
