@@ -87,7 +87,8 @@ class ExportedModel:
 # -- the formats -----------------------------------------------------------------------------------------------
 
 
-def export_program(defended: DefendedModel, images: torch.Tensor, path: str | Path) -> ExportedModel:
+def export_program(defended: DefendedModel, images: torch.Tensor, path: str | Path, *,
+                   expected: torch.Tensor | None = None) -> ExportedModel:
     """``torch.export`` program (.pt2) with a dynamic batch dimension, reloaded with ``torch.export.load``."""
     path = Path(path)
 
@@ -100,10 +101,11 @@ def export_program(defended: DefendedModel, images: torch.Tensor, path: str | Pa
         reloaded = torch.export.load(str(path)).module()
         return lambda x: reloaded(x)
 
-    return _export_and_check("torch_export", path, defended, images, write)
+    return _export_and_check("torch_export", path, defended, images, write, expected)
 
 
-def export_onnx(defended: DefendedModel, images: torch.Tensor, path: str | Path) -> ExportedModel:
+def export_onnx(defended: DefendedModel, images: torch.Tensor, path: str | Path, *,
+                expected: torch.Tensor | None = None) -> ExportedModel:
     """ONNX (one self-contained file, dynamic batch), reloaded and run with onnxruntime."""
     path = Path(path)
     if _holds_torchscript(defended):
@@ -118,10 +120,11 @@ def export_onnx(defended: DefendedModel, images: torch.Tensor, path: str | Path)
             )
         return _onnxruntime_predictor(path)
 
-    return _export_and_check("onnx", path, defended, images, write)
+    return _export_and_check("onnx", path, defended, images, write, expected)
 
 
-def export_torchscript(defended: DefendedModel, images: torch.Tensor, path: str | Path) -> ExportedModel:
+def export_torchscript(defended: DefendedModel, images: torch.Tensor, path: str | Path, *,
+                       expected: torch.Tensor | None = None) -> ExportedModel:
     """TorchScript by tracing (works for every model, uploaded TorchScript included), reloaded with ``torch.jit.load``."""
     path = Path(path)
 
@@ -131,10 +134,10 @@ def export_torchscript(defended: DefendedModel, images: torch.Tensor, path: str 
             reloaded = torch.jit.load(str(path), map_location="cpu")
         return lambda x: reloaded(x)
 
-    return _export_and_check("torchscript", path, defended, images, write, deprecated=True)
+    return _export_and_check("torchscript", path, defended, images, write, expected, deprecated=True)
 
 
-EXPORTERS: dict[str, tuple[str, Callable[[DefendedModel, torch.Tensor, Path], ExportedModel]]] = {
+EXPORTERS: dict[str, tuple[str, Callable[..., ExportedModel]]] = {
     "torch_export": ("defended_model.pt2", export_program),
     "onnx": ("defended_model.onnx", export_onnx),
     "torchscript": ("defended_model.pt", export_torchscript),
@@ -155,10 +158,12 @@ def export_defended_formats(
         raise ValueError(f"unknown export formats {unknown}; known: {sorted(EXPORTERS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _require_check_images(images)
+    expected = model_outputs(_cpu_eval(defended), images)  # once for every format, not once per format
     results = []
     for fmt in formats:
         name, exporter = EXPORTERS[fmt]
-        results.append(exporter(defended, images, out_dir / name))
+        results.append(exporter(defended, images, out_dir / name, expected=expected))
     return results
 
 
@@ -174,13 +179,20 @@ def export_defended(defended: DefendedModel, example: torch.Tensor, path: str | 
 # -- checking --------------------------------------------------------------------------------------------------
 
 
-def compare_predictions(reference: Predict, candidate: Predict, images: torch.Tensor) -> ExportCheck:
-    """Top-1 agreement and the largest output difference of two predictors over ``images``, in batches."""
+def model_outputs(model: Predict, images: torch.Tensor) -> torch.Tensor:
+    """The in-memory model's outputs on the check images, in batches: what every reloaded format must reproduce."""
+    with torch.no_grad():
+        return torch.cat([model(images[start : start + CHECK_BATCH].float().cpu()).float()
+                          for start in range(0, len(images), CHECK_BATCH)])
+
+
+def compare_predictions(reference: torch.Tensor, candidate: Predict, images: torch.Tensor) -> ExportCheck:
+    """Top-1 agreement and the largest output difference of ``candidate`` against the reference outputs."""
     agree, worst = 0, 0.0
     with torch.no_grad():
         for start in range(0, len(images), CHECK_BATCH):
             batch = images[start : start + CHECK_BATCH].float().cpu()
-            expected = reference(batch).float()
+            expected = reference[start : start + CHECK_BATCH]
             got = torch.as_tensor(candidate(batch)).float()
             if got.shape != expected.shape:
                 raise ValueError(f"the export answers shape {list(got.shape)}, the model {list(expected.shape)}")
@@ -191,15 +203,16 @@ def compare_predictions(reference: Predict, candidate: Predict, images: torch.Te
 
 def _export_and_check(
     fmt: str, path: Path, defended: DefendedModel, images: torch.Tensor, write: Callable[[], Predict],
-    *, deprecated: bool = False,
+    expected: torch.Tensor | None, *, deprecated: bool = False,
 ) -> ExportedModel:
-    """Run ``write`` (export + reload); any failure becomes the format's ``error``, not an exception."""
-    if images.dim() != 4 or len(images) == 0:
-        raise ValueError("export checks need a non-empty batch of images (N, C, H, W)")
-    model = _cpu_eval(defended)
+    """Run ``write`` (export + reload) and check it against ``expected`` (the in-memory model's outputs, computed
+    here when not given); any failure becomes the format's ``error``, not an exception."""
+    _require_check_images(images)
+    if expected is None:
+        expected = model_outputs(_cpu_eval(defended), images)
     try:
         reloaded = write()
-        check = compare_predictions(model, reloaded, images)
+        check = compare_predictions(expected, reloaded, images)
     except Exception as exc:  # noqa: BLE001 -- a format the model cannot take is reported, not fatal
         log.warning("export to %s failed: %s", fmt, _first_line(exc))
         path.unlink(missing_ok=True)
@@ -210,6 +223,11 @@ def _export_and_check(
     )
     log.info("exported %s: agreement %.4f, max diff %.3g", path.name, check.agreement, check.max_abs_diff)
     return ExportedModel(fmt, path.name, path, sha256_file(path), check, deprecated, error)
+
+
+def _require_check_images(images: torch.Tensor) -> None:
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError("export checks need a non-empty batch of images (N, C, H, W)")
 
 
 def _holds_torchscript(defended: nn.Module) -> bool:

@@ -90,7 +90,7 @@ def test_comparison_counts_disagreements_and_the_largest_difference() -> None:
     reference = lambda x: torch.tensor([[0.0, -1.0]]).repeat(len(x), 1)  # noqa: E731
     flipped_one = lambda x: torch.tensor([[0.0, -1.0], [0.0, -1.0], [0.0, -1.0], [-2.0, 0.0]])  # noqa: E731
 
-    check = compare_predictions(reference, flipped_one, images)
+    check = compare_predictions(reference(images), flipped_one, images)
 
     assert check.agreement == 0.75 and not check.passed
     assert check.max_abs_diff == pytest.approx(2.0)
