@@ -82,6 +82,7 @@ class StepRig:
         self.x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).contiguous(memory_format=layout)
 
     def step(self) -> None:
+        self.model.to(memory_format=self.layout)  # the trainer's f takes T's layout too; rigs may share one model
         with torch.no_grad(), autocast(CPU, self.bf16):
             clean = self.model(self.x).float()
         with autocast(CPU, self.bf16):

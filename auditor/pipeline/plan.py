@@ -46,14 +46,6 @@ if TYPE_CHECKING:
 #: Every stage an audit can run, in order; checkpoint audits skip ``surrogate``.
 STAGES = ("data", "load", "surrogate", "detect", "refine", "evaluate", "report")
 REFINE_BATCH = RefineConfig.batch_size  # images per REFINE step; a smaller pool trains in one smaller batch
-#: RefineConfig.overlay at standard and thorough effort. T trained without overlays learned to read the Blended trigger
-#: as f does: on the seven-attack benchmark's Blended model the defended model still sent 6.9% of triggered images to
-#: the target (30% of the triggered sandals), against 1.8% of clean ones. At 0.2 that fell to 1.6%, the clean level,
-#: and the worst residual ASR over the seven attacks fell from 6.9% to 3.8% (adaptive patch), but it is a trade: the
-#: mean BA drop rose from 1.4 to 1.6 points, and BATT's and adaptive patch's residuals rose by 0.5-1 point (README,
-#: bench/results/refine_levers_overlay/). Quick and tiny keep 0: unmeasured there, where REFINE's few epochs already
-#: cost the most BA.
-STANDARD_OVERLAY = 0.2
 CONTROL_BATCH = 128  # images per step when training a positive-control model
 #: Positive controls train every epoch of their schedule unless the spec asks for ``controls.stop_rule:
 #: implanted``. A control exists to show that REFINE removes a backdoor on this data, and REFINE removes less from
@@ -136,7 +128,6 @@ class EffortPreset:
 
     refine_epochs: int  # REFINE epochs over its pool
     refine_pool: int | None  # unlabeled images REFINE trains on; None = the whole pool
-    refine_overlay: float  # RefineConfig.overlay: how strongly T's training images are blended with others
     unet_width: int  # width of T's first U-Net stage: cost grows with its square
     control_epochs: int  # training epochs of each positive-control model
     control_train_images: int | None  # labelled images a control model trains on; None = the whole pool
@@ -162,13 +153,13 @@ class EffortPreset:
 EFFORTS: dict[str, EffortPreset] = {
     # Seconds, for tests and smoke checks: its evidence gates trip by design, so it never gives a verdict.
     "tiny": EffortPreset(
-        refine_epochs=1, refine_pool=512, refine_overlay=0.0, unet_width=8, control_epochs=1, control_train_images=1000,
+        refine_epochs=1, refine_pool=512, unet_width=8, control_epochs=1, control_train_images=1000,
         probe_images=60, api_probe_images=30, test_images=300, distill_epochs=2, min_distill_queries=200,
         detect_steps=30, detect_images=32, detect_holdout=100, detect_batch=8,
         label_only_queries=400, label_only_images=1, label_only_rounds=1, label_only_directions=16,
     ),
     "quick": EffortPreset(
-        refine_epochs=3, refine_pool=10_000, refine_overlay=0.0, unet_width=16, control_epochs=3, control_train_images=20_000,
+        refine_epochs=3, refine_pool=10_000, unet_width=16, control_epochs=3, control_train_images=20_000,
         probe_images=300, api_probe_images=100, test_images=5000, distill_epochs=6,
         min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=100, detect_images=256, detect_holdout=300,
         detect_batch=32, label_only_queries=2500, label_only_images=1, label_only_rounds=3,
@@ -182,7 +173,7 @@ EFFORTS: dict[str, EffortPreset] = {
     # trained again on the same 6,838 answers it agreed on 94.4% / 95.1% / 95.2% of the 10,000 test images at
     # 10 / 20 / 30 epochs, for about one more CPU minute per 10 epochs.
     "standard": EffortPreset(
-        refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size, refine_overlay=STANDARD_OVERLAY,
+        refine_epochs=RefineConfig.epochs, refine_pool=RefineConfig.pool_size,
         unet_width=16, control_epochs=4,
         control_train_images=None, probe_images=500, api_probe_images=100, test_images=None, distill_epochs=20,
         min_distill_queries=MIN_DISTILL_QUERIES, detect_steps=300, detect_images=512, detect_holdout=500,
@@ -190,7 +181,7 @@ EFFORTS: dict[str, EffortPreset] = {
         label_only_directions=80,
     ),
     "thorough": EffortPreset(
-        refine_epochs=12, refine_pool=None, refine_overlay=STANDARD_OVERLAY, unet_width=32, control_epochs=10, control_train_images=None,
+        refine_epochs=12, refine_pool=None, unet_width=32, control_epochs=10, control_train_images=None,
         # 180 API probe images (18 per class) keep thorough within DEFAULT_QUERY_BUDGET with the 39-probe battery.
         probe_images=1000, api_probe_images=180, test_images=None, distill_epochs=30,
         min_distill_queries=MIN_DISTILL_QUERIES_THOROUGH, detect_steps=500, detect_images=1000, detect_holdout=1000,
@@ -468,7 +459,7 @@ def _refine_plan(spec: AuditSpec, preset: EffortPreset, data: DataPlan) -> Refin
     return RefinePlan(
         epochs=r.epochs or preset.refine_epochs, pool_images=pool, unet_width=r.unet_width or preset.unet_width,
         batch_size=min(REFINE_BATCH, pool), loss=r.loss,
-        overlay=preset.refine_overlay if r.overlay is None else r.overlay,
+        overlay=RefineConfig.overlay if r.overlay is None else r.overlay,  # off unless asked: see RefineConfig
     )
 
 

@@ -33,7 +33,9 @@ class RefineConfig:
     hflip: bool = False  # off for Fashion-MNIST-like data where orientation is class evidence
     #: Blend each of T's training inputs with another image of its batch, at a weight drawn up to this, while f's
     #: answer on the unblended image stays the target: T learns to see through a faint full-image overlay, the
-    #: shape of a Blended trigger. 0 = off.
+    #: shape of a Blended trigger. 0 = off, at every effort level: on the seven-attack benchmark 0.2 took Blended's
+    #: residual ASR from 6.9% to 1.6-1.8% but BATT's from 1.8-2.8% to 3.3-5.0%, and cost 0.2 points of BA on
+    #: average (README, bench/results/refine_levers_overlay/ and refine_levers_cl/), so it is a spec option.
     overlay: float = 0.0
     pool_size: int | None = 20_000  # unlabeled images used; None = the whole pool
     bf16: bool = False  # autocast; measured in bench/, off by default for exact CPU reproducibility

@@ -212,12 +212,12 @@ def test_controls_train_their_whole_schedule_by_default_and_on_request_until_imp
     assert tiny.check_every >= 1
 
 
-def test_refine_trains_on_overlaid_images_at_standard_and_thorough_and_the_spec_overrides_it():
+def test_refine_trains_on_overlaid_images_only_when_the_spec_asks():
     by_effort = {e: plan_audit(parse_spec({"effort": e}), FASHION_MNIST).refine.overlay for e in EFFORTS}
-    assert by_effort == {"tiny": 0.0, "quick": 0.0, "standard": 0.2, "thorough": 0.2}
+    assert by_effort == {"tiny": 0.0, "quick": 0.0, "standard": 0.0, "thorough": 0.0}
+    assert "overlaid" not in dict(describe_plan(plan_audit(parse_spec({}), FASHION_MNIST)))["REFINE"]
     plan = plan_audit(parse_spec({"effort": "quick", "refine": {"overlay": 0.3}}), FASHION_MNIST)
     assert plan.refine.overlay == 0.3 and refine_config(plan).overlay == 0.3
-    assert refine_config(plan_audit(parse_spec({"refine": {"overlay": 0}}), FASHION_MNIST)).overlay == 0.0
-    assert "inputs overlaid up to 0.2" in dict(describe_plan(plan_audit(parse_spec({}), FASHION_MNIST)))["REFINE"]
+    assert "inputs overlaid up to 0.3" in dict(describe_plan(plan))["REFINE"]
     with pytest.raises(Exception, match="overlay"):
         parse_spec({"refine": {"overlay": 0.6}})
