@@ -126,8 +126,8 @@ class RefineSpec(_Strict):
     loss: Literal["kd", "bce", "ce"] = "kd"
     overlay: float | None = Field(None, ge=0.0, le=0.5, description="Blend T's training images with other pool "
                                   "images at weights up to this, so T learns to see through a faint full-image overlay "
-                                  "(a Blended trigger's shape). Default 0 (off) at every effort level: it removes a Blended trigger better "
-                                  "and a BATT one worse, for about 0.2 points of BA (README).")
+                                  "(a Blended trigger's shape). Default 0 (off) at every effort level: it removes a "
+                                  "Blended trigger better and a BATT one worse, for about 0.2 points of BA (README).")
     bf16: bool | None = Field(None, description="bf16 autocast; default on for CPUs with native bf16 (avx512_bf16 or AMX), where it is measured to help.")
 
 

@@ -87,7 +87,7 @@ def _lr_factor(config: RefineConfig, total_steps: int) -> Callable[[int], float]
 
 def _layout(config: RefineConfig) -> torch.memory_format:
     """T's layout; f trains channels-last too when its forward allows (``channels_last_if_accepted``): its
-    max-pools on contiguous activations were 17% of a train step (bench/results/audit_cost.json's profile)."""
+    max-pools on contiguous activations were 17% of a train step (bench/results/audit_cost_1ce7a9f.json's profile)."""
     return torch.channels_last if config.channels_last else torch.contiguous_format
 
 
