@@ -24,6 +24,7 @@ avx512_bf16 machine and an earlier version of this script that also trained REFI
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -75,14 +76,14 @@ class StepRig:
                  unet: UNetConfig | None = None, batch: int = BATCH):
         torch.manual_seed(seed)
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.model, self.bf16, self.layout = model, bf16, layout
+        # Its own copy in the step's layout, as the trainer lays out f: rigs of other layouts may share ``model``.
+        self.model, self.bf16 = copy.deepcopy(model).to(memory_format=layout), bf16
         self.transform = UNet(unet or RefineConfig().unet).to(CPU, memory_format=layout)
         self.optimizer = torch.optim.AdamW(self.transform.parameters(), lr=3e-3)
         self.inv = inverse(derangement(10, seed))
         self.x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).contiguous(memory_format=layout)
 
     def step(self) -> None:
-        self.model.to(memory_format=self.layout)  # the trainer's f takes T's layout too; rigs may share one model
         with torch.no_grad(), autocast(CPU, self.bf16):
             clean = self.model(self.x).float()
         with autocast(CPU, self.bf16):
