@@ -140,9 +140,11 @@ def train_refine(
     try:
         if config.channels_last:
             channels_last_if_accepted(model, example)
+        targets = _pool_logits(model, data, config, device)
         for epoch in range(start_epoch, last_epoch):
             stats = _train_epoch(
-                transform, model, data, config, inv, optimizer, scheduler, device, _epoch_generator(seed, epoch),
+                transform, model, data, targets, config, inv, optimizer, scheduler, device,
+                _epoch_generator(seed, epoch),
                 lambda done: on_progress("refine", epoch * steps_per_epoch + done, total_steps), should_cancel,
             )
             stats["epoch"] = epoch + 1
@@ -151,6 +153,8 @@ def train_refine(
                 freeze(model)
                 if config.channels_last:
                     channels_last_if_accepted(model, example)
+                if epoch + 1 < last_epoch:  # f changed, and with it every target
+                    targets = _pool_logits(model, data, config, device)
             history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
@@ -163,10 +167,31 @@ def train_refine(
     return RefineResult(transform, mapping, config, seed, history, time.perf_counter() - started, start_epoch)
 
 
+def _pool_logits(model: nn.Module, data: ImageSet, config: RefineConfig, device: torch.device,
+                 batch_size: int = 512) -> torch.Tensor | None:
+    """f's logits on every pool image, the targets T is fitted to, when they are the same in every epoch.
+
+    Without augmentation f sees the same images each epoch, so one pass over the pool replaces a forward pass of f
+    in every step of every epoch (bench/results/audit_cost_pool_logits.json measures it). The logits are the
+    ones the step would compute, to the bit (same dtype, layout and autocast; f's outputs do not depend on the
+    batch an image comes in), so training is unchanged. With augmentation each epoch draws new crops: None, and the
+    step computes them.
+    """
+    if config.augment:
+        return None
+    out = []
+    with torch.no_grad(), autocast(device, config.bf16):
+        for start in range(0, len(data), batch_size):
+            xb = data.x[start : start + batch_size].to(device).float().div_(255)
+            out.append(model(xb.contiguous(memory_format=_layout(config))).float())
+    return torch.cat(out)
+
+
 def _train_epoch(
     transform: UNet,
     model: nn.Module,
     data: ImageSet,
+    targets: torch.Tensor | None,
     config: RefineConfig,
     inv: torch.Tensor,
     optimizer: torch.optim.Optimizer,
@@ -183,10 +208,14 @@ def _train_epoch(
     seen = 0
     for step, start in enumerate(range(0, len(data), config.batch_size), 1):
         check_cancel(should_cancel)
-        xb = data.x[order[start : start + config.batch_size]].to(device).float().div_(255)
+        picked = order[start : start + config.batch_size]
+        xb = data.x[picked].to(device).float().div_(255)
         xb = _augment(xb, config, gen).contiguous(memory_format=_layout(config))
-        with torch.no_grad(), autocast(device, config.bf16):
-            logits_clean = model(xb).float()
+        if targets is not None:
+            logits_clean = targets[picked.to(targets.device)]
+        else:
+            with torch.no_grad(), autocast(device, config.bf16):
+                logits_clean = model(xb).float()
         with autocast(device, config.bf16):
             transformed = transform(_overlay(xb, config.overlay, gen).contiguous(memory_format=_layout(config)))
             logits_t = model(transformed).float()

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -206,3 +208,45 @@ def test_a_transform_trained_with_overlays_still_keeps_the_models_behaviour_on_c
     test = tiny_data[1]
     original = predict_labels(model_predictor(tiny_model, CPU), test)
     assert accuracy(predict_labels(model_predictor(defended, CPU), test), original) > 0.8
+
+
+def _images_f_answers_without_grad(model: torch.nn.Module) -> list[int]:
+    """A running count of the images f answers outside autograd: the targets, as opposed to f(T(x)).
+
+    The tests train contiguous, so no channels-last probe of f adds to the count.
+    """
+    seen = [0]
+
+    def count(module, inputs):
+        if not torch.is_grad_enabled():
+            seen[0] += len(inputs[0])
+
+    model.register_forward_pre_hook(count)
+    return seen
+
+
+def test_f_answers_each_pool_image_once_when_the_targets_do_not_change_between_epochs(tiny_model, tiny_data):
+    model = copy.deepcopy(tiny_model)
+    seen = _images_f_answers_without_grad(model)
+    _run(model, tiny_data, _config(epochs=3, channels_last=False))
+    assert seen[0] == 192  # once, not once per epoch
+
+
+def test_f_answers_every_epoch_when_augmentation_or_a_refit_changes_its_targets(tiny_model, tiny_data):
+    augmented = copy.deepcopy(tiny_model)
+    seen = _images_f_answers_without_grad(augmented)
+    _run(augmented, tiny_data, _config(epochs=3, augment=True, channels_last=False))
+    assert seen[0] == 3 * 192
+
+    refitted = copy.deepcopy(tiny_model)
+    seen = _images_f_answers_without_grad(refitted)
+    before = []
+
+    def refit(epochs_done: int, transform) -> None:  # as a black-box audit refits its surrogate: f changes in place
+        before.append(seen[0])
+        with torch.no_grad():
+            next(p for p in refitted.parameters()).mul_(0.5)
+
+    result = _run(refitted, tiny_data, _config(epochs=3, channels_last=False), adapt_model=refit)
+    assert before == [192, 2 * 192, 3 * 192] and seen[0] == 3 * 192  # no pass after the last refit
+    assert len(result.history) == 3
