@@ -68,6 +68,8 @@ def test_checkpoint_audit_through_the_cli_writes_a_valid_report(tmp_path, fmnist
     assert report["positive_controls"][0]["attack"] == "badnets"
     assert 0.0 <= report["utility"]["ba_after"] <= 1.0
     assert (tmp_path / "out" / "defended_model.pt").exists()
+    assert {e["format"]: e["check"]["images"] for e in report["refine"]["exports"]} == {
+        "torch_export": 200, "onnx": 200, "torchscript": 200}  # every test image, as there are fewer than 2,000
     assert report["plan"]["effort"] == "tiny" and report["plan"]["data"]["test_images"] == 200
     detection = report["detection"]  # the trigger search ran on the submitted model, timed like every stage
     assert detection["model"] == "submitted" and report["plan"]["detection"]["steps"] == detection["steps"]

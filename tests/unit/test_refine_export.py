@@ -94,3 +94,14 @@ def test_comparison_counts_disagreements_and_the_largest_difference() -> None:
 
     assert check.agreement == 0.75 and not check.passed
     assert check.max_abs_diff == pytest.approx(2.0)
+
+
+def test_an_audit_checks_its_exports_on_at_most_2000_images_spread_over_the_whole_test_set() -> None:
+    from auditor.pipeline.refine import EXPORT_CHECK_IMAGES, export_check_images
+
+    sorted_by_class = torch.arange(10).repeat_interleave(1000).view(-1, 1, 1, 1)  # an upload sorted by label
+    picked = export_check_images(sorted_by_class)
+    assert len(picked) == EXPORT_CHECK_IMAGES == 2000
+    assert torch.bincount(picked.flatten()).tolist() == [200] * 10  # every class, evenly
+    small = torch.rand(300, 1, 4, 4)
+    assert export_check_images(small) is small  # fewer than the limit: all of them
