@@ -173,9 +173,9 @@ def _pool_logits(model: nn.Module, data: ImageSet, config: RefineConfig, device:
 
     Without augmentation f sees the same images each epoch, so one pass over the pool replaces a forward pass of f
     in every step of every epoch (bench/results/audit_cost_pool_logits.json measures it). The logits are the
-    ones the step would compute, to the bit (same dtype, layout and autocast; f's outputs do not depend on the
-    batch an image comes in), so training is unchanged. With augmentation each epoch draws new crops: None, and the
-    step computes them.
+    ones the step would compute (same dtype, layout and autocast): on the CPU to the bit, as an image's answer does
+    not depend on the batch it comes in, so T trains exactly as before (T's weights compared in bf16 and fp32, with
+    and without the overlay). With augmentation each epoch draws new crops: None, and the step computes them.
     """
     if config.augment:
         return None

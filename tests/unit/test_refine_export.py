@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from auditor.models import UNetConfig, export_torchscript, load_checkpoint
+from auditor.pipeline.refine import EXPORT_CHECK_IMAGES, export_check_images
 from auditor.refine import DefendedModel, RefineConfig, export_defended_formats, train_refine
 from auditor.refine.export import INPUT_NAME, OUTPUT_NAME, compare_predictions, export_onnx, export_program
 
@@ -97,8 +98,6 @@ def test_comparison_counts_disagreements_and_the_largest_difference() -> None:
 
 
 def test_an_audit_checks_its_exports_on_at_most_2000_images_spread_over_the_whole_test_set() -> None:
-    from auditor.pipeline.refine import EXPORT_CHECK_IMAGES, export_check_images
-
     sorted_by_class = torch.arange(10).repeat_interleave(1000).view(-1, 1, 1, 1)  # an upload sorted by label
     picked = export_check_images(sorted_by_class)
     assert len(picked) == EXPORT_CHECK_IMAGES == 2000
