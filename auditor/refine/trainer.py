@@ -179,12 +179,9 @@ def _pool_logits(model: nn.Module, data: ImageSet, config: RefineConfig, device:
     """
     if config.augment:
         return None
-    out = []
     with torch.no_grad(), autocast(device, config.bf16):
-        for start in range(0, len(data), batch_size):
-            xb = data.x[start : start + batch_size].to(device).float().div_(255)
-            out.append(model(xb.contiguous(memory_format=_layout(config))).float())
-    return torch.cat(out)
+        return torch.cat([model(xb.to(device).contiguous(memory_format=_layout(config))).float()
+                          for xb, _ in data.batches(batch_size)])
 
 
 def _train_epoch(
