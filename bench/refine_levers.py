@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     subject = make_subject(args.attack, train, test, epochs=args.train_epochs, train_size=None, seed=args.seed,
                            folder=args.work_dir / "models", device=device, bf16=cpu_bf16_pays(device))
     base = {"effort": args.effort, "seed": args.seed, "controls": {"attacks": []}}
+    out = args.out or RESULTS / f"refine_levers_{args.attack}.json"
     runs = []
     for i, variant in enumerate(json.loads(args.variants)):
         spec = merged(base, variant)
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
         b, a = run["before"], run["after"]
         print(f"| {json.dumps(variant)} | {pct(b['ba'])} / {pct(b['asr'])} | {pct(a['ba'])} / {pct(a['asr'])} | "
               f"{run['refine_seconds'] or 0:.0f} s REFINE |", flush=True)
-    out = args.out or RESULTS / f"refine_levers_{args.attack}.json"
-    write_json(out, {"runs": runs, "subject_train_seconds": subject.train_seconds,
-                     **provenance(device, "bench.refine_levers")})
+        # Written after every variant: a run of several REFINEs stopped part-way keeps what it measured.
+        write_json(out, {"runs": runs, "subject_train_seconds": subject.train_seconds,
+                         **provenance(device, "bench.refine_levers")})
     print(f"{len(runs)} runs in {out}")
 
 
